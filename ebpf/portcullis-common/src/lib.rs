@@ -1,0 +1,224 @@
+//! Map keys and values shared by the XDP program (`portcullis-xdp`) and the
+//! gateway's `xdp` module.
+//!
+//! Both sides compile these exact types, so a layout change is a change of
+//! [`ABI_VERSION`]. Every type is `#[repr(C)]`, has explicit padding, holds no
+//! `bool`, and its size is checked at compile time. Multi-byte fields that the
+//! XDP program compares with packet bytes are kept in network byte order.
+#![no_std]
+
+/// Version of the map layout; pinned maps of another version are refused.
+pub const ABI_VERSION: u32 = 1;
+
+/// Most listeners one gateway instance guards; listener ids are `1..=MAX_LISTENERS`.
+pub const MAX_LISTENERS: u32 = 4096;
+/// Counter slot for traffic that cannot be attributed to a listener.
+pub const UNATTRIBUTED: u32 = 0;
+
+/// Default capacity of each ACL trie (IPv4 and IPv6), overridable at attach.
+pub const DEFAULT_ACL_CAPACITY: u32 = 1 << 21;
+
+/// Names of the maps, as pinned under `/sys/fs/bpf/portcullis/<instance>/`.
+pub mod map_names {
+    /// `HashMap<ListenerKey, ListenerValue>`.
+    pub const LISTENERS: &str = "PC_LISTENERS";
+    /// `LpmTrie<AclV4, u32>`: every IPv4 ACL entry, scoped by [`super::AclScope`].
+    pub const ACL_V4: &str = "PC_ACL_V4";
+    /// `LpmTrie<AclV6, u32>`: every IPv6 ACL entry, scoped by [`super::AclScope`].
+    pub const ACL_V6: &str = "PC_ACL_V6";
+    /// `Array<u32>`: global settings, indexed by [`super::config_slot`].
+    pub const CONFIG: &str = "PC_CONFIG";
+    /// `PerCpuArray<Counters>`: indexed by listener id, slot 0 unattributed.
+    pub const COUNTERS: &str = "PC_COUNTERS";
+    /// Every map, for pin management.
+    pub const ALL: [&str; 5] = [LISTENERS, ACL_V4, ACL_V6, CONFIG, COUNTERS];
+}
+
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "portcullis_xdp";
+
+/// Slots of the `PC_CONFIG` array.
+pub mod config_slot {
+    /// [`super::ABI_VERSION`] of whoever created the maps.
+    pub const ABI: u32 = 0;
+    /// Flags of the global deny list: [`super::acl_flags`].
+    pub const GLOBAL_ACL: u32 = 1;
+    /// Entries in the global deny list in force (informational).
+    pub const GLOBAL_DENY_LEN: u32 = 2;
+    /// Number of slots.
+    pub const LEN: u32 = 4;
+}
+
+/// Bits describing one listener's (or the global) ACL state.
+///
+/// A list is looked up only when its `*_ACTIVE` bit is set, and in the
+/// generation its `*_GEN` bit names: a whole list is replaced by writing the
+/// other generation and then flipping the bit in one map update.
+pub mod acl_flags {
+    /// The deny list has entries.
+    pub const DENY_ACTIVE: u32 = 1 << 0;
+    /// The allow list has entries: everything else is dropped.
+    pub const ALLOW_ACTIVE: u32 = 1 << 1;
+    /// Generation of the deny list currently in force.
+    pub const DENY_GEN: u32 = 1 << 2;
+    /// Generation of the allow list currently in force.
+    pub const ALLOW_GEN: u32 = 1 << 3;
+}
+
+/// IP protocol numbers a listener can be keyed on.
+pub mod proto {
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+}
+
+/// Address family tags used in [`ListenerKey::family`].
+pub mod family {
+    /// IPv4: the address is in the first four bytes of `addr`.
+    pub const V4: u8 = 4;
+    /// IPv6.
+    pub const V6: u8 = 6;
+}
+
+/// A listener as the XDP program sees it: destination address, port and protocol.
+///
+/// An all-zero `addr` is the wildcard listener of its family (bound to any address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// Destination address; IPv4 uses the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// Destination port, network byte order.
+    pub port_be: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// Always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 24);
+
+/// What the XDP program knows of one listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerValue {
+    /// Listener id: the counters slot and the scope of its ACL entries.
+    pub id: u32,
+    /// [`acl_flags`] of this listener's allow and deny lists.
+    pub acl: u32,
+    /// Entries in the allow list in force (informational; XDP reads `acl`).
+    pub allow_len: u32,
+    /// Entries in the deny list in force (informational; XDP reads `acl`).
+    pub deny_len: u32,
+}
+const _: () = assert!(core::mem::size_of::<ListenerValue>() == 16);
+
+/// Which list an ACL entry belongs to; packed into [`AclScope`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AclKind {
+    /// The global deny list (listener id 0).
+    GlobalDeny = 0,
+    /// A listener's deny list.
+    Deny = 1,
+    /// A listener's allow list.
+    Allow = 2,
+}
+
+/// The 32-bit scope that prefixes every ACL trie key, so one trie per family
+/// holds every list: kind (2 bits), generation (1 bit), listener id (29 bits),
+/// stored big-endian so that the trie's prefix match covers it first.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AclScope(pub [u8; 4]);
+
+impl AclScope {
+    /// Bits of the trie prefix taken by the scope.
+    pub const BITS: u32 = 32;
+
+    /// Builds the scope of one list in one generation.
+    #[inline(always)]
+    pub const fn new(kind: AclKind, generation: u32, listener: u32) -> Self {
+        let raw = ((kind as u32) << 30) | ((generation & 1) << 29) | (listener & 0x1fff_ffff);
+        Self(raw.to_be_bytes())
+    }
+}
+
+/// Data part of an IPv4 ACL trie key; the trie's prefix length is
+/// `AclScope::BITS + cidr_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AclV4 {
+    /// Scope of the list this entry belongs to.
+    pub scope: AclScope,
+    /// Source address, network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<AclV4>() == 8);
+
+/// Data part of an IPv6 ACL trie key; the trie's prefix length is
+/// `AclScope::BITS + cidr_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AclV6 {
+    /// Scope of the list this entry belongs to.
+    pub scope: AclScope,
+    /// Source address, network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<AclV6>() == 20);
+
+/// Per-CPU verdict counters of one listener (slot 0: unattributed traffic).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counters {
+    /// Packets passed to the kernel after every check.
+    pub passed: u64,
+    /// Packets dropped by the global deny list.
+    pub drop_global_deny: u64,
+    /// Packets dropped by the listener's deny list.
+    pub drop_listener_deny: u64,
+    /// Packets dropped because the listener's allow list did not match.
+    pub drop_not_allowed: u64,
+    /// Frames that could not be parsed, passed untouched (slot 0).
+    pub malformed_passed: u64,
+    /// Non-first IP fragments, passed untouched (slot 0): they carry no ports.
+    pub fragment_passed: u64,
+    /// Reserved for the gate verdicts; zero until the gate exists.
+    pub _reserved: [u64; 2],
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 64);
+
+impl Counters {
+    /// Adds another CPU's counters to these.
+    pub fn accumulate(&mut self, other: &Self) {
+        self.passed = self.passed.wrapping_add(other.passed);
+        self.drop_global_deny = self.drop_global_deny.wrapping_add(other.drop_global_deny);
+        self.drop_listener_deny = self.drop_listener_deny.wrapping_add(other.drop_listener_deny);
+        self.drop_not_allowed = self.drop_not_allowed.wrapping_add(other.drop_not_allowed);
+        self.malformed_passed = self.malformed_passed.wrapping_add(other.malformed_passed);
+        self.fragment_passed = self.fragment_passed.wrapping_add(other.fragment_passed);
+    }
+
+    /// Every dropped packet, whatever the reason.
+    pub const fn dropped(&self) -> u64 {
+        self.drop_global_deny + self.drop_listener_deny + self.drop_not_allowed
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is #[repr(C)], Copy, has explicit padding and no
+    // invalid bit patterns, as aya::Pod requires.
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    mod pod {
+        use super::super::{AclV4, AclV6, Counters, ListenerKey, ListenerValue};
+        unsafe impl aya::Pod for ListenerKey {}
+        unsafe impl aya::Pod for ListenerValue {}
+        unsafe impl aya::Pod for AclV4 {}
+        unsafe impl aya::Pod for AclV6 {}
+        unsafe impl aya::Pod for Counters {}
+    }
+}

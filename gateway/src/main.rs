@@ -1,0 +1,409 @@
+//! The `portcullis` command: attaches the XDP program and manages listeners,
+//! connection ACLs and status of one gateway instance.
+
+use std::{io::Write as _, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use portcullis::xdp::{
+    AclList, AttachMode, AttachOptions, Counters, DEFAULT_INSTANCE, Instance, ListenerAddr, Maps,
+    XdpError,
+};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about = "Portcullis API gateway")]
+struct Cli {
+    /// Gateway instance whose pins (under /sys/fs/bpf/portcullis/) are used.
+    #[arg(long, global = true, env = "PORTCULLIS_INSTANCE", default_value = DEFAULT_INSTANCE)]
+    instance: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach or detach the XDP program.
+    #[command(subcommand)]
+    Xdp(XdpCommand),
+    /// Add or remove the listeners whose traffic XDP judges.
+    #[command(subcommand)]
+    Listener(ListenerCommand),
+    /// Manage connection ACLs (global deny list, per-listener allow/deny lists).
+    #[command(subcommand)]
+    Acl(AclCommand),
+    /// Show attached interfaces, listeners, ACL sizes and counters.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum XdpCommand {
+    /// Load the program and attach it to an interface of this network namespace.
+    Attach {
+        /// Interface to guard.
+        #[arg(long)]
+        iface: String,
+        /// Attach mode for a new link.
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+        /// Capacity of each ACL trie (IPv4, IPv6) when the maps are created.
+        #[arg(long, default_value_t = portcullis_common::DEFAULT_ACL_CAPACITY)]
+        acl_capacity: u32,
+    },
+    /// Detach the program from an interface (or from all of them).
+    Detach {
+        /// Interface to release.
+        #[arg(long, required_unless_present = "all")]
+        iface: Option<String>,
+        /// Release every interface of the instance.
+        #[arg(long, conflicts_with = "iface")]
+        all: bool,
+        /// Also remove the pinned maps: listeners, ACLs and counters are lost.
+        #[arg(long, requires = "all")]
+        purge: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Subcommand)]
+enum ListenerCommand {
+    /// Judge traffic to ADDR:PORT (prefix `udp:` for UDP; 0.0.0.0 or [::] for any address).
+    Add { listener: ListenerAddr },
+    /// Stop judging traffic to ADDR:PORT and drop its ACLs and counters.
+    Del { listener: ListenerAddr },
+}
+
+#[derive(Debug, Args)]
+struct AclSelector {
+    /// The deny list (global without --listener).
+    #[arg(long, conflicts_with = "allow", required_unless_present = "allow")]
+    deny: bool,
+    /// The allow list of a listener (non-empty means everything else is dropped).
+    #[arg(long, requires = "listener")]
+    allow: bool,
+    /// The listener whose list is meant; without it, the global deny list.
+    #[arg(long)]
+    listener: Option<ListenerAddr>,
+}
+
+impl AclSelector {
+    fn list(&self) -> AclList {
+        match (self.allow, self.listener) {
+            (true, Some(listener)) => AclList::Allow(listener),
+            (_, Some(listener)) => AclList::Deny(listener),
+            (_, None) => AclList::GlobalDeny,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum AclCommand {
+    /// Add prefixes to a list.
+    Add {
+        #[command(flatten)]
+        list: AclSelector,
+        /// CIDRs (or single addresses) to add.
+        #[arg(required = true, value_parser = parse_cidr)]
+        cidrs: Vec<IpNet>,
+    },
+    /// Remove prefixes from a list.
+    Del {
+        #[command(flatten)]
+        list: AclSelector,
+        /// CIDRs (or single addresses) to remove.
+        #[arg(required = true, value_parser = parse_cidr)]
+        cidrs: Vec<IpNet>,
+    },
+    /// Replace a whole list atomically (no CIDR: empty it).
+    Replace {
+        #[command(flatten)]
+        list: AclSelector,
+        /// The new contents; `-` reads one CIDR per line from standard input.
+        #[arg(value_parser = parse_cidr_or_stdin)]
+        cidrs: Vec<CidrArg>,
+    },
+    /// Print every list.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum CidrArg {
+    Net(IpNet),
+    Stdin,
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("invalid CIDR {s:?}: expected e.g. 192.0.2.0/24, 2001:db8::/32 or 192.0.2.7"))
+}
+
+fn parse_cidr_or_stdin(s: &str) -> Result<CidrArg, String> {
+    if s == "-" {
+        Ok(CidrArg::Stdin)
+    } else {
+        parse_cidr(s).map(CidrArg::Net)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let mut line = format!("error: {error}");
+            for cause in error.chain().skip(1) {
+                line.push_str(&format!(": {cause}"));
+            }
+            eprintln!("{line}");
+            if let Some(hint) = error.chain().find_map(|e| e.downcast_ref::<XdpError>()).and_then(XdpError::hint) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let instance = Instance::new(&cli.instance)?;
+    match cli.command {
+        Command::Xdp(XdpCommand::Attach {
+            iface,
+            mode,
+            acl_capacity,
+        }) => {
+            let options = AttachOptions {
+                mode: match mode {
+                    Mode::Auto => AttachMode::Auto,
+                    Mode::Native => AttachMode::Native,
+                    Mode::Generic => AttachMode::Generic,
+                },
+                acl_capacity,
+            };
+            let attached = instance.attach(&iface, &options)?;
+            println!(
+                "attached instance {} to {} ({:?}), link pinned at {}",
+                instance.name(),
+                attached.iface,
+                attached.mode,
+                attached.link_pin.display()
+            );
+        }
+        Command::Xdp(XdpCommand::Detach { iface, all, purge }) => {
+            let ifaces = if all { instance.attached_interfaces() } else { iface.into_iter().collect() };
+            for iface in &ifaces {
+                instance.detach(iface)?;
+                println!("detached instance {} from {iface}", instance.name());
+            }
+            if purge {
+                instance.purge()?;
+                println!("removed the pins of instance {}", instance.name());
+            }
+        }
+        Command::Listener(ListenerCommand::Add { listener }) => {
+            let id = instance.maps()?.add_listener(&listener)?;
+            println!("listener {listener} added (id {id})");
+        }
+        Command::Listener(ListenerCommand::Del { listener }) => {
+            instance.maps()?.remove_listener(&listener)?;
+            println!("listener {listener} removed");
+        }
+        Command::Acl(command) => acl(&instance, command)?,
+        Command::Status { json } => {
+            let status = status(&instance)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn acl(instance: &Instance, command: AclCommand) -> anyhow::Result<()> {
+    let mut maps = instance.maps()?;
+    match command {
+        AclCommand::Add { list, cidrs } => {
+            let list = list.list();
+            let mut added = Vec::new();
+            for cidr in &cidrs {
+                match maps.acl_add(&list, *cidr) {
+                    Ok(true) => added.push(*cidr),
+                    Ok(false) => println!("{cidr} already in the {list}"),
+                    Err(error) => {
+                        // Nothing half-applied: undo what this command added.
+                        for net in &added {
+                            let _ = maps.acl_remove(&list, *net);
+                        }
+                        return Err(error).with_context(|| format!("adding {cidr} to the {list}"));
+                    }
+                }
+            }
+            for cidr in added {
+                println!("{cidr} added to the {list}");
+            }
+        }
+        AclCommand::Del { list, cidrs } => {
+            let list = list.list();
+            let present = maps.acl_entries(&list)?;
+            if let Some(missing) = cidrs.iter().map(IpNet::trunc).find(|c| !present.contains(c)) {
+                bail!("{missing} is not in the {list}; nothing was removed");
+            }
+            for cidr in cidrs {
+                maps.acl_remove(&list, cidr)?;
+                println!("{cidr} removed from the {list}");
+            }
+        }
+        AclCommand::Replace { list, cidrs } => {
+            let list = list.list();
+            let mut nets = Vec::new();
+            for arg in cidrs {
+                match arg {
+                    CidrArg::Net(net) => nets.push(net),
+                    CidrArg::Stdin => {
+                        for (n, line) in std::io::stdin().lines().enumerate() {
+                            let line = line.context("reading CIDRs from standard input")?;
+                            let line = line.trim();
+                            if line.is_empty() || line.starts_with('#') {
+                                continue;
+                            }
+                            nets.push(parse_cidr(line).map_err(|e| anyhow::anyhow!("stdin line {}: {e}", n + 1))?);
+                        }
+                    }
+                }
+            }
+            maps.acl_replace(&list, &nets)?;
+            println!("{list} replaced: {} entries", maps.acl_entries(&list)?.len());
+        }
+        AclCommand::List { json } => {
+            let mut lists = vec![(AclList::GlobalDeny, maps.acl_entries(&AclList::GlobalDeny)?)];
+            for listener in maps.listeners()? {
+                for list in [AclList::Allow(listener.addr), AclList::Deny(listener.addr)] {
+                    let entries = maps.acl_entries(&list)?;
+                    lists.push((list, entries));
+                }
+            }
+            if json {
+                let value: Vec<Value> = lists
+                    .iter()
+                    .map(|(list, entries)| {
+                        let (kind, listener) = match list {
+                            AclList::GlobalDeny => ("deny", None),
+                            AclList::Deny(l) => ("deny", Some(l.to_string())),
+                            AclList::Allow(l) => ("allow", Some(l.to_string())),
+                        };
+                        json!({
+                            "list": kind,
+                            "listener": listener,
+                            "entries": entries.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                for (list, entries) in lists {
+                    println!("{list}: {} entries", entries.len());
+                    for entry in entries {
+                        println!("  {entry}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn counters_json(c: &Counters) -> Value {
+    json!({
+        "passed": c.passed,
+        "drop_global_deny": c.drop_global_deny,
+        "drop_listener_deny": c.drop_listener_deny,
+        "drop_not_allowed": c.drop_not_allowed,
+        "malformed_passed": c.malformed_passed,
+        "fragment_passed": c.fragment_passed,
+    })
+}
+
+fn status(instance: &Instance) -> anyhow::Result<Value> {
+    let maps: Maps = instance.maps()?;
+    let mut listeners = Vec::new();
+    for listener in maps.listeners()? {
+        listeners.push(json!({
+            "listener": listener.addr.to_string(),
+            "id": listener.id,
+            "allow": listener.allow_len,
+            "deny": listener.deny_len,
+            "counters": counters_json(&maps.counters(listener.id)?),
+        }));
+    }
+    Ok(json!({
+        "instance": instance.name(),
+        "pin_dir": instance.pin_dir().display().to_string(),
+        "attached": instance.attached_interfaces(),
+        "global_deny": maps.global_deny_len()?,
+        "unattributed": counters_json(&maps.counters(portcullis_common::UNATTRIBUTED)?),
+        "listeners": listeners,
+    }))
+}
+
+fn print_status(status: &Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let attached: Vec<&str> = status["attached"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    writeln!(out, "instance {} ({})", status["instance"].as_str().unwrap_or("?"), status["pin_dir"].as_str().unwrap_or("?"))?;
+    writeln!(out, "attached to: {}", if attached.is_empty() { "nothing".to_owned() } else { attached.join(", ") })?;
+    writeln!(out, "global deny list: {} entries", status["global_deny"])?;
+    writeln!(
+        out,
+        "{:<4} {:<28} {:>6} {:>6} {:>12} {:>12} {:>12} {:>12}",
+        "id", "listener", "allow", "deny", "passed", "drop-global", "drop-deny", "drop-notallow"
+    )?;
+    for l in status["listeners"].as_array().into_iter().flatten() {
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        let c = &l["counters"];
+        writeln!(
+            out,
+            "{:<4} {:<28} {:>6} {:>6} {:>12} {:>12} {:>12} {:>12}",
+            n(&l["id"]),
+            l["listener"].as_str().unwrap_or("?"),
+            n(&l["allow"]),
+            n(&l["deny"]),
+            n(&c["passed"]),
+            n(&c["drop_global_deny"]),
+            n(&c["drop_listener_deny"]),
+            n(&c["drop_not_allowed"])
+        )?;
+    }
+    let u = &status["unattributed"];
+    writeln!(
+        out,
+        "unattributed: malformed passed {}, fragments passed {}, dropped by global deny {}",
+        u["malformed_passed"], u["fragment_passed"], u["drop_global_deny"]
+    )?;
+    Ok(())
+}

@@ -1,0 +1,225 @@
+use std::{fs, path::PathBuf};
+
+use aya::{
+    EbpfLoader,
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use nix::{
+    mount::{MsFlags, mount},
+    sys::statfs::statfs,
+};
+use portcullis_common::{ABI_VERSION, DEFAULT_ACL_CAPACITY, PROGRAM_NAME, config_slot, map_names};
+use tracing::{info, warn};
+
+use super::{BPFFS, Instance, OBJECT, XdpError, maps::map_err};
+
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How to attach the XDP program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic mode with a warning.
+    #[default]
+    Auto,
+    /// Native mode only.
+    Native,
+    /// Generic (SKB) mode only: works everywhere, costs an skb per packet.
+    Generic,
+}
+
+/// Options for [`Instance::attach`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttachOptions {
+    /// Attach mode for a new link (an existing link keeps its mode).
+    pub mode: AttachMode,
+    /// Capacity of each ACL trie when the maps are first created.
+    pub acl_capacity: u32,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        Self {
+            mode: AttachMode::Auto,
+            acl_capacity: DEFAULT_ACL_CAPACITY,
+        }
+    }
+}
+
+/// How the program ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachedMode {
+    /// A new link in native mode.
+    Native,
+    /// A new link in generic (SKB) mode.
+    Generic,
+    /// The program was swapped atomically into the interface's existing link.
+    Replaced,
+}
+
+/// The result of [`Instance::attach`].
+#[derive(Debug, Clone)]
+pub struct Attached {
+    /// The interface.
+    pub iface: String,
+    /// How it was attached.
+    pub mode: AttachedMode,
+    /// Where its link is pinned.
+    pub link_pin: PathBuf,
+}
+
+/// Mounts bpffs at [`BPFFS`] if it is not mounted yet.
+pub fn ensure_bpffs() -> Result<(), XdpError> {
+    let mounted = statfs(BPFFS).is_ok_and(|fs| i64::from(fs.filesystem_type().0) == BPF_FS_MAGIC);
+    if mounted {
+        return Ok(());
+    }
+    mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>).map_err(|source| {
+        XdpError::Bpffs {
+            path: BPFFS.into(),
+            source,
+        }
+    })
+}
+
+impl Instance {
+    /// Loads the program (creating or reusing the pinned maps) and attaches it
+    /// to `iface`. If the interface already has this instance's pinned link,
+    /// the new program replaces the old one atomically: enforcement never
+    /// pauses. The link stays pinned after this process exits.
+    pub fn attach(&self, iface: &str, options: &AttachOptions) -> Result<Attached, XdpError> {
+        if nix::net::if_::if_nametoindex(iface).is_err() {
+            return Err(XdpError::UnknownInterface {
+                iface: iface.to_owned(),
+            });
+        }
+        ensure_bpffs()?;
+        fs::create_dir_all(self.pin_dir()).map_err(|source| XdpError::PinDir {
+            path: self.pin_dir().to_owned(),
+            source,
+        })?;
+        super::maps::check_layout(self)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(self.pin_dir())
+            .map_max_entries(map_names::ACL_V4, options.acl_capacity)
+            .map_max_entries(map_names::ACL_V6, options.acl_capacity)
+            .load(OBJECT)
+            .map_err(|source| XdpError::Load { source })?;
+        let mut maps = self.maps()?;
+        maps.config
+            .set(config_slot::ABI, ABI_VERSION, 0)
+            .map_err(map_err(map_names::CONFIG, "write ABI version"))?;
+
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| XdpError::Program {
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| XdpError::Program { source })?;
+        program.load().map_err(|source| XdpError::Program { source })?;
+
+        let link_pin = self.link_pin(iface);
+        if link_pin.exists() {
+            match replace_in_link(program, &link_pin) {
+                Ok(()) => {
+                    info!(iface, pin = %link_pin.display(), "XDP program replaced in the pinned link");
+                    return Ok(Attached {
+                        iface: iface.to_owned(),
+                        mode: AttachedMode::Replaced,
+                        link_pin,
+                    });
+                }
+                Err(error) => {
+                    // The interface the link was made for is gone (deleted, or
+                    // recreated under the same name): the pin is stale.
+                    warn!(iface, pin = %link_pin.display(), %error, "stale XDP link pin removed");
+                    fs::remove_file(&link_pin).map_err(|source| XdpError::PinDir {
+                        path: link_pin.clone(),
+                        source,
+                    })?;
+                }
+            }
+        }
+
+        let (link_id, mode) = match options.mode {
+            AttachMode::Native => (attach_as(program, iface, XdpMode::Driver)?, AttachedMode::Native),
+            AttachMode::Generic => (attach_as(program, iface, XdpMode::Skb)?, AttachedMode::Generic),
+            AttachMode::Auto => match attach_as(program, iface, XdpMode::Driver) {
+                Ok(id) => (id, AttachedMode::Native),
+                Err(error) => {
+                    warn!(iface, %error, "native XDP attach failed, falling back to generic (SKB) mode");
+                    (attach_as(program, iface, XdpMode::Skb)?, AttachedMode::Generic)
+                }
+            },
+        };
+        let link = program
+            .take_link(link_id)
+            .map_err(|source| XdpError::Attach {
+                iface: iface.to_owned(),
+                source,
+            })?;
+        let link_err = |source| XdpError::Link {
+            path: link_pin.clone(),
+            source,
+        };
+        let fd_link: FdLink = link.try_into().map_err(link_err)?;
+        fd_link.pin(&link_pin).map_err(|source| XdpError::LinkPin {
+            path: link_pin.clone(),
+            source,
+        })?;
+        info!(iface, ?mode, pin = %link_pin.display(), "XDP program attached");
+        Ok(Attached {
+            iface: iface.to_owned(),
+            mode,
+            link_pin,
+        })
+    }
+
+    /// Detaches the instance's program from `iface` by removing its pinned link.
+    pub fn detach(&self, iface: &str) -> Result<(), XdpError> {
+        let link_pin = self.link_pin(iface);
+        if !link_pin.exists() {
+            return Err(XdpError::NotAttached {
+                instance: self.name().to_owned(),
+                iface: iface.to_owned(),
+            });
+        }
+        fs::remove_file(&link_pin).map_err(|source| XdpError::PinDir {
+            path: link_pin,
+            source,
+        })
+    }
+}
+
+fn attach_as(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<aya::programs::xdp::XdpLinkId, XdpError> {
+    program.attach(iface, mode).map_err(|source| match source {
+        ProgramError::UnknownInterface { .. } => XdpError::UnknownInterface {
+            iface: iface.to_owned(),
+        },
+        source => XdpError::Attach {
+            iface: iface.to_owned(),
+            source,
+        },
+    })
+}
+
+fn replace_in_link(program: &mut Xdp, link_pin: &std::path::Path) -> Result<(), XdpError> {
+    let link_err = |source| XdpError::Link {
+        path: link_pin.to_owned(),
+        source,
+    };
+    let pinned = PinnedLink::from_pin(link_pin).map_err(link_err)?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+    program
+        .attach_to_link(link)
+        .map(drop)
+        .map_err(|source| XdpError::Attach {
+            iface: link_pin.display().to_string(),
+            source,
+        })
+}

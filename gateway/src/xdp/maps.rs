@@ -1,0 +1,360 @@
+use std::{
+    fmt,
+    fs::{self, File},
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+};
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use nix::fcntl::{Flock, FlockArg};
+use portcullis_common::{
+    ABI_VERSION, AclV4, AclV6, Counters, ListenerKey, ListenerValue, MAX_LISTENERS, config_slot,
+    family, map_names, proto,
+};
+
+use super::{Instance, LOCK_DIR, XdpError};
+
+/// Transport protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP (every HTTP listener).
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proto::TCP,
+            Self::Udp => proto::UDP,
+        }
+    }
+}
+
+/// A listener's address, port and protocol; an unspecified address is the
+/// wildcard of its family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerAddr {
+    /// Address and port.
+    pub addr: SocketAddr,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+impl ListenerAddr {
+    /// A TCP listener.
+    pub const fn tcp(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    pub(crate) fn key(&self) -> ListenerKey {
+        let mut addr = [0u8; 16];
+        let fam = match self.addr.ip() {
+            IpAddr::V4(v4) => {
+                addr[..4].copy_from_slice(&v4.octets());
+                family::V4
+            }
+            IpAddr::V6(v6) => {
+                addr = v6.octets();
+                family::V6
+            }
+        };
+        ListenerKey {
+            addr,
+            port_be: self.addr.port().to_be(),
+            proto: self.protocol.number(),
+            family: fam,
+            _pad: 0,
+        }
+    }
+
+    fn from_key(key: &ListenerKey) -> Self {
+        let ip = if key.family == family::V4 {
+            IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
+        } else {
+            IpAddr::from(key.addr)
+        };
+        Self {
+            addr: SocketAddr::new(ip, u16::from_be(key.port_be)),
+            protocol: if key.proto == proto::UDP {
+                Protocol::Udp
+            } else {
+                Protocol::Tcp
+            },
+        }
+    }
+
+    pub(crate) fn is_v4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+}
+
+impl fmt::Display for ListenerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.protocol {
+            Protocol::Tcp => write!(f, "{}", self.addr),
+            Protocol::Udp => write!(f, "udp:{}", self.addr),
+        }
+    }
+}
+
+impl FromStr for ListenerAddr {
+    type Err = String;
+
+    /// Parses `ADDR:PORT` (TCP), `[V6]:PORT`, or either prefixed with `udp:`/`tcp:`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (protocol, rest) = if let Some(rest) = s.strip_prefix("udp:") {
+            (Protocol::Udp, rest)
+        } else {
+            (Protocol::Tcp, s.strip_prefix("tcp:").unwrap_or(s))
+        };
+        let addr: SocketAddr = rest.parse().map_err(|_| {
+            format!("invalid listener {s:?}: expected ADDR:PORT, e.g. 10.0.0.1:443 or [2001:db8::1]:443")
+        })?;
+        if addr.port() == 0 {
+            return Err(format!("invalid listener {s:?}: port 0 cannot be listened on"));
+        }
+        Ok(Self { addr, protocol })
+    }
+}
+
+/// One listener as stored in the maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    /// Address, port, protocol.
+    pub addr: ListenerAddr,
+    /// Listener id: its counters slot and ACL scope.
+    pub id: u32,
+    /// Entries in its allow list.
+    pub allow_len: u32,
+    /// Entries in its deny list.
+    pub deny_len: u32,
+}
+
+/// Handles to an instance's pinned maps.
+pub struct Maps {
+    pub(crate) instance: Instance,
+    pub(crate) listeners: HashMap<MapData, ListenerKey, ListenerValue>,
+    pub(crate) acl_v4: LpmTrie<MapData, AclV4, u32>,
+    pub(crate) acl_v6: LpmTrie<MapData, AclV6, u32>,
+    pub(crate) config: Array<MapData, u32>,
+    pub(crate) counters: PerCpuArray<MapData, Counters>,
+}
+
+impl fmt::Debug for Maps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Maps").field("instance", &self.instance).finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> XdpError {
+    move |source| XdpError::Map { map, op, source }
+}
+
+fn open_pinned(instance: &Instance, name: &'static str) -> Result<Map, XdpError> {
+    let path = instance.map_pin(name);
+    if !path.exists() {
+        return Err(XdpError::NotLoaded {
+            instance: instance.name().to_owned(),
+            dir: instance.pin_dir().to_owned(),
+        });
+    }
+    let data = MapData::from_pin(&path).map_err(map_err(name, "open pin"))?;
+    Map::from_map_data(data).map_err(map_err(name, "open pin"))
+}
+
+/// The key and value sizes each map must have in this build.
+pub(crate) fn expected_layout(name: &str) -> (u32, u32) {
+    use std::mem::size_of;
+    let size = |n: usize| u32::try_from(n).expect("map types are small");
+    match name {
+        map_names::LISTENERS => (size(size_of::<ListenerKey>()), size(size_of::<ListenerValue>())),
+        map_names::ACL_V4 => (size(4 + size_of::<AclV4>()), 4),
+        map_names::ACL_V6 => (size(4 + size_of::<AclV6>()), 4),
+        map_names::CONFIG => (4, 4),
+        map_names::COUNTERS => (4, size(size_of::<Counters>())),
+        _ => (0, 0),
+    }
+}
+
+/// Refuses pinned maps whose layout differs from this build's.
+pub(crate) fn check_layout(instance: &Instance) -> Result<(), XdpError> {
+    for name in map_names::ALL {
+        let path = instance.map_pin(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(map_err(name, "read info"))?;
+        let (key, value) = expected_layout(name);
+        if (info.key_size(), info.value_size()) != (key, value) {
+            return Err(XdpError::Layout {
+                instance: instance.name().to_owned(),
+                dir: instance.pin_dir().to_owned(),
+                map: name,
+                expected: format!("key {key} B, value {value} B"),
+                found: format!("key {} B, value {} B", info.key_size(), info.value_size()),
+            });
+        }
+    }
+    let config = instance.map_pin(map_names::CONFIG);
+    if config.exists() {
+        let data = MapData::from_pin(&config).map_err(map_err(map_names::CONFIG, "open pin"))?;
+        let array: Array<MapData, u32> =
+            Array::try_from(Map::from_map_data(data).map_err(map_err(map_names::CONFIG, "open pin"))?)
+                .map_err(map_err(map_names::CONFIG, "open pin"))?;
+        let abi = array
+            .get(&config_slot::ABI, 0)
+            .map_err(map_err(map_names::CONFIG, "read ABI version"))?;
+        if abi != 0 && abi != ABI_VERSION {
+            return Err(XdpError::Layout {
+                instance: instance.name().to_owned(),
+                dir: instance.pin_dir().to_owned(),
+                map: map_names::CONFIG,
+                expected: format!("ABI {ABI_VERSION}"),
+                found: format!("ABI {abi}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An exclusive lock that serialises writers of one instance's maps.
+#[derive(Debug)]
+pub(crate) struct WriteLock(#[expect(dead_code, reason = "held for its Drop")] Flock<File>);
+
+impl Maps {
+    pub(crate) fn open(instance: &Instance) -> Result<Self, XdpError> {
+        check_layout(instance)?;
+        Ok(Self {
+            instance: instance.clone(),
+            listeners: HashMap::try_from(open_pinned(instance, map_names::LISTENERS)?)
+                .map_err(map_err(map_names::LISTENERS, "open"))?,
+            acl_v4: LpmTrie::try_from(open_pinned(instance, map_names::ACL_V4)?)
+                .map_err(map_err(map_names::ACL_V4, "open"))?,
+            acl_v6: LpmTrie::try_from(open_pinned(instance, map_names::ACL_V6)?)
+                .map_err(map_err(map_names::ACL_V6, "open"))?,
+            config: Array::try_from(open_pinned(instance, map_names::CONFIG)?)
+                .map_err(map_err(map_names::CONFIG, "open"))?,
+            counters: PerCpuArray::try_from(open_pinned(instance, map_names::COUNTERS)?)
+                .map_err(map_err(map_names::COUNTERS, "open"))?,
+        })
+    }
+
+    /// The instance these maps belong to.
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    pub(crate) fn lock(&self) -> Result<WriteLock, XdpError> {
+        let path = std::path::Path::new(LOCK_DIR).join(format!("{}.lock", self.instance.name()));
+        let lock_err = |source| XdpError::Lock {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(LOCK_DIR).map_err(lock_err)?;
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(lock_err)?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map(WriteLock)
+            .map_err(|(_, errno)| lock_err(errno.into()))
+    }
+
+    /// Every listener, sorted by address.
+    pub fn listeners(&self) -> Result<Vec<Listener>, XdpError> {
+        let mut out = Vec::new();
+        for entry in self.listeners.iter() {
+            let (key, value) = entry.map_err(map_err(map_names::LISTENERS, "iterate"))?;
+            out.push(Listener {
+                addr: ListenerAddr::from_key(&key),
+                id: value.id,
+                allow_len: value.allow_len,
+                deny_len: value.deny_len,
+            });
+        }
+        out.sort_by_key(|l| l.addr);
+        Ok(out)
+    }
+
+    pub(crate) fn listener_value(&self, listener: &ListenerAddr) -> Result<ListenerValue, XdpError> {
+        match self.listeners.get(&listener.key(), 0) {
+            Ok(value) => Ok(value),
+            Err(MapError::KeyNotFound) => Err(XdpError::UnknownListener {
+                listener: listener.to_string(),
+            }),
+            Err(source) => Err(map_err(map_names::LISTENERS, "lookup")(source)),
+        }
+    }
+
+    /// Adds a listener, so that its traffic is judged; returns its id.
+    pub fn add_listener(&mut self, listener: &ListenerAddr) -> Result<u32, XdpError> {
+        let _lock = self.lock()?;
+        let key = listener.key();
+        if self.listeners.get(&key, 0).is_ok() {
+            return Err(XdpError::ListenerExists {
+                listener: listener.to_string(),
+            });
+        }
+        let taken: std::collections::HashSet<u32> =
+            self.listeners()?.into_iter().map(|l| l.id).collect();
+        let id = (1..=MAX_LISTENERS)
+            .find(|id| !taken.contains(id))
+            .ok_or(XdpError::TooManyListeners { max: MAX_LISTENERS })?;
+        // A listener removed by a process that died half-way may have left
+        // entries or counts under this id: start clean.
+        self.purge_listener_scopes(id)?;
+        self.reset_counters(id)?;
+        let value = ListenerValue {
+            id,
+            acl: 0,
+            allow_len: 0,
+            deny_len: 0,
+        };
+        self.listeners
+            .insert(key, value, 0)
+            .map_err(map_err(map_names::LISTENERS, "insert"))?;
+        Ok(id)
+    }
+
+    /// Removes a listener: its traffic is no longer judged, and its ACL
+    /// entries and counters are dropped.
+    pub fn remove_listener(&mut self, listener: &ListenerAddr) -> Result<(), XdpError> {
+        let _lock = self.lock()?;
+        let value = self.listener_value(listener)?;
+        self.listeners
+            .remove(&listener.key())
+            .map_err(map_err(map_names::LISTENERS, "remove"))?;
+        self.purge_listener_scopes(value.id)?;
+        self.reset_counters(value.id)
+    }
+
+    fn reset_counters(&mut self, id: u32) -> Result<(), XdpError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| XdpError::Cpus { source })?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(|source| XdpError::Cpus { source })?;
+        self.counters
+            .set(id, zeros, 0)
+            .map_err(map_err(map_names::COUNTERS, "reset"))
+    }
+
+    /// Counters of one slot (a listener id, or 0 for unattributed traffic),
+    /// summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<Counters, XdpError> {
+        let per_cpu = self
+            .counters
+            .get(&slot, 0)
+            .map_err(map_err(map_names::COUNTERS, "read"))?;
+        let mut total = Counters::default();
+        for counters in per_cpu.iter() {
+            total.accumulate(counters);
+        }
+        Ok(total)
+    }
+}
