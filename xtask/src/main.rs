@@ -1,1 +1,143 @@
-fn main(){}
+//! `cargo xtask`: the project's own set-up, build, test, demo and benchmark
+//! commands. Each installs what it needs on a fresh Debian machine, idempotently,
+//! and says what it is doing.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain if missing and build the XDP object.
+    BuildEbpf,
+    /// Install what the tests need, then run every test: fmt, clippy, unit,
+    /// eBPF (BPF_PROG_TEST_RUN) and integration.
+    Test {
+        /// Only run tests whose name contains this filter.
+        filter: Option<String>,
+        /// Skip the fmt and clippy checks.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Run the gateway in its own namespaces and show allowed and dropped traffic.
+    Demo {
+        /// Exit after showing, instead of staying up until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Run a benchmark and print its table.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum)]
+        which: Bench,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// ns per packet of the ACL program (BPF_PROG_TEST_RUN) at 1k, 100k, 1M prefixes.
+    Xdp,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::BuildEbpf => setup::build_ebpf().map(drop),
+        Task::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
+        Task::Demo { once } => demo::run(once),
+        Task::Bench { which: Bench::Xdp } => bench_xdp(),
+    }
+}
+
+/// The workspace root.
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command, echoing it, and fails if it fails.
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    println!("xtask: $ {}", show(cmd));
+    let status = cmd.status().with_context(|| format!("starting {}", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed with {status}", show(cmd));
+    }
+    Ok(())
+}
+
+pub(crate) fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A `cargo` for the host workspace, with the stable toolchain whatever
+/// toolchain invoked xtask.
+pub(crate) fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+pub(crate) fn require_root(what: &str) -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("{what} needs root (network namespaces, XDP attach, bpffs): run it with sudo or as root");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
+    require_root("cargo xtask test")?;
+    setup::test_packages()?;
+    let object = setup::build_ebpf()?;
+    let env = [("PORTCULLIS_XDP_OBJ", object.as_os_str())];
+    if !no_lint {
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).envs(env))?;
+    }
+    run(cargo().args(["build", "--workspace", "--bins"]).envs(env))?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast"]).envs(env);
+    cmd.env("PORTCULLIS_BIN", root().join("target/debug/portcullis"));
+    if let Some(filter) = filter {
+        cmd.args(["--", filter]);
+    }
+    run(&mut cmd)
+}
+
+fn bench_xdp() -> anyhow::Result<()> {
+    require_root("cargo xtask bench xdp")?;
+    let object = setup::build_ebpf()?;
+    run(cargo()
+        .args(["run", "--release", "-p", "portcullis-tests", "--bin", "xdp-bench"])
+        .env("PORTCULLIS_XDP_OBJ", object))
+}

@@ -1,9 +1,9 @@
-use std::{fs, path::PathBuf};
+use std::{fs, path::PathBuf, time::Duration};
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     programs::{
-        ProgramError, Xdp, XdpMode,
+        ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
@@ -16,6 +16,39 @@ use portcullis_common::{ABI_VERSION, DEFAULT_ACL_CAPACITY, PROGRAM_NAME, config_
 use tracing::{info, warn};
 
 use super::{BPFFS, Instance, OBJECT, XdpError, maps::map_err};
+
+/// The program loaded into the kernel, with its maps, not yet attached.
+#[derive(Debug)]
+pub struct Loaded {
+    ebpf: Ebpf,
+}
+
+impl Loaded {
+    fn program(&mut self) -> Result<&mut Xdp, XdpError> {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(XdpError::Program {
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| XdpError::Program { source })
+    }
+
+    /// Runs the program on one frame `repeat` times with `BPF_PROG_TEST_RUN`:
+    /// returns the XDP action and the mean time per run.
+    pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration), XdpError> {
+        let program = self.program()?;
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let result = program
+            .test_run(options)
+            .map_err(|source| XdpError::Program { source })?;
+        Ok((result.return_value, result.duration))
+    }
+}
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -87,6 +120,36 @@ pub fn ensure_bpffs() -> Result<(), XdpError> {
 }
 
 impl Instance {
+    /// Loads the program, creating the pinned maps (with `acl_capacity`
+    /// entries per ACL trie) or reusing them, without attaching it.
+    pub fn load(&self, acl_capacity: u32) -> Result<Loaded, XdpError> {
+        ensure_bpffs()?;
+        fs::create_dir_all(self.pin_dir()).map_err(|source| XdpError::PinDir {
+            path: self.pin_dir().to_owned(),
+            source,
+        })?;
+        super::maps::check_layout(self)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(self.pin_dir())
+            .map_max_entries(map_names::ACL_V4, acl_capacity)
+            .map_max_entries(map_names::ACL_V6, acl_capacity)
+            .load(OBJECT)
+            .map_err(|source| XdpError::Load { source })?;
+        let mut maps = self.maps()?;
+        maps.config
+            .set(config_slot::ABI, ABI_VERSION, 0)
+            .map_err(map_err(map_names::CONFIG, "write ABI version"))?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(XdpError::Program {
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| XdpError::Program { source })?;
+        program.load().map_err(|source| XdpError::Program { source })?;
+        Ok(Loaded { ebpf })
+    }
+
     /// Loads the program (creating or reusing the pinned maps) and attaches it
     /// to `iface`. If the interface already has this instance's pinned link,
     /// the new program replaces the old one atomically: enforcement never
@@ -97,32 +160,8 @@ impl Instance {
                 iface: iface.to_owned(),
             });
         }
-        ensure_bpffs()?;
-        fs::create_dir_all(self.pin_dir()).map_err(|source| XdpError::PinDir {
-            path: self.pin_dir().to_owned(),
-            source,
-        })?;
-        super::maps::check_layout(self)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(self.pin_dir())
-            .map_max_entries(map_names::ACL_V4, options.acl_capacity)
-            .map_max_entries(map_names::ACL_V6, options.acl_capacity)
-            .load(OBJECT)
-            .map_err(|source| XdpError::Load { source })?;
-        let mut maps = self.maps()?;
-        maps.config
-            .set(config_slot::ABI, ABI_VERSION, 0)
-            .map_err(map_err(map_names::CONFIG, "write ABI version"))?;
-
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| XdpError::Program {
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| XdpError::Program { source })?;
-        program.load().map_err(|source| XdpError::Program { source })?;
-
+        let mut loaded = self.load(options.acl_capacity)?;
+        let program = loaded.program()?;
         let link_pin = self.link_pin(iface);
         if link_pin.exists() {
             match replace_in_link(program, &link_pin) {

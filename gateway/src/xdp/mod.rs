@@ -19,10 +19,10 @@ use std::{
 };
 
 pub use acl::AclList;
-pub use attach::{AttachMode, AttachOptions, Attached, AttachedMode};
+pub use attach::{AttachMode, AttachOptions, Attached, AttachedMode, Loaded, ensure_bpffs};
 pub use error::XdpError;
 pub use maps::{Listener, ListenerAddr, Maps, Protocol};
-pub use portcullis_common::Counters;
+pub use portcullis_common::{Counters, DEFAULT_ACL_CAPACITY, UNATTRIBUTED};
 
 /// Where bpffs is mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";

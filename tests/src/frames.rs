@@ -1,0 +1,241 @@
+//! Crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
+
+use std::net::IpAddr;
+
+/// TCP flag bits.
+pub mod tcp_flags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// PSH.
+    pub const PSH: u8 = 0x08;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// Transport header of a crafted frame.
+#[derive(Debug, Clone)]
+pub enum L4 {
+    /// TCP with flags and a payload.
+    Tcp { sport: u16, dport: u16, flags: u8, payload: Vec<u8> },
+    /// UDP with a payload.
+    Udp { sport: u16, dport: u16, payload: Vec<u8> },
+    /// Any other IP protocol number, with raw bytes after the IP header(s).
+    Raw { proto: u8, bytes: Vec<u8> },
+}
+
+/// An IPv6 extension header to put before the transport header.
+#[derive(Debug, Clone, Copy)]
+pub enum Ext {
+    /// Hop-by-hop options (8 bytes, padding only).
+    HopByHop,
+    /// Destination options of `units` × 8 bytes.
+    DestOpts { units: u8 },
+    /// Routing header (type 0 shape, no segments left).
+    Routing,
+    /// Fragment header with this offset (in 8-byte units) and more-fragments flag.
+    Fragment { offset: u16, more: bool },
+    /// Authentication header (12 bytes of ICV).
+    Auth,
+}
+
+/// A frame to craft.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Transport.
+    pub l4: L4,
+    /// 802.1Q / 802.1ad tags, outermost first (TPID, VLAN id).
+    pub vlans: Vec<(u16, u16)>,
+    /// IPv4 options bytes (padded to 4).
+    pub ipv4_options: Vec<u8>,
+    /// IPv4 fragment offset in 8-byte units, and more-fragments flag.
+    pub ipv4_fragment: (u16, bool),
+    /// IPv6 extension headers.
+    pub ipv6_ext: Vec<Ext>,
+    /// TCP data offset override (in 32-bit words), to craft bad headers.
+    pub tcp_doff: Option<u8>,
+    /// IPv4 IHL override, to craft bad headers.
+    pub ipv4_ihl: Option<u8>,
+}
+
+impl Frame {
+    /// A TCP SYN from `src` to `dst:dport`.
+    pub fn syn(src: IpAddr, dst: IpAddr, dport: u16) -> Self {
+        Self::tcp(src, dst, dport, tcp_flags::SYN, Vec::new())
+    }
+
+    /// A TCP segment.
+    pub fn tcp(src: IpAddr, dst: IpAddr, dport: u16, flags: u8, payload: Vec<u8>) -> Self {
+        Self::new(src, dst, L4::Tcp { sport: 40000, dport, flags, payload })
+    }
+
+    /// A UDP datagram.
+    pub fn udp(src: IpAddr, dst: IpAddr, dport: u16) -> Self {
+        Self::new(src, dst, L4::Udp { sport: 40000, dport, payload: b"hello".to_vec() })
+    }
+
+    /// A frame with the given transport.
+    pub fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Self {
+        Self {
+            src,
+            dst,
+            l4,
+            vlans: Vec::new(),
+            ipv4_options: Vec::new(),
+            ipv4_fragment: (0, false),
+            ipv6_ext: Vec::new(),
+            tcp_doff: None,
+            ipv4_ihl: None,
+        }
+    }
+
+    /// Adds a VLAN tag (outermost first).
+    #[must_use]
+    pub fn vlan(mut self, tpid: u16, id: u16) -> Self {
+        self.vlans.push((tpid, id));
+        self
+    }
+
+    /// Length of every header up to and including the transport header.
+    pub fn header_len(&self) -> usize {
+        self.bytes().len() - self.payload_len()
+    }
+
+    fn payload_len(&self) -> usize {
+        match &self.l4 {
+            L4::Tcp { payload, .. } | L4::Udp { payload, .. } => payload.len(),
+            L4::Raw { bytes, .. } => bytes.len(),
+        }
+    }
+
+    fn l4_bytes(&self) -> (u8, Vec<u8>) {
+        match &self.l4 {
+            L4::Tcp { sport, dport, flags, payload } => {
+                let mut b = Vec::with_capacity(20 + payload.len());
+                b.extend_from_slice(&sport.to_be_bytes());
+                b.extend_from_slice(&dport.to_be_bytes());
+                b.extend_from_slice(&1000u32.to_be_bytes());
+                b.extend_from_slice(&0u32.to_be_bytes());
+                b.push(self.tcp_doff.unwrap_or(5) << 4);
+                b.push(*flags);
+                b.extend_from_slice(&65535u16.to_be_bytes());
+                b.extend_from_slice(&[0, 0, 0, 0]);
+                b.extend_from_slice(payload);
+                (6, b)
+            }
+            L4::Udp { sport, dport, payload } => {
+                let mut b = Vec::with_capacity(8 + payload.len());
+                b.extend_from_slice(&sport.to_be_bytes());
+                b.extend_from_slice(&dport.to_be_bytes());
+                let len = u16::try_from(8 + payload.len()).expect("small");
+                b.extend_from_slice(&len.to_be_bytes());
+                b.extend_from_slice(&[0, 0]);
+                b.extend_from_slice(payload);
+                (17, b)
+            }
+            L4::Raw { proto, bytes } => (*proto, bytes.clone()),
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut f = Vec::with_capacity(128);
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2]);
+        for (tpid, id) in &self.vlans {
+            f.extend_from_slice(&tpid.to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+        }
+        let (proto, l4) = self.l4_bytes();
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                f.extend_from_slice(&0x0800u16.to_be_bytes());
+                let mut options = self.ipv4_options.clone();
+                while options.len() % 4 != 0 {
+                    options.push(0);
+                }
+                let ihl = self.ipv4_ihl.unwrap_or(u8::try_from(5 + options.len() / 4).expect("small"));
+                let total = u16::try_from(20 + options.len() + l4.len()).expect("small");
+                let (offset, more) = self.ipv4_fragment;
+                let frag = (offset & 0x1fff) | if more { 0x2000 } else { 0 };
+                f.push(0x40 | (ihl & 0x0f));
+                f.push(0);
+                f.extend_from_slice(&total.to_be_bytes());
+                f.extend_from_slice(&[0x12, 0x34]);
+                f.extend_from_slice(&frag.to_be_bytes());
+                f.push(64);
+                f.push(proto);
+                f.extend_from_slice(&[0, 0]);
+                f.extend_from_slice(&src.octets());
+                f.extend_from_slice(&dst.octets());
+                f.extend_from_slice(&options);
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                f.extend_from_slice(&0x86ddu16.to_be_bytes());
+                let mut ext = Vec::new();
+                let codes: Vec<u8> = self
+                    .ipv6_ext
+                    .iter()
+                    .map(|e| match e {
+                        Ext::HopByHop => 0,
+                        Ext::DestOpts { .. } => 60,
+                        Ext::Routing => 43,
+                        Ext::Fragment { .. } => 44,
+                        Ext::Auth => 51,
+                    })
+                    .chain(std::iter::once(proto))
+                    .collect();
+                for (i, e) in self.ipv6_ext.iter().enumerate() {
+                    let next = codes[i + 1];
+                    match e {
+                        Ext::HopByHop | Ext::Routing => {
+                            ext.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+                        }
+                        Ext::DestOpts { units } => {
+                            ext.extend_from_slice(&[next, units - 1]);
+                            ext.extend(std::iter::repeat_n(0u8, usize::from(*units) * 8 - 2));
+                        }
+                        Ext::Fragment { offset, more } => {
+                            let field = (offset << 3) | u16::from(*more);
+                            ext.extend_from_slice(&[next, 0]);
+                            ext.extend_from_slice(&field.to_be_bytes());
+                            ext.extend_from_slice(&[0, 0, 0, 7]);
+                        }
+                        Ext::Auth => {
+                            // 24 bytes: payload length field = 24/4 - 2 = 4.
+                            ext.extend_from_slice(&[next, 4, 0, 0]);
+                            ext.extend(std::iter::repeat_n(0u8, 20));
+                        }
+                    }
+                }
+                let payload_len = u16::try_from(ext.len() + l4.len()).expect("small");
+                f.extend_from_slice(&[0x60, 0, 0, 0]);
+                f.extend_from_slice(&payload_len.to_be_bytes());
+                f.push(codes[0]);
+                f.push(64);
+                f.extend_from_slice(&src.octets());
+                f.extend_from_slice(&dst.octets());
+                f.extend_from_slice(&ext);
+            }
+            _ => panic!("source and destination of different families"),
+        }
+        f.extend_from_slice(&l4);
+        f
+    }
+}
+
+/// An ARP request frame (not IP).
+pub fn arp() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x08, 0x06]);
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 10, 0, 0, 2]);
+    f.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 0, 0, 1]);
+    f
+}
