@@ -7,8 +7,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use portcullis::xdp::{
-    AclList, AttachMode, AttachOptions, Counters, DEFAULT_INSTANCE, Instance, ListenerAddr, Maps,
-    XdpError,
+    AclList, AttachMode, AttachOptions, Counters, DEFAULT_INSTANCE, Instance, ListenerAddr, Maps, XdpError,
 };
 use serde_json::{Value, json};
 
@@ -173,12 +172,13 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let mut line = format!("error: {error}");
-            for cause in error.chain().skip(1) {
-                line.push_str(&format!(": {cause}"));
-            }
-            eprintln!("{line}");
-            if let Some(hint) = error.chain().find_map(|e| e.downcast_ref::<XdpError>()).and_then(XdpError::hint) {
+            let causes: Vec<String> = error.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", causes.join(": "));
+            if let Some(hint) = error
+                .chain()
+                .find_map(|e| e.downcast_ref::<XdpError>())
+                .and_then(XdpError::hint)
+            {
                 eprintln!("hint: {hint}");
             }
             ExitCode::FAILURE
@@ -212,7 +212,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Xdp(XdpCommand::Detach { iface, all, purge }) => {
-            let ifaces = if all { instance.attached_interfaces() } else { iface.into_iter().collect() };
+            let ifaces = if all {
+                instance.attached_interfaces()
+            } else {
+                iface.into_iter().collect()
+            };
             for iface in &ifaces {
                 instance.detach(iface)?;
                 println!("detached instance {} from {iface}", instance.name());
@@ -290,7 +294,9 @@ fn acl(instance: &Instance, command: AclCommand) -> anyhow::Result<()> {
                             if line.is_empty() || line.starts_with('#') {
                                 continue;
                             }
-                            nets.push(parse_cidr(line).map_err(|e| anyhow::anyhow!("stdin line {}: {e}", n + 1))?);
+                            nets.push(
+                                parse_cidr(line).map_err(|e| anyhow::anyhow!("stdin line {}: {e}", n + 1))?,
+                            );
                         }
                     }
                 }
@@ -375,8 +381,21 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    writeln!(out, "instance {} ({})", status["instance"].as_str().unwrap_or("?"), status["pin_dir"].as_str().unwrap_or("?"))?;
-    writeln!(out, "attached to: {}", if attached.is_empty() { "nothing".to_owned() } else { attached.join(", ") })?;
+    writeln!(
+        out,
+        "instance {} ({})",
+        status["instance"].as_str().unwrap_or("?"),
+        status["pin_dir"].as_str().unwrap_or("?")
+    )?;
+    writeln!(
+        out,
+        "attached to: {}",
+        if attached.is_empty() {
+            "nothing".to_owned()
+        } else {
+            attached.join(", ")
+        }
+    )?;
     writeln!(out, "global deny list: {} entries", status["global_deny"])?;
     writeln!(
         out,

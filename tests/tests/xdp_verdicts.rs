@@ -86,21 +86,33 @@ fn check_verdicts(v6: bool) {
         (pick("172.16.0.1", "fe80::1"), XDP_DROP),
     ];
     for (src, expected) in cases {
-        assert_eq!(prog.run(&Frame::syn(src, dst, 80).bytes()), expected, "SYN from {src}");
+        assert_eq!(
+            prog.run(&Frame::syn(src, dst, 80).bytes()),
+            expected,
+            "SYN from {src}"
+        );
         // Every packet to the listener is judged, not only SYNs.
         let data = Frame::tcp(src, dst, 80, 0x18, b"GET / HTTP/1.1\r\n\r\n".to_vec());
         assert_eq!(prog.run(&data.bytes()), expected, "data from {src}");
     }
     let c = prog.counters(id);
     assert_eq!(
-        (c.drop_global_deny, c.drop_listener_deny, c.passed, c.drop_not_allowed),
+        (
+            c.drop_global_deny,
+            c.drop_listener_deny,
+            c.passed,
+            c.drop_not_allowed
+        ),
         (2, 2, 2, 2),
         "{c:?}"
     );
     // Not a listener: another port, or another address.
     let stranger = pick("172.16.0.1", "fe80::1");
     assert_eq!(prog.run(&Frame::syn(stranger, dst, 81).bytes()), XDP_PASS);
-    assert_eq!(prog.run(&Frame::syn(stranger, pick("10.0.0.2", "fd00::2"), 80).bytes()), XDP_PASS);
+    assert_eq!(
+        prog.run(&Frame::syn(stranger, pick("10.0.0.2", "fd00::2"), 80).bytes()),
+        XDP_PASS
+    );
     assert_eq!(prog.counters(id), c, "non-listener traffic is not counted");
     assert_eq!(prog.counters(UNATTRIBUTED), Counters::default());
 }
@@ -125,7 +137,10 @@ fn longest_prefix_and_deny_before_allow() {
     let dst = ip("10.0.0.1");
     assert_eq!(prog.run(&Frame::syn(ip("10.1.2.3"), dst, 443).bytes()), XDP_DROP);
     assert_eq!(prog.run(&Frame::syn(ip("10.1.3.3"), dst, 443).bytes()), XDP_PASS);
-    assert_eq!(prog.run(&Frame::syn(ip("10.200.3.3"), dst, 443).bytes()), XDP_PASS);
+    assert_eq!(
+        prog.run(&Frame::syn(ip("10.200.3.3"), dst, 443).bytes()),
+        XDP_PASS
+    );
     prog.acl(AclList::GlobalDeny, "0.0.0.0/0");
     assert_eq!(prog.run(&Frame::syn(ip("10.1.3.3"), dst, 443).bytes()), XDP_DROP);
     let c = prog.counters(id);
@@ -138,14 +153,22 @@ fn vlan_tags() {
     let (listener, id) = prog.listener("10.0.0.1:80");
     prog.acl(AclList::Deny(listener), "10.9.0.0/16");
     let frame = Frame::syn(ip("10.9.0.1"), ip("10.0.0.1"), 80);
-    assert_eq!(prog.run(&frame.clone().vlan(0x8100, 10).bytes()), XDP_DROP, "802.1Q");
+    assert_eq!(
+        prog.run(&frame.clone().vlan(0x8100, 10).bytes()),
+        XDP_DROP,
+        "802.1Q"
+    );
     assert_eq!(
         prog.run(&frame.clone().vlan(0x88a8, 100).vlan(0x8100, 10).bytes()),
         XDP_DROP,
         "802.1ad + 802.1Q"
     );
     let v6 = Frame::syn(ip("fd00::9"), ip("fd00::1"), 80).vlan(0x8100, 7);
-    assert_eq!(prog.run(&v6.bytes()), XDP_PASS, "v6 frame to a v4-only listener is not judged");
+    assert_eq!(
+        prog.run(&v6.bytes()),
+        XDP_PASS,
+        "v6 frame to a v4-only listener is not judged"
+    );
     // A third tag is not parsed: the kernel drops such frames itself unless a
     // stacked VLAN device exists, so it is passed untouched and not counted.
     let triple = frame.vlan(0x88a8, 1).vlan(0x8100, 2).vlan(0x8100, 3);
@@ -177,7 +200,10 @@ fn ipv6_extension_headers_are_skipped() {
         Ext::HopByHop,
         Ext::Routing,
         Ext::DestOpts { units: 3 },
-        Ext::Fragment { offset: 0, more: true },
+        Ext::Fragment {
+            offset: 0,
+            more: true,
+        },
         Ext::Auth,
     ];
     assert_eq!(prog.run(&frame.bytes()), XDP_DROP);
@@ -200,21 +226,45 @@ fn fragments_and_portless_packets_meet_the_global_deny_list() {
 
     // Later fragments carry no ports: only the global deny list applies.
     let later = |src: &str| {
-        let mut f = Frame::new(ip(src), dst, L4::Raw { proto: 6, bytes: vec![0; 64] });
+        let mut f = Frame::new(
+            ip(src),
+            dst,
+            L4::Raw {
+                proto: 6,
+                bytes: vec![0; 64],
+            },
+        );
         f.ipv4_fragment = (185, false);
         f.bytes()
     };
     assert_eq!(prog.run(&later("10.9.0.1")), XDP_PASS);
     assert_eq!(prog.run(&later("192.0.2.1")), XDP_DROP);
 
-    let mut v6_later = Frame::new(ip("2001:db8::1"), ip("fd00::1"), L4::Raw { proto: 6, bytes: vec![0; 64] });
-    v6_later.ipv6_ext = vec![Ext::Fragment { offset: 100, more: false }];
+    let mut v6_later = Frame::new(
+        ip("2001:db8::1"),
+        ip("fd00::1"),
+        L4::Raw {
+            proto: 6,
+            bytes: vec![0; 64],
+        },
+    );
+    v6_later.ipv6_ext = vec![Ext::Fragment {
+        offset: 100,
+        more: false,
+    }];
     assert_eq!(prog.run(&v6_later.bytes()), XDP_DROP);
     v6_later.src = ip("fd09::1");
     assert_eq!(prog.run(&v6_later.bytes()), XDP_PASS);
 
     // ESP: no ports either.
-    let esp = Frame::new(ip("192.0.2.9"), dst, L4::Raw { proto: 50, bytes: vec![0; 32] });
+    let esp = Frame::new(
+        ip("192.0.2.9"),
+        dst,
+        L4::Raw {
+            proto: 50,
+            bytes: vec![0; 32],
+        },
+    );
     assert_eq!(prog.run(&esp.bytes()), XDP_DROP);
 
     // An extension chain longer than the program walks (8).
@@ -226,7 +276,11 @@ fn fragments_and_portless_packets_meet_the_global_deny_list() {
 
     assert_eq!(prog.counters(id).drop_listener_deny, 1);
     let u = prog.counters(UNATTRIBUTED);
-    assert_eq!((u.drop_global_deny, u.fragment_passed, u.malformed_passed), (4, 3, 0), "{u:?}");
+    assert_eq!(
+        (u.drop_global_deny, u.fragment_passed, u.malformed_passed),
+        (4, 3, 0),
+        "{u:?}"
+    );
 }
 
 #[test]
@@ -246,11 +300,24 @@ fn truncated_frames_pass_untouched_at_every_offset() {
         payload.extend_from_slice(&[1; 8]);
     }
     let mut v6_ext = Frame::syn(ip("fd09::1"), ip("fd00::1"), 80);
-    v6_ext.ipv6_ext = vec![Ext::HopByHop, Ext::Fragment { offset: 0, more: true }, Ext::Auth];
+    v6_ext.ipv6_ext = vec![
+        Ext::HopByHop,
+        Ext::Fragment {
+            offset: 0,
+            more: true,
+        },
+        Ext::Auth,
+    ];
     let shapes = [
         ("ipv4/tcp", Frame::syn(ip("10.9.0.1"), ip("10.0.0.1"), 80), 0),
         ("ipv4 options/tcp options", with_options, 8),
-        ("802.1ad+802.1Q/ipv4/tcp", Frame::syn(ip("10.9.0.1"), ip("10.0.0.1"), 80).vlan(0x88a8, 1).vlan(0x8100, 2), 0),
+        (
+            "802.1ad+802.1Q/ipv4/tcp",
+            Frame::syn(ip("10.9.0.1"), ip("10.0.0.1"), 80)
+                .vlan(0x88a8, 1)
+                .vlan(0x8100, 2),
+            0,
+        ),
         ("ipv4/udp", Frame::udp(ip("10.9.0.1"), ip("10.0.0.1"), 53), 0),
         ("ipv6/tcp", Frame::syn(ip("fd09::1"), ip("fd00::1"), 80), 0),
         ("ipv6 ext/tcp", v6_ext, 0),
@@ -262,10 +329,18 @@ fn truncated_frames_pass_untouched_at_every_offset() {
         let before = prog.counters(UNATTRIBUTED).malformed_passed;
         // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
         for cut in 14..headers {
-            assert_eq!(prog.run(&bytes[..cut]), XDP_PASS, "{name} cut at {cut} of {headers}");
+            assert_eq!(
+                prog.run(&bytes[..cut]),
+                XDP_PASS,
+                "{name} cut at {cut} of {headers}"
+            );
         }
         let after = prog.counters(UNATTRIBUTED).malformed_passed;
-        assert_eq!(after - before, (headers - 14) as u64, "{name}: every cut counted as malformed");
+        assert_eq!(
+            after - before,
+            (headers - 14) as u64,
+            "{name}: every cut counted as malformed"
+        );
     }
 }
 
@@ -288,9 +363,20 @@ fn malformed_headers_and_non_ip_pass() {
     assert_eq!(prog.counters(UNATTRIBUTED).malformed_passed, 3);
 
     assert_eq!(prog.run(&arp()), XDP_PASS);
-    let icmp = Frame::new(ip("10.9.0.1"), ip("10.0.0.1"), L4::Raw { proto: 1, bytes: vec![8, 0, 0, 0] });
+    let icmp = Frame::new(
+        ip("10.9.0.1"),
+        ip("10.0.0.1"),
+        L4::Raw {
+            proto: 1,
+            bytes: vec![8, 0, 0, 0],
+        },
+    );
     assert_eq!(prog.run(&icmp.bytes()), XDP_PASS);
-    assert_eq!(prog.counters(UNATTRIBUTED).malformed_passed, 3, "ARP and ICMP are not malformed");
+    assert_eq!(
+        prog.counters(UNATTRIBUTED).malformed_passed,
+        3,
+        "ARP and ICMP are not malformed"
+    );
     assert_eq!(prog.counters(id), Counters::default());
 }
 
@@ -304,15 +390,36 @@ fn wildcard_and_udp_listeners() {
     prog.acl(AclList::Deny(any6), "fd09::/16");
     prog.acl(AclList::Allow(dns), "10.1.0.0/16");
 
-    assert_eq!(prog.run(&Frame::syn(ip("10.9.0.1"), ip("10.0.0.77"), 8080).bytes()), XDP_DROP);
-    assert_eq!(prog.run(&Frame::syn(ip("10.8.0.1"), ip("10.0.0.77"), 8080).bytes()), XDP_PASS);
-    assert_eq!(prog.run(&Frame::syn(ip("fd09::1"), ip("fd00::77"), 8080).bytes()), XDP_DROP);
-    assert_eq!(prog.run(&Frame::udp(ip("10.2.0.1"), ip("10.0.0.1"), 53).bytes()), XDP_DROP);
-    assert_eq!(prog.run(&Frame::udp(ip("10.1.0.1"), ip("10.0.0.1"), 53).bytes()), XDP_PASS);
+    assert_eq!(
+        prog.run(&Frame::syn(ip("10.9.0.1"), ip("10.0.0.77"), 8080).bytes()),
+        XDP_DROP
+    );
+    assert_eq!(
+        prog.run(&Frame::syn(ip("10.8.0.1"), ip("10.0.0.77"), 8080).bytes()),
+        XDP_PASS
+    );
+    assert_eq!(
+        prog.run(&Frame::syn(ip("fd09::1"), ip("fd00::77"), 8080).bytes()),
+        XDP_DROP
+    );
+    assert_eq!(
+        prog.run(&Frame::udp(ip("10.2.0.1"), ip("10.0.0.1"), 53).bytes()),
+        XDP_DROP
+    );
+    assert_eq!(
+        prog.run(&Frame::udp(ip("10.1.0.1"), ip("10.0.0.1"), 53).bytes()),
+        XDP_PASS
+    );
     // TCP to the UDP listener's port is another listener (none).
-    assert_eq!(prog.run(&Frame::syn(ip("10.2.0.1"), ip("10.0.0.1"), 53).bytes()), XDP_PASS);
+    assert_eq!(
+        prog.run(&Frame::syn(ip("10.2.0.1"), ip("10.0.0.1"), 53).bytes()),
+        XDP_PASS
+    );
 
-    assert_eq!((prog.counters(id4).drop_listener_deny, prog.counters(id4).passed), (1, 1));
+    assert_eq!(
+        (prog.counters(id4).drop_listener_deny, prog.counters(id4).passed),
+        (1, 1)
+    );
     assert_eq!(prog.counters(id6).drop_listener_deny, 1);
     let c = prog.counters(id_dns);
     assert_eq!((c.drop_not_allowed, c.passed), (1, 1));
@@ -323,17 +430,28 @@ fn whole_list_replace_is_atomic_and_cleans_up() {
     let mut prog = Prog::new();
     let (listener, _) = prog.listener("10.0.0.1:80");
     let list = AclList::Allow(listener);
-    let nets = |v: &[&str]| v.iter().map(|s| s.parse::<IpNet>().expect("cidr")).collect::<Vec<_>>();
+    let nets = |v: &[&str]| {
+        v.iter()
+            .map(|s| s.parse::<IpNet>().expect("cidr"))
+            .collect::<Vec<_>>()
+    };
     let syn = |src: &str| Frame::syn(ip(src), ip("10.0.0.1"), 80).bytes();
 
-    prog.maps.acl_replace(&list, &nets(&["10.1.0.0/16", "10.2.0.0/16"])).expect("replace");
+    prog.maps
+        .acl_replace(&list, &nets(&["10.1.0.0/16", "10.2.0.0/16"]))
+        .expect("replace");
     assert_eq!(prog.run(&syn("10.1.0.1")), XDP_PASS);
     assert_eq!(prog.run(&syn("10.3.0.1")), XDP_DROP);
 
-    prog.maps.acl_replace(&list, &nets(&["10.3.0.0/16", "10.3.0.0/16", "10.3.7.7/16"])).expect("replace");
+    prog.maps
+        .acl_replace(&list, &nets(&["10.3.0.0/16", "10.3.0.0/16", "10.3.7.7/16"]))
+        .expect("replace");
     assert_eq!(prog.run(&syn("10.1.0.1")), XDP_DROP);
     assert_eq!(prog.run(&syn("10.3.0.1")), XDP_PASS);
-    assert_eq!(prog.maps.acl_entries(&list).expect("entries"), nets(&["10.3.0.0/16"]));
+    assert_eq!(
+        prog.maps.acl_entries(&list).expect("entries"),
+        nets(&["10.3.0.0/16"])
+    );
     // The old generation is gone from the trie: only one entry remains in all.
     let listed = prog.maps.listeners().expect("listeners");
     assert_eq!(listed[0].allow_len, 1);
@@ -343,7 +461,11 @@ fn whole_list_replace_is_atomic_and_cleans_up() {
     assert_eq!(prog.run(&syn("10.1.0.1")), XDP_PASS);
 
     // A family mismatch is refused before anything changes.
-    assert!(prog.maps.acl_replace(&list, &nets(&["10.5.0.0/16", "fd00::/8"])).is_err());
+    assert!(
+        prog.maps
+            .acl_replace(&list, &nets(&["10.5.0.0/16", "fd00::/8"]))
+            .is_err()
+    );
     assert_eq!(prog.run(&syn("10.1.0.1")), XDP_PASS);
 }
 
@@ -356,14 +478,28 @@ fn single_entries_in_place_and_listener_lifecycle() {
     let net = |s: &str| s.parse::<IpNet>().expect("cidr");
 
     assert!(prog.maps.acl_add(&allow, net("10.1.0.0/16")).expect("add"));
-    assert!(!prog.maps.acl_add(&allow, net("10.1.0.0/16")).expect("add twice"), "idempotent");
+    assert!(
+        !prog.maps.acl_add(&allow, net("10.1.0.0/16")).expect("add twice"),
+        "idempotent"
+    );
     assert!(prog.maps.acl_add(&allow, net("10.2.0.0/16")).expect("add"));
     assert_eq!(prog.run(&syn("10.9.0.1")), XDP_DROP);
     prog.maps.acl_remove(&allow, net("10.1.0.0/16")).expect("remove");
-    assert_eq!(prog.run(&syn("10.1.0.1")), XDP_DROP, "removed entry no longer allows");
-    assert!(prog.maps.acl_remove(&allow, net("10.1.0.0/16")).is_err(), "missing entry is an error");
+    assert_eq!(
+        prog.run(&syn("10.1.0.1")),
+        XDP_DROP,
+        "removed entry no longer allows"
+    );
+    assert!(
+        prog.maps.acl_remove(&allow, net("10.1.0.0/16")).is_err(),
+        "missing entry is an error"
+    );
     prog.maps.acl_remove(&allow, net("10.2.0.0/16")).expect("remove");
-    assert_eq!(prog.run(&syn("10.9.0.1")), XDP_PASS, "empty allow list means open");
+    assert_eq!(
+        prog.run(&syn("10.9.0.1")),
+        XDP_PASS,
+        "empty allow list means open"
+    );
 
     prog.acl(AclList::Deny(listener), "10.9.0.0/16");
     assert_eq!(prog.run(&syn("10.9.0.1")), XDP_DROP);
@@ -371,6 +507,14 @@ fn single_entries_in_place_and_listener_lifecycle() {
     assert_eq!(prog.run(&syn("10.9.0.1")), XDP_PASS, "no longer a listener");
     let (_, again) = prog.listener("10.0.0.1:80");
     assert_eq!(again, id, "id reused");
-    assert_eq!(prog.counters(again), Counters::default(), "counters start at zero");
-    assert_eq!(prog.run(&syn("10.9.0.1")), XDP_PASS, "old ACL entries did not survive");
+    assert_eq!(
+        prog.counters(again),
+        Counters::default(),
+        "counters start at zero"
+    );
+    assert_eq!(
+        prog.run(&syn("10.9.0.1")),
+        XDP_PASS,
+        "old ACL entries did not survive"
+    );
 }

@@ -122,7 +122,9 @@ fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
     let env = [("PORTCULLIS_XDP_OBJ", object.as_os_str())];
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
-        run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).envs(env))?;
+        run(cargo()
+            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            .envs(env))?;
     }
     run(cargo().args(["build", "--workspace", "--bins"]).envs(env))?;
     let mut cmd = cargo();

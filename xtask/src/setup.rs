@@ -71,7 +71,10 @@ fn ebpf_channel() -> anyhow::Result<String> {
 
 fn cargo_bin() -> PathBuf {
     env::var_os("CARGO_HOME")
-        .map_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"), PathBuf::from)
+        .map_or_else(
+            || PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"),
+            PathBuf::from,
+        )
         .join("bin")
 }
 

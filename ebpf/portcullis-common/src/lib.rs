@@ -96,7 +96,7 @@ pub struct ListenerKey {
     /// [`family::V4`] or [`family::V6`].
     pub family: u8,
     /// Always zero.
-    pub _pad: u32,
+    pub pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 24);
 
@@ -139,7 +139,7 @@ impl AclScope {
     pub const BITS: u32 = 32;
 
     /// Builds the scope of one list in one generation.
-    #[inline(always)]
+    #[inline]
     pub const fn new(kind: AclKind, generation: u32, listener: u32) -> Self {
         let raw = ((kind as u32) << 30) | ((generation & 1) << 29) | (listener & 0x1fff_ffff);
         Self(raw.to_be_bytes())
@@ -187,7 +187,7 @@ pub struct Counters {
     /// Non-first IP fragments, passed untouched (slot 0): they carry no ports.
     pub fragment_passed: u64,
     /// Reserved for the gate verdicts; zero until the gate exists.
-    pub _reserved: [u64; 2],
+    pub reserved: [u64; 2],
 }
 const _: () = assert!(core::mem::size_of::<Counters>() == 64);
 

@@ -140,7 +140,7 @@ fn find_listener(flow: &Flow) -> Option<ListenerValue> {
         port_be: flow.dport_be,
         proto: flow.proto,
         family: flow.addrs.family,
-        _pad: 0,
+        pad: 0,
     };
     if let Some(value) = PC_LISTENERS.get_ptr(&key) {
         // SAFETY: the pointer is into a live map element; the value is Copy
@@ -172,7 +172,13 @@ fn acl_match(addrs: &Addrs, scope: AclScope) -> bool {
         let key = Key::new(AclScope::BITS + 32, AclV4 { scope, addr });
         PC_ACL_V4.get(&key).is_some()
     } else {
-        let key = Key::new(AclScope::BITS + 128, AclV6 { scope, addr: addrs.src });
+        let key = Key::new(
+            AclScope::BITS + 128,
+            AclV6 {
+                scope,
+                addr: addrs.src,
+            },
+        );
         PC_ACL_V6.get(&key).is_some()
     }
 }

@@ -11,9 +11,7 @@ use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use aya::maps::{MapError, lpm_trie::Key};
 use ipnet::IpNet;
-use portcullis_common::{
-    AclKind, AclScope, AclV4, AclV6, ListenerValue, acl_flags, config_slot, map_names,
-};
+use portcullis_common::{AclKind, AclScope, AclV4, AclV6, ListenerValue, acl_flags, config_slot, map_names};
 
 use super::{ListenerAddr, Maps, XdpError, maps::map_err};
 
@@ -110,29 +108,34 @@ impl Maps {
     ) -> Result<(), XdpError> {
         let (active_bit, gen_bit) = list.bits();
         let apply = |flags: u32| {
-            let flags = if state.active { flags | active_bit } else { flags & !active_bit };
-            if state.generation == 1 { flags | gen_bit } else { flags & !gen_bit }
+            let flags = if state.active {
+                flags | active_bit
+            } else {
+                flags & !active_bit
+            };
+            if state.generation == 1 {
+                flags | gen_bit
+            } else {
+                flags & !gen_bit
+            }
         };
-        match (list.listener(), value) {
-            (Some(listener), Some(mut value)) => {
-                value.acl = apply(value.acl);
-                match list {
-                    AclList::Allow(_) => value.allow_len = state.len,
-                    _ => value.deny_len = state.len,
-                }
-                self.listeners
-                    .insert(listener.key(), value, 0)
-                    .map_err(map_err(map_names::LISTENERS, "update"))
+        if let (Some(listener), Some(mut value)) = (list.listener(), value) {
+            value.acl = apply(value.acl);
+            match list {
+                AclList::Allow(_) => value.allow_len = state.len,
+                _ => value.deny_len = state.len,
             }
-            _ => {
-                let flags = apply(self.config_get(config_slot::GLOBAL_ACL)?);
-                self.config
-                    .set(config_slot::GLOBAL_ACL, flags, 0)
-                    .map_err(map_err(map_names::CONFIG, "update"))?;
-                self.config
-                    .set(config_slot::GLOBAL_DENY_LEN, state.len, 0)
-                    .map_err(map_err(map_names::CONFIG, "update"))
-            }
+            self.listeners
+                .insert(listener.key(), value, 0)
+                .map_err(map_err(map_names::LISTENERS, "update"))
+        } else {
+            let flags = apply(self.config_get(config_slot::GLOBAL_ACL)?);
+            self.config
+                .set(config_slot::GLOBAL_ACL, flags, 0)
+                .map_err(map_err(map_names::CONFIG, "update"))?;
+            self.config
+                .set(config_slot::GLOBAL_DENY_LEN, state.len, 0)
+                .map_err(map_err(map_names::CONFIG, "update"))
         }
     }
 
@@ -164,19 +167,29 @@ impl Maps {
             IpNet::V4(net) => {
                 let key = Key::new(
                     AclScope::BITS + u32::from(net.prefix_len()),
-                    AclV4 { scope, addr: net.network().octets() },
+                    AclV4 {
+                        scope,
+                        addr: net.network().octets(),
+                    },
                 );
                 self.acl_v4.insert(&key, 1, BPF_NOEXIST)
             }
             IpNet::V6(net) => {
                 let key = Key::new(
                     AclScope::BITS + u32::from(net.prefix_len()),
-                    AclV6 { scope, addr: net.network().octets() },
+                    AclV6 {
+                        scope,
+                        addr: net.network().octets(),
+                    },
                 );
                 self.acl_v6.insert(&key, 1, BPF_NOEXIST)
             }
         };
-        let map = if net.addr().is_ipv4() { map_names::ACL_V4 } else { map_names::ACL_V6 };
+        let map = if net.addr().is_ipv4() {
+            map_names::ACL_V4
+        } else {
+            map_names::ACL_V6
+        };
         match result {
             Ok(()) => Ok(true),
             Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
@@ -191,14 +204,24 @@ impl Maps {
         let result = match net {
             IpNet::V4(net) => self.acl_v4.remove(&Key::new(
                 AclScope::BITS + u32::from(net.prefix_len()),
-                AclV4 { scope, addr: net.network().octets() },
+                AclV4 {
+                    scope,
+                    addr: net.network().octets(),
+                },
             )),
             IpNet::V6(net) => self.acl_v6.remove(&Key::new(
                 AclScope::BITS + u32::from(net.prefix_len()),
-                AclV6 { scope, addr: net.network().octets() },
+                AclV6 {
+                    scope,
+                    addr: net.network().octets(),
+                },
             )),
         };
-        let map = if net.addr().is_ipv4() { map_names::ACL_V4 } else { map_names::ACL_V6 };
+        let map = if net.addr().is_ipv4() {
+            map_names::ACL_V4
+        } else {
+            map_names::ACL_V6
+        };
         match result {
             Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),

@@ -107,15 +107,13 @@ pub struct Attached {
 
 /// Mounts bpffs at [`BPFFS`] if it is not mounted yet.
 pub fn ensure_bpffs() -> Result<(), XdpError> {
-    let mounted = statfs(BPFFS).is_ok_and(|fs| i64::from(fs.filesystem_type().0) == BPF_FS_MAGIC);
+    let mounted = statfs(BPFFS).is_ok_and(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC);
     if mounted {
         return Ok(());
     }
-    mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>).map_err(|source| {
-        XdpError::Bpffs {
-            path: BPFFS.into(),
-            source,
-        }
+    mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>).map_err(|source| XdpError::Bpffs {
+        path: BPFFS.into(),
+        source,
     })
 }
 
@@ -196,12 +194,10 @@ impl Instance {
                 }
             },
         };
-        let link = program
-            .take_link(link_id)
-            .map_err(|source| XdpError::Attach {
-                iface: iface.to_owned(),
-                source,
-            })?;
+        let link = program.take_link(link_id).map_err(|source| XdpError::Attach {
+            iface: iface.to_owned(),
+            source,
+        })?;
         let link_err = |source| XdpError::Link {
             path: link_pin.clone(),
             source,
@@ -235,7 +231,11 @@ impl Instance {
     }
 }
 
-fn attach_as(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<aya::programs::xdp::XdpLinkId, XdpError> {
+fn attach_as(
+    program: &mut Xdp,
+    iface: &str,
+    mode: XdpMode,
+) -> Result<aya::programs::xdp::XdpLinkId, XdpError> {
     program.attach(iface, mode).map_err(|source| match source {
         ProgramError::UnknownInterface { .. } => XdpError::UnknownInterface {
             iface: iface.to_owned(),

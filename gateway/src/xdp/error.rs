@@ -189,9 +189,9 @@ impl XdpError {
                     Some(libc::EPERM | libc::EACCES) => Some(
                         "BPF needs privileges: run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON",
                     ),
-                    Some(libc::ENOMEM | libc::E2BIG) => {
-                        Some("the map is full or memory is short: raise --acl-capacity at attach, or remove entries")
-                    }
+                    Some(libc::ENOMEM | libc::E2BIG) => Some(
+                        "the map is full or memory is short: raise --acl-capacity at attach, or remove entries",
+                    ),
                     Some(libc::EOPNOTSUPP) => {
                         Some("this interface or kernel does not support XDP in that mode: try --mode generic")
                     }

@@ -8,8 +8,8 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use nix::fcntl::{Flock, FlockArg};
 use portcullis_common::{
-    ABI_VERSION, AclV4, AclV6, Counters, ListenerKey, ListenerValue, MAX_LISTENERS, config_slot,
-    family, map_names, proto,
+    ABI_VERSION, AclV4, AclV6, Counters, ListenerKey, ListenerValue, MAX_LISTENERS, config_slot, family,
+    map_names, proto,
 };
 
 use super::{Instance, LOCK_DIR, XdpError};
@@ -68,7 +68,7 @@ impl ListenerAddr {
             port_be: self.addr.port().to_be(),
             proto: self.protocol.number(),
             family: fam,
-            _pad: 0,
+            pad: 0,
         }
     }
 
@@ -147,7 +147,9 @@ pub struct Maps {
 
 impl fmt::Debug for Maps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Maps").field("instance", &self.instance).finish_non_exhaustive()
+        f.debug_struct("Maps")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
     }
 }
 
@@ -270,7 +272,7 @@ impl Maps {
     /// Every listener, sorted by address.
     pub fn listeners(&self) -> Result<Vec<Listener>, XdpError> {
         let mut out = Vec::new();
-        for entry in self.listeners.iter() {
+        for entry in &self.listeners {
             let (key, value) = entry.map_err(map_err(map_names::LISTENERS, "iterate"))?;
             out.push(Listener {
                 addr: ListenerAddr::from_key(&key),
@@ -302,8 +304,7 @@ impl Maps {
                 listener: listener.to_string(),
             });
         }
-        let taken: std::collections::HashSet<u32> =
-            self.listeners()?.into_iter().map(|l| l.id).collect();
+        let taken: std::collections::HashSet<u32> = self.listeners()?.into_iter().map(|l| l.id).collect();
         let id = (1..=MAX_LISTENERS)
             .find(|id| !taken.contains(id))
             .ok_or(XdpError::TooManyListeners { max: MAX_LISTENERS })?;

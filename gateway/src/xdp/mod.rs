@@ -34,8 +34,7 @@ pub const DEFAULT_INSTANCE: &str = "default";
 pub const LOCK_DIR: &str = "/run/portcullis";
 
 /// The embedded XDP object, built by `cargo xtask build-ebpf`.
-pub(crate) static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis-xdp.o"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis-xdp.o"));
 
 /// One named set of pins: the maps and links of one gateway instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +59,9 @@ impl Instance {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
         if !valid {
-            return Err(XdpError::InvalidInstance { name: name.to_owned() });
+            return Err(XdpError::InvalidInstance {
+                name: name.to_owned(),
+            });
         }
         Ok(Self {
             name: name.to_owned(),

@@ -20,9 +20,18 @@ pub mod tcp_flags {
 #[derive(Debug, Clone)]
 pub enum L4 {
     /// TCP with flags and a payload.
-    Tcp { sport: u16, dport: u16, flags: u8, payload: Vec<u8> },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        payload: Vec<u8>,
+    },
     /// UDP with a payload.
-    Udp { sport: u16, dport: u16, payload: Vec<u8> },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: Vec<u8>,
+    },
     /// Any other IP protocol number, with raw bytes after the IP header(s).
     Raw { proto: u8, bytes: Vec<u8> },
 }
@@ -73,12 +82,29 @@ impl Frame {
 
     /// A TCP segment.
     pub fn tcp(src: IpAddr, dst: IpAddr, dport: u16, flags: u8, payload: Vec<u8>) -> Self {
-        Self::new(src, dst, L4::Tcp { sport: 40000, dport, flags, payload })
+        Self::new(
+            src,
+            dst,
+            L4::Tcp {
+                sport: 40000,
+                dport,
+                flags,
+                payload,
+            },
+        )
     }
 
     /// A UDP datagram.
     pub fn udp(src: IpAddr, dst: IpAddr, dport: u16) -> Self {
-        Self::new(src, dst, L4::Udp { sport: 40000, dport, payload: b"hello".to_vec() })
+        Self::new(
+            src,
+            dst,
+            L4::Udp {
+                sport: 40000,
+                dport,
+                payload: b"hello".to_vec(),
+            },
+        )
     }
 
     /// A frame with the given transport.
@@ -117,7 +143,12 @@ impl Frame {
 
     fn l4_bytes(&self) -> (u8, Vec<u8>) {
         match &self.l4 {
-            L4::Tcp { sport, dport, flags, payload } => {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                payload,
+            } => {
                 let mut b = Vec::with_capacity(20 + payload.len());
                 b.extend_from_slice(&sport.to_be_bytes());
                 b.extend_from_slice(&dport.to_be_bytes());
@@ -130,7 +161,11 @@ impl Frame {
                 b.extend_from_slice(payload);
                 (6, b)
             }
-            L4::Udp { sport, dport, payload } => {
+            L4::Udp {
+                sport,
+                dport,
+                payload,
+            } => {
                 let mut b = Vec::with_capacity(8 + payload.len());
                 b.extend_from_slice(&sport.to_be_bytes());
                 b.extend_from_slice(&dport.to_be_bytes());
@@ -157,10 +192,12 @@ impl Frame {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 f.extend_from_slice(&0x0800u16.to_be_bytes());
                 let mut options = self.ipv4_options.clone();
-                while options.len() % 4 != 0 {
+                while !options.len().is_multiple_of(4) {
                     options.push(0);
                 }
-                let ihl = self.ipv4_ihl.unwrap_or(u8::try_from(5 + options.len() / 4).expect("small"));
+                let ihl = self
+                    .ipv4_ihl
+                    .unwrap_or(u8::try_from(5 + options.len() / 4).expect("small"));
                 let total = u16::try_from(20 + options.len() + l4.len()).expect("small");
                 let (offset, more) = self.ipv4_fragment;
                 let frag = (offset & 0x1fff) | if more { 0x2000 } else { 0 };
