@@ -133,7 +133,47 @@ fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
     if let Some(filter) = filter {
         cmd.args(["--", filter]);
     }
-    run(&mut cmd)
+    run_counting(&mut cmd)
+}
+
+/// Runs `cargo test`, streaming its output, and closes with one summary line
+/// of every test binary's counts added up.
+fn run_counting(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    println!("xtask: $ {}", show(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", show(cmd)))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().context("piped stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(|c| c == ';' || c == '.') {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let Ok(n) = n.parse::<u64>() else { continue };
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() || failed > 0 {
+        bail!("`{}` failed with {status}", show(cmd));
+    }
+    if ignored > 0 {
+        bail!("{ignored} tests were skipped: a skipped test is a failing test here");
+    }
+    Ok(())
 }
 
 fn bench_xdp() -> anyhow::Result<()> {

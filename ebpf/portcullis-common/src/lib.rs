@@ -222,3 +222,34 @@ mod user {
         unsafe impl aya::Pod for Counters {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_packs_kind_generation_and_listener_big_endian() {
+        assert_eq!(AclScope::new(AclKind::GlobalDeny, 0, 0).0, [0, 0, 0, 0]);
+        assert_eq!(AclScope::new(AclKind::Deny, 1, 7).0, [0x60, 0, 0, 7]);
+        assert_eq!(AclScope::new(AclKind::Allow, 0, 0x1234).0, [0x80, 0, 0x12, 0x34]);
+        // Listener ids beyond 29 bits cannot bleed into kind or generation.
+        assert_eq!(AclScope::new(AclKind::Deny, 0, u32::MAX).0, [0x5f, 0xff, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn counters_add_up() {
+        let mut total = Counters::default();
+        let one = Counters {
+            passed: 1,
+            drop_global_deny: 2,
+            drop_listener_deny: 3,
+            drop_not_allowed: 4,
+            malformed_passed: 5,
+            fragment_passed: 6,
+            reserved: [0; 2],
+        };
+        total.accumulate(&one);
+        total.accumulate(&one);
+        assert_eq!((total.passed, total.fragment_passed, total.dropped()), (2, 12, 18));
+    }
+}

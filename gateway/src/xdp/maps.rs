@@ -359,3 +359,42 @@ impl Maps {
         Ok(total)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_addresses_parse_and_key_in_network_order() {
+        let l: ListenerAddr = "10.0.0.1:8080".parse().expect("valid");
+        assert_eq!(l.protocol, Protocol::Tcp);
+        let key = l.key();
+        assert_eq!(&key.addr[..4], &[10, 0, 0, 1]);
+        assert_eq!(key.addr[4..], [0; 12]);
+        assert_eq!(key.port_be.to_ne_bytes(), [0x1f, 0x90], "port bytes as on the wire");
+        assert_eq!((key.proto, key.family), (proto::TCP, family::V4));
+        assert_eq!(ListenerAddr::from_key(&key), l);
+
+        let u: ListenerAddr = "udp:[2001:db8::1]:53".parse().expect("valid");
+        assert_eq!(u.protocol, Protocol::Udp);
+        assert_eq!(u.to_string(), "udp:[2001:db8::1]:53");
+        assert_eq!(ListenerAddr::from_key(&u.key()), u);
+        assert_eq!("tcp:0.0.0.0:80".parse::<ListenerAddr>().expect("valid").key().addr, [0; 16]);
+    }
+
+    #[test]
+    fn bad_listener_addresses_say_what_is_expected() {
+        for bad in ["10.0.0.1", "10.0.0.1:0", "host:80", "udp:", "[::1]"] {
+            let err = bad.parse::<ListenerAddr>().expect_err(bad);
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn map_layouts_match_the_shared_types() {
+        assert_eq!(expected_layout(map_names::LISTENERS), (24, 16));
+        assert_eq!(expected_layout(map_names::ACL_V4), (12, 4));
+        assert_eq!(expected_layout(map_names::ACL_V6), (24, 4));
+        assert_eq!(expected_layout(map_names::COUNTERS), (4, 64));
+    }
+}

@@ -131,3 +131,24 @@ impl Instance {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_names_are_safe_directory_names() {
+        for good in ["default", "gw-1", "edge_eu.2"] {
+            let i = Instance::new(good).expect(good);
+            assert_eq!(i.pin_dir(), Path::new(PIN_ROOT).join(good));
+        }
+        for bad in ["", ".", "..", "../etc", "a/b", "name with space", &"x".repeat(65)] {
+            assert!(
+                matches!(Instance::new(bad), Err(XdpError::InvalidInstance { .. })),
+                "{bad:?}"
+            );
+        }
+        let i = Instance::new("gw").expect("valid");
+        assert_eq!(i.link_pin("eth0"), Path::new(PIN_ROOT).join("gw/link-eth0"));
+    }
+}

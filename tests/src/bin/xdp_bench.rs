@@ -8,7 +8,10 @@ use std::{net::IpAddr, time::Duration};
 use anyhow::{Context as _, ensure};
 use ipnet::{IpNet, Ipv4Net};
 use portcullis::xdp::{AclList, Instance, ListenerAddr, Loaded};
-use portcullis_tests::{frames::Frame, remove_pins, unique_name};
+use portcullis_tests::{
+    frames::{Frame, arp},
+    remove_pins, unique_name,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -83,6 +86,8 @@ fn bench_in(name: &str, n: usize, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let syn = |src: IpAddr| Frame::syn(src, dst, 80).bytes();
 
     if n == 0 {
+        let ns = median_ns(&mut loaded, &arp(), XDP_PASS)?;
+        rows.push(Row { prefixes: 0, path: "non-IP frame (test-run floor + Ethernet parse)", ns });
         let ns = median_ns(&mut loaded, &syn("192.0.2.1".parse()?), XDP_PASS)?;
         rows.push(Row {
             prefixes: 0,
@@ -149,7 +154,7 @@ fn main() -> anyhow::Result<()> {
     for n in [0, 1_000, 100_000, 1_000_000] {
         bench(n, &mut rows)?;
     }
-    let baseline = rows[0].ns;
+    let baseline = rows[1].ns;
     println!();
     println!(
         "XDP ACL program, BPF_PROG_TEST_RUN, repeat {REPEAT}, median of {SAMPLES}; each list holds N prefixes"
