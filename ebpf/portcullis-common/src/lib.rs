@@ -233,7 +233,10 @@ mod tests {
         assert_eq!(AclScope::new(AclKind::Deny, 1, 7).0, [0x60, 0, 0, 7]);
         assert_eq!(AclScope::new(AclKind::Allow, 0, 0x1234).0, [0x80, 0, 0x12, 0x34]);
         // Listener ids beyond 29 bits cannot bleed into kind or generation.
-        assert_eq!(AclScope::new(AclKind::Deny, 0, u32::MAX).0, [0x5f, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            AclScope::new(AclKind::Deny, 0, u32::MAX).0,
+            [0x5f, 0xff, 0xff, 0xff]
+        );
     }
 
     #[test]
@@ -250,6 +253,9 @@ mod tests {
         };
         total.accumulate(&one);
         total.accumulate(&one);
-        assert_eq!((total.passed, total.fragment_passed, total.dropped()), (2, 12, 18));
+        assert_eq!(
+            (total.passed, total.fragment_passed, total.dropped()),
+            (2, 12, 18)
+        );
     }
 }

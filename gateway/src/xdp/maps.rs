@@ -371,7 +371,11 @@ mod tests {
         let key = l.key();
         assert_eq!(&key.addr[..4], &[10, 0, 0, 1]);
         assert_eq!(key.addr[4..], [0; 12]);
-        assert_eq!(key.port_be.to_ne_bytes(), [0x1f, 0x90], "port bytes as on the wire");
+        assert_eq!(
+            key.port_be.to_ne_bytes(),
+            [0x1f, 0x90],
+            "port bytes as on the wire"
+        );
         assert_eq!((key.proto, key.family), (proto::TCP, family::V4));
         assert_eq!(ListenerAddr::from_key(&key), l);
 
@@ -379,7 +383,14 @@ mod tests {
         assert_eq!(u.protocol, Protocol::Udp);
         assert_eq!(u.to_string(), "udp:[2001:db8::1]:53");
         assert_eq!(ListenerAddr::from_key(&u.key()), u);
-        assert_eq!("tcp:0.0.0.0:80".parse::<ListenerAddr>().expect("valid").key().addr, [0; 16]);
+        assert_eq!(
+            "tcp:0.0.0.0:80"
+                .parse::<ListenerAddr>()
+                .expect("valid")
+                .key()
+                .addr,
+            [0; 16]
+        );
     }
 
     #[test]

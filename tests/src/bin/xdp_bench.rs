@@ -87,7 +87,11 @@ fn bench_in(name: &str, n: usize, rows: &mut Vec<Row>) -> anyhow::Result<()> {
 
     if n == 0 {
         let ns = median_ns(&mut loaded, &arp(), XDP_PASS)?;
-        rows.push(Row { prefixes: 0, path: "non-IP frame (test-run floor + Ethernet parse)", ns });
+        rows.push(Row {
+            prefixes: 0,
+            path: "non-IP frame (test-run floor + Ethernet parse)",
+            ns,
+        });
         let ns = median_ns(&mut loaded, &syn("192.0.2.1".parse()?), XDP_PASS)?;
         rows.push(Row {
             prefixes: 0,
