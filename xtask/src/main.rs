@@ -122,6 +122,13 @@ fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
     let env = [("PORTCULLIS_XDP_OBJ", object.as_os_str())];
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
+        // The eBPF crate is its own workspace; stable rustfmt checks it.
+        run(Command::new("rustfmt").current_dir(root()).args([
+            "--edition",
+            "2024",
+            "--check",
+            "ebpf/portcullis-xdp/src/main.rs",
+        ]))?;
         run(cargo()
             .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
             .envs(env))?;
@@ -151,7 +158,7 @@ fn run_counting(cmd: &mut Command) -> anyhow::Result<()> {
         let line = line?;
         println!("{line}");
         if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(|c| c == ';' || c == '.') {
+            for part in rest.split([';', '.']) {
                 let mut words = part.split_whitespace();
                 if let (Some(n), Some(what)) = (words.next(), words.next()) {
                     let Ok(n) = n.parse::<u64>() else { continue };
