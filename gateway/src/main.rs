@@ -51,7 +51,7 @@ enum XdpCommand {
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
         /// Capacity of each ACL trie (IPv4, IPv6) when the maps are created.
-        #[arg(long, default_value_t = portcullis_common::DEFAULT_ACL_CAPACITY)]
+        #[arg(long, default_value_t = portcullis::xdp::DEFAULT_ACL_CAPACITY)]
         acl_capacity: u32,
     },
     /// Detach the program from an interface (or from all of them).
@@ -370,7 +370,7 @@ fn status(instance: &Instance) -> anyhow::Result<Value> {
         "pin_dir": instance.pin_dir().display().to_string(),
         "attached": instance.attached_interfaces(),
         "global_deny": maps.global_deny_len()?,
-        "unattributed": counters_json(&maps.counters(portcullis_common::UNATTRIBUTED)?),
+        "unattributed": counters_json(&maps.counters(portcullis::xdp::UNATTRIBUTED)?),
         "listeners": listeners,
     }))
 }
