@@ -164,63 +164,23 @@ impl Maps {
     /// Inserts one prefix under a scope; `Ok(false)` if it was already there.
     fn insert_entry(&mut self, scope: AclScope, net: &IpNet) -> Result<bool, XdpError> {
         let result = match net {
-            IpNet::V4(net) => {
-                let key = Key::new(
-                    AclScope::BITS + u32::from(net.prefix_len()),
-                    AclV4 {
-                        scope,
-                        addr: net.network().octets(),
-                    },
-                );
-                self.acl_v4.insert(&key, 1, BPF_NOEXIST)
-            }
-            IpNet::V6(net) => {
-                let key = Key::new(
-                    AclScope::BITS + u32::from(net.prefix_len()),
-                    AclV6 {
-                        scope,
-                        addr: net.network().octets(),
-                    },
-                );
-                self.acl_v6.insert(&key, 1, BPF_NOEXIST)
-            }
-        };
-        let map = if net.addr().is_ipv4() {
-            map_names::ACL_V4
-        } else {
-            map_names::ACL_V6
+            IpNet::V4(v4) => self.acl_v4.insert(&key_v4(scope, *v4), 1, BPF_NOEXIST),
+            IpNet::V6(v6) => self.acl_v6.insert(&key_v6(scope, v6), 1, BPF_NOEXIST),
         };
         match result {
             Ok(()) => Ok(true),
             Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(false)
             }
-            Err(source) => Err(map_err(map, "insert")(source)),
+            Err(source) => Err(map_err(acl_map(net), "insert")(source)),
         }
     }
 
     /// Removes one prefix under a scope; `Ok(false)` if it was not there.
     fn remove_entry(&mut self, scope: AclScope, net: &IpNet) -> Result<bool, XdpError> {
         let result = match net {
-            IpNet::V4(net) => self.acl_v4.remove(&Key::new(
-                AclScope::BITS + u32::from(net.prefix_len()),
-                AclV4 {
-                    scope,
-                    addr: net.network().octets(),
-                },
-            )),
-            IpNet::V6(net) => self.acl_v6.remove(&Key::new(
-                AclScope::BITS + u32::from(net.prefix_len()),
-                AclV6 {
-                    scope,
-                    addr: net.network().octets(),
-                },
-            )),
-        };
-        let map = if net.addr().is_ipv4() {
-            map_names::ACL_V4
-        } else {
-            map_names::ACL_V6
+            IpNet::V4(v4) => self.acl_v4.remove(&key_v4(scope, *v4)),
+            IpNet::V6(v6) => self.acl_v6.remove(&key_v6(scope, v6)),
         };
         match result {
             Ok(()) => Ok(true),
@@ -228,7 +188,7 @@ impl Maps {
             Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(false)
             }
-            Err(source) => Err(map_err(map, "remove")(source)),
+            Err(source) => Err(map_err(acl_map(net), "remove")(source)),
         }
     }
 
@@ -354,4 +314,32 @@ impl Maps {
     pub fn global_deny_len(&self) -> Result<u32, XdpError> {
         self.config_get(config_slot::GLOBAL_DENY_LEN)
     }
+}
+
+/// The trie holding entries of `net`'s family.
+fn acl_map(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => map_names::ACL_V4,
+        IpNet::V6(_) => map_names::ACL_V6,
+    }
+}
+
+fn key_v4(scope: AclScope, net: ipnet::Ipv4Net) -> Key<AclV4> {
+    Key::new(
+        AclScope::BITS + u32::from(net.prefix_len()),
+        AclV4 {
+            scope,
+            addr: net.network().octets(),
+        },
+    )
+}
+
+fn key_v6(scope: AclScope, net: &ipnet::Ipv6Net) -> Key<AclV6> {
+    Key::new(
+        AclScope::BITS + u32::from(net.prefix_len()),
+        AclV6 {
+            scope,
+            addr: net.network().octets(),
+        },
+    )
 }

@@ -127,7 +127,7 @@ impl Instance {
             source,
         })?;
         super::maps::check_layout(self)?;
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .default_map_pin_directory(self.pin_dir())
             .map_max_entries(map_names::ACL_V4, acl_capacity)
             .map_max_entries(map_names::ACL_V6, acl_capacity)
@@ -137,15 +137,12 @@ impl Instance {
         maps.config
             .set(config_slot::ABI, ABI_VERSION, 0)
             .map_err(map_err(map_names::CONFIG, "write ABI version"))?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(XdpError::Program {
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
+        let mut loaded = Loaded { ebpf };
+        loaded
+            .program()?
+            .load()
             .map_err(|source| XdpError::Program { source })?;
-        program.load().map_err(|source| XdpError::Program { source })?;
-        Ok(Loaded { ebpf })
+        Ok(loaded)
     }
 
     /// Loads the program (creating or reusing the pinned maps) and attaches it
