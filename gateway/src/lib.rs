@@ -1,8 +1,14 @@
 //! Portcullis, an API gateway appliance: an XDP program enforces connection
-//! ACLs at the NIC from pinned eBPF maps, and the userspace gateway keeps those
-//! maps current.
+//! ACLs at the NIC from pinned eBPF maps, and an io_uring reverse proxy
+//! terminates HTTP/1.1 and TLS and forwards to upstream services.
 //!
-//! Modules follow the path of a packet: [`xdp`] is the only one that touches
+//! A request's path reads from the module names: [`config`] says what is
+//! served, [`tls`] holds the certificates, [`proxy`] accepts, routes and
+//! forwards, [`telemetry`] records it. [`xdp`] is the only module that touches
 //! the kernel's BPF side.
 
+pub mod config;
+pub mod proxy;
+pub mod telemetry;
+pub mod tls;
 pub mod xdp;

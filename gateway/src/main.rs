@@ -11,6 +11,8 @@ use portcullis::xdp::{
 };
 use serde_json::{Value, json};
 
+mod gateway;
+
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version, about = "Portcullis API gateway")]
 struct Cli {
@@ -23,6 +25,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway on the resources in a configuration directory.
+    Run {
+        /// Directory of YAML resources (ApiInstance, Service, PolicyBinding, Configuration).
+        #[arg(long, env = "PORTCULLIS_CONFIG", default_value = "/etc/portcullis/conf.d")]
+        config: std::path::PathBuf,
+    },
+    /// Validate a configuration directory, TLS files included, without running.
+    Check {
+        /// Directory of YAML resources.
+        dir: std::path::PathBuf,
+    },
     /// Attach or detach the XDP program.
     #[command(subcommand)]
     Xdp(XdpCommand),
@@ -162,12 +175,18 @@ fn parse_cidr_or_stdin(s: &str) -> Result<CidrArg, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_filter = if matches!(cli.command, Command::Run { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,6 +208,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let instance = Instance::new(&cli.instance)?;
     match cli.command {
+        Command::Run { config } => gateway::run(&config)?,
+        Command::Check { dir } => gateway::check(&dir)?,
         Command::Xdp(XdpCommand::Attach {
             iface,
             mode,

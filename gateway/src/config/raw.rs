@@ -1,0 +1,266 @@
+//! Resources exactly as written in YAML, before validation.
+//!
+//! The shapes follow the local-mode resources of the gateway in the source
+//! documents (`apiVersion`/`kind`/`metadata`/`spec`), with Portcullis
+//! extensions marked as such. Unknown fields are errors everywhere.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The envelope every resource shares; `spec` is read again by kind.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    #[serde(default)]
+    pub spec: serde::de::IgnoredAny,
+}
+
+/// A resource of one kind with its typed spec.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Typed<S> {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: S,
+}
+
+/// Resource identity.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `kind: ApiInstance`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiInstanceSpec {
+    /// `http(s)://host:port/base-path` the API is served on.
+    pub address: String,
+    /// Portcullis extension: host names this API answers for (exact or `*.suffix`).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Upstream services keyed by name; an entry without `address` names a `Service` resource.
+    #[serde(default)]
+    pub services: BTreeMap<String, InlineService>,
+    /// Policies, applied in order (the policy engine arrives with its own issue).
+    #[serde(default)]
+    pub policies: Vec<serde_yaml_ng::Value>,
+    /// Portcullis extension: per-API limits.
+    #[serde(default)]
+    pub limits: Option<ApiLimits>,
+}
+
+/// Per-API limits.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiLimits {
+    pub max_body_bytes: Option<u64>,
+}
+
+/// A service written inside an ApiInstance.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InlineService {
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<ServiceRoute>,
+}
+
+/// A route entry of an inline service.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRoute {
+    #[serde(default)]
+    pub config: Option<RouteConfig>,
+    #[serde(default)]
+    pub rules: Vec<serde_yaml_ng::Value>,
+}
+
+/// Route configuration of an inline service.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub destination_path: Option<String>,
+}
+
+/// `kind: Service`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// `http(s)://host:port[/path]` of a single endpoint.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Portcullis extension: several endpoints of the same service.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Portcullis extension: `roundRobin` (default) or `leastRequests`.
+    #[serde(default)]
+    pub load_balancing: Option<String>,
+    /// Portcullis extension: `preserve` (default), `upstream`, or a literal host.
+    #[serde(default)]
+    pub host_header: Option<String>,
+    /// Portcullis extension: timeouts overriding the proxy defaults.
+    #[serde(default)]
+    pub timeouts: Option<ServiceTimeouts>,
+    /// Portcullis extension: extra attempts on another endpoint when safe.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Portcullis extension: how long an endpoint that refused a connection is skipped.
+    #[serde(default)]
+    pub eject_for: Option<String>,
+}
+
+/// Service timeouts.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceTimeouts {
+    pub connect: Option<String>,
+    pub response: Option<String>,
+}
+
+/// `kind: PolicyBinding` (only the TLS policies are handled in this build).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyBindingSpec {
+    pub target_ref: TargetRef,
+    pub policy_ref: PolicyRef,
+    #[serde(default)]
+    pub config: serde_yaml_ng::Value,
+    #[serde(default)]
+    pub order: Option<u32>,
+}
+
+/// What a binding applies to.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetRef {
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// Which policy a binding applies.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyRef {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// Config of the inbound `tls` policy.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundTlsConfig {
+    #[serde(default)]
+    pub certificate: Option<CertificateRef>,
+    /// Portcullis extension: several certificates chosen by SNI.
+    #[serde(default)]
+    pub certificates: Vec<CertificateRef>,
+    #[serde(default)]
+    pub require_client_certificate: bool,
+    #[serde(default, rename = "trustedCA")]
+    pub trusted_ca: Option<String>,
+    #[serde(default)]
+    pub minversion: Option<String>,
+    #[serde(default)]
+    pub maxversion: Option<String>,
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+}
+
+/// Config of the `tls-outbound` policy.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundTlsConfig {
+    #[serde(default)]
+    pub certificate: Option<CertificateRef>,
+    #[serde(default, rename = "trustedCA")]
+    pub trusted_ca: Option<String>,
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub skip_validation: bool,
+    #[serde(default)]
+    pub minversion: Option<String>,
+    #[serde(default)]
+    pub maxversion: Option<String>,
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+}
+
+/// A certificate chain and its key.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateRef {
+    pub crt: String,
+    pub key: String,
+}
+
+/// `kind: Configuration`: gateway-wide settings.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigurationSpec {
+    #[serde(default)]
+    pub proxy: Option<ProxySpec>,
+    /// Accepted for compatibility; logging is configured by `RUST_LOG` here.
+    #[serde(default)]
+    pub logging: Option<serde_yaml_ng::Value>,
+}
+
+/// Proxy-wide settings.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxySpec {
+    pub workers: Option<usize>,
+    pub admin: Option<String>,
+    pub limits: Option<LimitsSpec>,
+    pub timeouts: Option<TimeoutsSpec>,
+    pub forwarded: Option<ForwardedSpec>,
+}
+
+/// Request limits.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsSpec {
+    pub request_line_bytes: Option<usize>,
+    pub header_bytes: Option<usize>,
+    pub headers: Option<usize>,
+    pub max_body_bytes: Option<u64>,
+    pub max_connections: Option<usize>,
+}
+
+/// Proxy-wide timeouts.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TimeoutsSpec {
+    pub request_headers: Option<String>,
+    pub idle: Option<String>,
+    pub upstream_connect: Option<String>,
+    pub upstream_response: Option<String>,
+}
+
+/// Forwarding headers.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ForwardedSpec {
+    /// `append` (default), `replace` or `off`.
+    pub x_forwarded_for: Option<String>,
+    pub x_forwarded_proto: Option<bool>,
+    pub x_forwarded_host: Option<bool>,
+    pub via: Option<bool>,
+}

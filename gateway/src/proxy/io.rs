@@ -1,0 +1,173 @@
+//! The proxy's I/O layer: the only module that names the io_uring runtime.
+//!
+//! Routing, HTTP and TLS see owned-buffer `read`/`write_all`/`connect`/`close`
+//! and `spawn`/`start`; swapping tokio-uring for another completion-based
+//! runtime (compio) means rewriting this file only.
+
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio_uring::buf::BoundedBuf;
+
+/// Checks that this host lets the process create an io_uring.
+pub fn probe() -> Result<(), String> {
+    match io_uring::IoUring::new(4) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+            let why = match sysctl.trim() {
+                "2" => "kernel.io_uring_disabled=2 disables io_uring for every process".to_string(),
+                "1" => "kernel.io_uring_disabled=1 limits io_uring to the io_uring_group".to_string(),
+                _ => format!(
+                    "io_uring_setup failed ({e}); a seccomp profile or container runtime may block it"
+                ),
+            };
+            Err(format!(
+                "io_uring is unavailable on this host: {why}; portcullis needs it for its proxy"
+            ))
+        }
+    }
+}
+
+/// Runs `fut` to completion on a new io_uring runtime on this thread.
+pub fn start<F: Future>(fut: F) -> F::Output {
+    tokio_uring::start(fut)
+}
+
+/// Spawns a task on the current thread's runtime.
+pub fn spawn<F: Future + 'static>(fut: F) {
+    drop(tokio_uring::spawn(fut));
+}
+
+/// Binds a listening socket with SO_REUSEPORT so each worker thread owns one.
+pub fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// A listening socket on the current worker's ring.
+pub struct Listener(tokio_uring::net::TcpListener);
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Listener")
+            .field(&self.0.local_addr().ok())
+            .finish()
+    }
+}
+
+impl Listener {
+    /// Adopts a bound std listener; must be called inside [`start`].
+    pub fn from_std(listener: std::net::TcpListener) -> Self {
+        Self(tokio_uring::net::TcpListener::from_std(listener))
+    }
+
+    /// Waits for the next connection.
+    pub async fn accept(&self) -> io::Result<(TcpConn, SocketAddr)> {
+        let (stream, peer) = self.0.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok((TcpConn(stream), peer))
+    }
+}
+
+/// A TCP connection on the current worker's ring.
+pub struct TcpConn(tokio_uring::net::TcpStream);
+
+impl std::fmt::Debug for TcpConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TcpConn")
+    }
+}
+
+impl TcpConn {
+    /// Connects to `addr`, giving up after `timeout`.
+    pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_tcp_nodelay(true)?;
+        socket.set_nonblocking(true)?;
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                wait_writable(&socket, timeout).await?;
+                if let Some(err) = socket.take_error()? {
+                    return Err(err);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        socket.set_nonblocking(false)?;
+        let stream: std::net::TcpStream = socket.into();
+        Ok(Self(tokio_uring::net::TcpStream::from_std(stream)))
+    }
+
+    /// Reads into the spare capacity of `buf`, appending; `Ok(0)` is end of stream.
+    pub async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        if buf.capacity() == buf.len() {
+            buf.reserve(4096);
+        }
+        let len = buf.len();
+        let (res, slice) = self.0.read(buf.slice(len..)).await;
+        (res, slice.into_inner())
+    }
+
+    /// Writes all of `buf`.
+    pub async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        if buf.is_empty() {
+            return (Ok(()), buf);
+        }
+        self.0.write_all(buf).await
+    }
+
+    /// Shuts both directions down, which also completes any read still in flight.
+    pub fn shutdown(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+
+    /// Sends FIN after what is queued, keeping the read side open.
+    pub fn shutdown_write(&self) {
+        let _ = self.0.shutdown(Shutdown::Write);
+    }
+}
+
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        // An operation still in flight holds the descriptor open until it
+        // completes; shutting down completes it, so the socket really closes.
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+/// Waits until a connecting socket is writable (connected or failed).
+async fn wait_writable(socket: &Socket, timeout: Duration) -> io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    // A nonblocking connect completes in the kernel (within microseconds on a
+    // LAN); check it between other tasks first, then back off on the timer.
+    let deadline = tokio::time::Instant::now() + timeout;
+    for round in 0u32.. {
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+        if poll(&mut fds, PollTimeout::ZERO).map_err(io::Error::from)? > 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+        }
+        if round < 64 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    unreachable!("the loop above returns")
+}

@@ -1,0 +1,167 @@
+//! Logs and metrics: the access log line, and the Prometheus registry behind `/metrics`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a finished request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// API instance, or `-` when no route matched.
+    pub api: String,
+    /// Status sent to the client.
+    pub status: u16,
+}
+
+/// Labels of a per-API histogram.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// API instance.
+    pub api: String,
+}
+
+/// Labels of an upstream failure.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// Service name.
+    pub service: String,
+    /// Failure kind (`connect`, `timeout`, ...).
+    pub kind: String,
+}
+
+/// Labels of a TLS handshake.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by API and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency by API, seconds.
+    pub latency: HistogramFamily<ApiLabels>,
+    /// Upstream failures by service and kind.
+    pub upstream_errors: Family<UpstreamLabels, Counter>,
+    /// Client connections open now.
+    pub open_connections: Gauge,
+    /// Inbound TLS handshakes by result.
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: HistogramFamily<ApiLabels> = Family::new_with_constructor(latency_histogram);
+        let upstream_errors = Family::<UpstreamLabels, Counter>::default();
+        let open_connections = Gauge::default();
+        let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by API instance and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to last response byte",
+            latency.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Failed upstream exchanges, by service and kind",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            open_connections.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Inbound TLS handshakes, by result",
+            tls_handshakes.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            upstream_errors,
+            open_connections,
+            tls_handshakes,
+        }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One finished request, as the access log records it.
+#[derive(Debug)]
+pub struct AccessRecord<'a> {
+    /// Client address.
+    pub client: SocketAddr,
+    /// Method.
+    pub method: &'a str,
+    /// Path without the query string (which may carry secrets).
+    pub path: &'a str,
+    /// API instance, or `-`.
+    pub api: &'a str,
+    /// Status sent.
+    pub status: u16,
+    /// Request body bytes received.
+    pub bytes_in: u64,
+    /// Response bytes sent (head and body).
+    pub bytes_out: u64,
+    /// Total time.
+    pub duration: Duration,
+    /// Time spent waiting for and streaming from the upstream.
+    pub upstream_time: Option<Duration>,
+    /// Upstream endpoint used.
+    pub upstream: Option<SocketAddr>,
+    /// Why the exchange failed, if it did.
+    pub error: Option<&'a str>,
+}
+
+impl AccessRecord<'_> {
+    /// Emits the record on the `access` tracing target.
+    pub fn log(&self) {
+        let upstream = self.upstream.map(|a| a.to_string());
+        let upstream_ms = self.upstream_time.map(|d| d.as_secs_f64() * 1000.0);
+        tracing::info!(
+            target: "access",
+            client = %self.client,
+            method = self.method,
+            path = self.path,
+            api = self.api,
+            status = self.status,
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            duration_ms = self.duration.as_secs_f64() * 1000.0,
+            upstream_ms,
+            upstream = upstream.as_deref().unwrap_or("-"),
+            error = self.error.unwrap_or("-"),
+        );
+    }
+}
