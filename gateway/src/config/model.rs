@@ -459,9 +459,10 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
     let mut configuration: Option<(Doc, raw::ConfigurationSpec)> = None;
 
     for ((file, text), index) in files.iter().zip(&indexes) {
+        // `None` marks a document to skip: empty (a trailing `---`) or already reported.
         let kinds: Vec<Option<String>> = serde_yaml_ng::Deserializer::from_str(text)
-            .map(|de| match raw::Envelope::deserialize(de) {
-                Ok(env) => Some(env.kind),
+            .map(|de| match Option::<raw::Envelope>::deserialize(de) {
+                Ok(env) => env.map(|e| e.kind),
                 Err(e) => {
                     c.errors.push(serde_error(file, &e));
                     None
@@ -839,6 +840,10 @@ fn api_service(
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one check per Service field, in field order"
+)]
 fn service(
     name: &str,
     doc: &Doc,
@@ -974,6 +979,10 @@ fn service(
     })
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one check per Configuration field, in field order"
+)]
 fn proxy_settings(doc: &Doc, spec: &raw::ConfigurationSpec, c: &mut Collector) -> ProxySettings {
     let mut s = ProxySettings::default();
     let Some(p) = &spec.proxy else { return s };

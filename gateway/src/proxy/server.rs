@@ -610,8 +610,8 @@ impl Client<'_> {
                 Ok(n) => ex.bytes_in = n,
                 Err(CopyError::Source(e)) => {
                     ex.status = e.status();
-                    if e.status() == 413 {
-                        ex.bytes_out = self.send_error(413, true).await;
+                    if !matches!(e, ProxyError::ClientIo(_) | ProxyError::ClientTimeout) {
+                        ex.bytes_out = self.send_error(ex.status, true).await;
                     }
                     ex.error = Some(e);
                     return ex;
