@@ -40,6 +40,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         bail!("{why}");
     }
     let config = load(dir)?;
+    raise_open_files();
     let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(proxy::prepare(&config, metrics).map_err(|e| anyhow::anyhow!("{e}"))?);
     let workers = config.proxy.workers;
@@ -90,4 +91,18 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     let signal = signals.wait().context("waiting for signals")?;
     tracing::info!(?signal, "shutting down");
     Ok(())
+}
+
+/// Lifts the soft open-file limit to the hard one: every connection is a descriptor.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::warn!(
+                soft,
+                hard,
+                "could not raise the open-file limit; connections beyond {soft} will fail"
+            );
+        }
+    }
 }

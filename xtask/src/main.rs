@@ -2,6 +2,7 @@
 //! commands. Each installs what it needs on a fresh Debian machine, idempotently,
 //! and says what it is doing.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -51,6 +52,8 @@ enum Task {
 enum Bench {
     /// ns per packet of the ACL program (BPF_PROG_TEST_RUN) at 1k, 100k, 1M prefixes.
     Xdp,
+    /// wrk against Portcullis, nginx, haproxy and the upstream directly.
+    Proxy,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
         Task::Demo { once } => demo::run(once),
         Task::Bench { which: Bench::Xdp } => bench_xdp(),
+        Task::Bench { which: Bench::Proxy } => bench::proxy(),
     }
 }
 

@@ -1,0 +1,385 @@
+//! `cargo xtask bench proxy`: wrk against Portcullis, nginx and haproxy
+//! (configured alike) and the upstream directly, in one namespace, one run.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use portcullis_harness::NetNs;
+use portcullis_harness::http::TempDir;
+
+use crate::{cargo, root, run as sh, setup};
+
+/// Worker processes/threads given to each proxy under test.
+const WORKERS: usize = 1;
+const DURATION: &str = "5s";
+const UPSTREAM: &str = "127.0.0.1:9000";
+
+/// A process killed on drop.
+struct Proc(Child, &'static str);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(ns: &NetNs, what: &'static str, program: &str, args: &[&str], log: &Path) -> anyhow::Result<Proc> {
+    let file = std::fs::File::create(log)?;
+    let child = ns
+        .command("sh")
+        .args(["-c", &format!("ulimit -n $(ulimit -Hn); exec \"$0\" \"$@\""), program])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    Ok(Proc(child, what))
+}
+
+fn wait_port(ns: &NetNs, addr: SocketAddr, proc: &mut Proc, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())? {
+            return Ok(());
+        }
+        if let Some(status) = proc.0.try_wait()? {
+            bail!(
+                "{} exited with {status}: {}",
+                proc.1,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("{} is not listening on {addr} after 15 s", proc.1);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One wrk result.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn parse_latency(text: &str) -> Option<f64> {
+    let (num, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn wrk(ns: &NetNs, url: &str, connections: usize) -> anyhow::Result<Run> {
+    let threads = 2.min(connections);
+    let script =
+        format!("ulimit -n $(ulimit -Hn); exec wrk -t{threads} -c{connections} -d{DURATION} --latency {url}");
+    let out = ns.command("sh").args(["-c", &script]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk {url}: {}{text}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut run = Run::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => run.rps = v.parse().unwrap_or(0.0),
+            ["50%", v] => run.p50_ms = parse_latency(v).unwrap_or(0.0),
+            ["99%", v] => run.p99_ms = parse_latency(v).unwrap_or(0.0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => run.errors += n.parse::<u64>().unwrap_or(0),
+            ["Socket", "errors:", rest @ ..] => {
+                run.errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    if run.rps == 0.0 {
+        bail!("wrk printed no Requests/sec for {url}: {text}");
+    }
+    Ok(run)
+}
+
+fn nginx_conf(dir: &Path, listen: &str, body: &str) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes {WORKERS};
+pid {d}/nginx-{listen}.pid;
+error_log {d}/nginx-{listen}.err warn;
+events {{ worker_connections 9000; }}
+worker_rlimit_nofile 20000;
+http {{
+  access_log off;
+  client_body_temp_path {d}/body-{listen};
+  proxy_temp_path {d}/proxy-{listen};
+  fastcgi_temp_path {d}/fcgi-{listen};
+  uwsgi_temp_path {d}/uwsgi-{listen};
+  scgi_temp_path {d}/scgi-{listen};
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  {body}
+}}
+"
+    )
+}
+
+/// Runs the proxy benchmark and prints its table.
+pub fn proxy() -> anyhow::Result<()> {
+    crate::require_root("cargo xtask bench proxy")?;
+    setup::apt_install(&["nginx", "haproxy", "wrk", "curl"])?;
+    let object = setup::build_ebpf()?;
+    sh(cargo()
+        .args(["build", "--release", "-p", "portcullis"])
+        .env("PORTCULLIS_XDP_OBJ", &object))?;
+    let bin = root().join("target/release/portcullis");
+    let ns = NetNs::new("bn")?;
+    let dir = TempDir::new("bench")?;
+    let www = dir.0.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("small"), "x".repeat(128))?;
+    std::fs::write(www.join("16k"), "y".repeat(16 * 1024))?;
+
+    // The upstream: nginx serving both bodies from memory-cached files.
+    let up_conf = dir.write(
+        "upstream.conf",
+        &nginx_conf(
+            &dir.0,
+            "9000",
+            &format!(
+                "open_file_cache max=100; server {{ listen {UPSTREAM} backlog=4096; root {}; }}",
+                www.display()
+            ),
+        ),
+    )?;
+    let log = dir.0.join("upstream.log");
+    let mut upstream = spawn(
+        &ns,
+        "upstream nginx",
+        "nginx",
+        &["-c", &up_conf.to_string_lossy(), "-g", "daemon off;"],
+        &log,
+    )?;
+    wait_port(&ns, UPSTREAM.parse()?, &mut upstream, &log)?;
+
+    let nginx_proxy = dir.write(
+        "proxy.conf",
+        &nginx_conf(
+            &dir.0,
+            "8081",
+            &format!(
+                "upstream up {{ server {UPSTREAM}; keepalive 1024; keepalive_requests 10000000; }}
+  server {{ listen 127.0.0.1:8081 backlog=4096;
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering on; }} }}"
+            ),
+        ),
+    )?;
+    let log = dir.0.join("nginx.log");
+    let mut nginx = spawn(
+        &ns,
+        "nginx",
+        "nginx",
+        &["-c", &nginx_proxy.to_string_lossy(), "-g", "daemon off;"],
+        &log,
+    )?;
+    wait_port(&ns, "127.0.0.1:8081".parse()?, &mut nginx, &log)?;
+
+    let haproxy_cfg = dir.write(
+        "haproxy.cfg",
+        &format!(
+            "global
+  nbthread {WORKERS}
+  maxconn 9000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:8082
+  default_backend be
+backend be
+  server up {UPSTREAM}
+"
+        ),
+    )?;
+    let log = dir.0.join("haproxy.log");
+    let mut haproxy = spawn(
+        &ns,
+        "haproxy",
+        "haproxy",
+        &["-db", "-f", &haproxy_cfg.to_string_lossy()],
+        &log,
+    )?;
+    wait_port(&ns, "127.0.0.1:8082".parse()?, &mut haproxy, &log)?;
+
+    let conf = dir.0.join("portcullis");
+    std::fs::create_dir_all(&conf)?;
+    std::fs::write(
+        conf.join("bench.yaml"),
+        format!(
+            "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: bench
+spec:
+  address: http://127.0.0.1:8080/
+  services:
+    up:
+      address: http://{UPSTREAM}/
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Configuration
+metadata:
+  name: proxy
+spec:
+  proxy:
+    workers: {WORKERS}
+    admin: 127.0.0.1:9901
+"
+        ),
+    )?;
+    let log = dir.0.join("portcullis.log");
+    let mut gateway = spawn(
+        &ns,
+        "portcullis",
+        &bin.to_string_lossy(),
+        &["run", "--config", &conf.to_string_lossy()],
+        &log,
+    )?;
+    wait_port(&ns, "127.0.0.1:8080".parse()?, &mut gateway, &log)?;
+
+    let targets = [
+        ("portcullis", "127.0.0.1:8080"),
+        ("nginx", "127.0.0.1:8081"),
+        ("haproxy", "127.0.0.1:8082"),
+        ("direct", UPSTREAM),
+    ];
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| body | conns | portcullis req/s | nginx req/s | haproxy req/s | direct req/s | p50 / p99 ms (pc · nginx · haproxy) | pc/nginx | pc/haproxy | pc/direct |"
+    );
+    let _ = writeln!(
+        table,
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
+    );
+    for (body, path) in [("128 B", "/small"), ("16 KiB", "/16k")] {
+        for conns in [50, 1000] {
+            let mut runs = Vec::new();
+            for (name, addr) in targets {
+                let url = format!("http://{addr}{path}");
+                // A short warm-up fills pools and caches.
+                let _ = wrk_short(&ns, &url, conns);
+                let run = wrk(&ns, &url, conns)?;
+                println!(
+                    "xtask: {name:<10} {body:>6} c={conns:<4} {:>10.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+                    run.rps, run.p50_ms, run.p99_ms, run.errors
+                );
+                runs.push(run);
+            }
+            let (pc, ng, hp, di) = (runs[0], runs[1], runs[2], runs[3]);
+            let _ = writeln!(
+                table,
+                "| {body} | {conns} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}/{:.2} · {:.2}/{:.2} · {:.2}/{:.2} | {:.2}× | {:.2}× | {:.2}× |",
+                pc.rps,
+                ng.rps,
+                hp.rps,
+                di.rps,
+                pc.p50_ms,
+                pc.p99_ms,
+                ng.p50_ms,
+                ng.p99_ms,
+                hp.p50_ms,
+                hp.p99_ms,
+                pc.rps / ng.rps,
+                pc.rps / hp.rps,
+                pc.rps / di.rps
+            );
+        }
+    }
+    let rss = idle_rss(&ns, gateway.0.id(), "127.0.0.1:8080".parse()?, 10_000)?;
+    println!();
+    println!(
+        "workers per proxy: {WORKERS}; wrk 2 threads, {DURATION} per run; upstream nginx (1 worker) on the same loopback"
+    );
+    print!("{table}");
+    println!(
+        "portcullis RSS with 10000 idle keep-alive connections: {:.1} MiB (before: {:.1} MiB)",
+        rss.1, rss.0
+    );
+    drop((gateway, haproxy, nginx, upstream));
+    Ok(())
+}
+
+fn wrk_short(ns: &NetNs, url: &str, conns: usize) -> anyhow::Result<()> {
+    let script = format!("ulimit -n $(ulimit -Hn); exec wrk -t2 -c{conns} -d1s {url}");
+    ns.command("sh").args(["-c", &script]).output()?;
+    Ok(())
+}
+
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmRSS")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// Opens `n` keep-alive connections, sends one request on each, and reads the
+/// gateway's RSS while they sit idle. Returns (before, with connections).
+fn idle_rss(ns: &NetNs, sh_pid: u32, addr: SocketAddr, n: usize) -> anyhow::Result<(f64, f64)> {
+    use std::io::{Read as _, Write as _};
+    // `sh -c 'exec portcullis'` keeps the pid.
+    let before = rss_mib(sh_pid)?;
+    raise_nofile(n as u64 + 1024)?;
+    let conns = ns.run(move || -> anyhow::Result<Vec<TcpStream>> {
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut s = TcpStream::connect(addr)?;
+            s.write_all(b"GET /small HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+            conns.push(s);
+        }
+        let mut buf = [0u8; 1024];
+        for s in &mut conns {
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let got = s.read(&mut buf)?;
+            if !buf[..got].starts_with(b"HTTP/1.1 200") {
+                bail!("idle connection got {:?}", String::from_utf8_lossy(&buf[..got]));
+            }
+        }
+        Ok(conns)
+    })??;
+    std::thread::sleep(Duration::from_secs(1));
+    let with = rss_mib(sh_pid)?;
+    drop(conns);
+    Ok((before, with))
+}
+
+fn raise_nofile(want: u64) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if hard < want {
+        bail!("the open-file hard limit is {hard}; {want} are needed for the idle-connection measurement");
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising the open-file limit")?;
+    Ok(())
+}
