@@ -165,3 +165,62 @@ impl AccessRecord<'_> {
         );
     }
 }
+
+/// Per-API handles one worker caches, so recording a request allocates nothing.
+#[derive(Debug, Default)]
+struct ApiHandles {
+    by_status: Vec<(u16, Counter)>,
+    latency: Option<Histogram>,
+}
+
+/// A worker's view of [`Metrics`]: same counters, cached handles.
+#[derive(Debug)]
+pub struct LocalMetrics {
+    /// The shared registry.
+    pub shared: std::sync::Arc<Metrics>,
+    apis: std::cell::RefCell<std::collections::HashMap<String, ApiHandles>>,
+}
+
+impl LocalMetrics {
+    /// A cache over `shared`.
+    pub fn new(shared: std::sync::Arc<Metrics>) -> Self {
+        Self {
+            shared,
+            apis: std::cell::RefCell::default(),
+        }
+    }
+
+    /// Counts a finished request of `api` (`-` for unrouted) with its latency.
+    pub fn request(&self, api: &str, status: u16, seconds: Option<f64>) {
+        let mut apis = self.apis.borrow_mut();
+        if !apis.contains_key(api) {
+            apis.insert(api.to_string(), ApiHandles::default());
+        }
+        let Some(handles) = apis.get_mut(api) else { return };
+        let counter = match handles.by_status.iter().find(|(s, _)| *s == status) {
+            Some((_, c)) => c.clone(),
+            None => {
+                let c = self
+                    .shared
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        api: api.to_string(),
+                        status,
+                    })
+                    .clone();
+                handles.by_status.push((status, c.clone()));
+                c
+            }
+        };
+        counter.inc();
+        if let Some(seconds) = seconds {
+            let histogram = handles.latency.get_or_insert_with(|| {
+                self.shared
+                    .latency
+                    .get_or_create(&ApiLabels { api: api.to_string() })
+                    .clone()
+            });
+            histogram.observe(seconds);
+        }
+    }
+}

@@ -32,6 +32,7 @@ fn spawn(ns: &NetNs, what: &'static str, program: &str, args: &[&str], log: &Pat
     let file = std::fs::File::create(log)?;
     let child = ns
         .command("sh")
+        .env("RUST_LOG", "warn")
         .args(["-c", "ulimit -n $(ulimit -Hn); exec \"$0\" \"$@\"", program])
         .args(args)
         .stdout(Stdio::null())
@@ -138,7 +139,10 @@ http {{
 }
 
 /// Runs the proxy benchmark and prints its table.
-#[expect(clippy::too_many_lines, reason = "the whole set-up reads top to bottom: upstream, three proxies, the matrix")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the whole set-up reads top to bottom: upstream, three proxies, the matrix"
+)]
 pub fn proxy() -> anyhow::Result<()> {
     crate::require_root("cargo xtask bench proxy")?;
     setup::apt_install(&["nginx", "haproxy", "wrk", "curl"])?;
@@ -256,6 +260,7 @@ spec:
         ),
     )?;
     let log = dir.0.join("portcullis.log");
+    // Access logs are off for all three proxies.
     let mut gateway = spawn(
         &ns,
         "portcullis",
@@ -314,6 +319,8 @@ spec:
             );
         }
     }
+    // Give the workers' pool sweep (every 2 s) time to let go of the burst.
+    std::thread::sleep(Duration::from_secs(5));
     let rss = idle_rss(&ns, gateway.0.id(), "127.0.0.1:8080".parse()?, 10_000)?;
     println!();
     println!(

@@ -54,6 +54,9 @@ pub enum Framing {
 
 type Span = Range<u32>;
 
+/// Header slots parsed on the stack; larger limits fall back to the heap.
+const STACK_HEADERS: usize = 128;
+
 /// A parsed request or response head: the raw bytes plus indices into them.
 #[derive(Debug, Clone)]
 pub struct Head {
@@ -218,8 +221,15 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Head, HttpError>
     check_partial_request(buf, limits)?;
     check_line_endings(buf)?;
     let raw = buf.to_vec();
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.headers];
-    let mut req = httparse::Request::new(&mut slots);
+    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots: &mut [httparse::Header<'_>] = if limits.headers <= STACK_HEADERS {
+        &mut stack[..limits.headers]
+    } else {
+        heap.resize(limits.headers, httparse::EMPTY_HEADER);
+        &mut heap
+    };
+    let mut req = httparse::Request::new(slots);
     match req.parse(&raw) {
         Ok(httparse::Status::Complete(n)) if n == raw.len() => {}
         Ok(_) => return Err(HttpError::Malformed("head does not end where expected")),
@@ -300,8 +310,15 @@ fn check_target(method: &str, target: &str) -> Result<(), HttpError> {
 pub fn parse_response(buf: &[u8], max_headers: usize) -> Result<Head, HttpError> {
     check_line_endings(buf)?;
     let raw = buf.to_vec();
-    let mut slots = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut res = httparse::Response::new(&mut slots);
+    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots: &mut [httparse::Header<'_>] = if max_headers <= STACK_HEADERS {
+        &mut stack[..max_headers]
+    } else {
+        heap.resize(max_headers, httparse::EMPTY_HEADER);
+        &mut heap
+    };
+    let mut res = httparse::Response::new(slots);
     match res.parse(&raw) {
         Ok(httparse::Status::Complete(n)) if n == raw.len() => {}
         Ok(_) => return Err(HttpError::Malformed("head does not end where expected")),

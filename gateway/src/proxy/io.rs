@@ -32,9 +32,13 @@ pub fn probe() -> Result<(), String> {
     }
 }
 
+/// Submission queue size: one in-flight read per open connection is common, and
+/// a full queue forces a synchronous submit.
+const RING_ENTRIES: u32 = 4096;
+
 /// Runs `fut` to completion on a new io_uring runtime on this thread.
 pub fn start<F: Future>(fut: F) -> F::Output {
-    tokio_uring::start(fut)
+    tokio_uring::builder().entries(RING_ENTRIES).start(fut)
 }
 
 /// Spawns a task on the current thread's runtime.
@@ -92,23 +96,22 @@ impl std::fmt::Debug for TcpConn {
 
 impl TcpConn {
     /// Connects to `addr`, giving up after `timeout`.
+    ///
+    /// The connect itself waits on the tokio reactor that runs beside the
+    /// ring: its future owns the socket, so a timeout closes it at once.
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Self> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_tcp_nodelay(true)?;
-        socket.set_nonblocking(true)?;
-        match socket.connect(&addr.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
-                wait_writable(&socket, timeout).await?;
-                if let Some(err) = socket.take_error()? {
-                    return Err(err);
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        socket.set_nonblocking(false)?;
-        let stream: std::net::TcpStream = socket.into();
-        Ok(Self(tokio_uring::net::TcpStream::from_std(stream)))
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_nodelay(true)?;
+        let stream = tokio::time::timeout(timeout, socket.connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let std = stream.into_std()?;
+        std.set_nonblocking(false)?;
+        Ok(Self(tokio_uring::net::TcpStream::from_std(std)))
     }
 
     /// Reads into the spare capacity of `buf`, appending; `Ok(0)` is end of stream.
@@ -146,28 +149,4 @@ impl Drop for TcpConn {
         // completes; shutting down completes it, so the socket really closes.
         let _ = self.0.shutdown(Shutdown::Both);
     }
-}
-
-/// Waits until a connecting socket is writable (connected or failed).
-async fn wait_writable(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::os::fd::AsFd;
-    // A nonblocking connect completes in the kernel (within microseconds on a
-    // LAN); check it between other tasks first, then back off on the timer.
-    let deadline = tokio::time::Instant::now() + timeout;
-    for round in 0u32.. {
-        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
-        if poll(&mut fds, PollTimeout::ZERO).map_err(io::Error::from)? > 0 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
-        }
-        if round < 64 {
-            tokio::task::yield_now().await;
-        } else {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-    unreachable!("the loop above returns")
 }

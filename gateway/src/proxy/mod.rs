@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rustls::ServerConfig;
 
 use crate::config::{Config, ConfigError, ConfigErrors, ProxySettings};
-use crate::telemetry::Metrics;
+use crate::telemetry::{LocalMetrics, Metrics};
 use route::Router;
 use upstream::{Pool, Upstream};
 
@@ -64,6 +64,8 @@ pub struct Worker {
     pub pool: Pool,
     /// Client connections open on this worker.
     pub open: Cell<usize>,
+    /// Cached metric handles.
+    pub metrics: LocalMetrics,
 }
 
 /// Builds the run-time state from a validated config, loading all TLS material.
@@ -143,6 +145,7 @@ pub fn run_worker(shared: Arc<Shared>, sockets: Vec<std::net::TcpListener>) {
             shared: shared.clone(),
             pool: Pool::default(),
             open: Cell::new(0),
+            metrics: LocalMetrics::new(shared.metrics.clone()),
         });
         let mut accepting = Vec::new();
         for (socket, rt) in sockets.into_iter().zip(&shared.listeners) {
@@ -150,22 +153,30 @@ pub fn run_worker(shared: Arc<Shared>, sockets: Vec<std::net::TcpListener>) {
             accepting.push((listener, rt.clone()));
         }
         shared.ready_workers.fetch_add(1, Ordering::SeqCst);
-        let last = accepting.pop();
+        // Several accepts in flight per listener, so a burst of new clients is
+        // taken in one pass of the scheduler rather than one per pass.
         for (listener, rt) in accepting {
-            io::spawn(accept_loop(worker.clone(), listener, rt));
+            let listener = Rc::new(listener);
+            let rt = Rc::new(ListenerRt {
+                addr: rt.addr,
+                tls: rt.tls.clone(),
+                router: rt.router.clone(),
+            });
+            for _ in 0..ACCEPTORS {
+                io::spawn(accept_loop(worker.clone(), listener.clone(), rt.clone()));
+            }
         }
-        if let Some((listener, rt)) = last {
-            accept_loop(worker, listener, rt).await;
+        loop {
+            tokio::time::sleep(upstream::SWEEP_EVERY).await;
+            worker.pool.sweep();
         }
     });
 }
 
-async fn accept_loop(worker: Rc<Worker>, listener: io::Listener, rt: Arc<ListenerRt>) {
-    let rt = Rc::new(ListenerRt {
-        addr: rt.addr,
-        tls: rt.tls.clone(),
-        router: rt.router.clone(),
-    });
+/// Accept operations kept in flight per listener and worker.
+const ACCEPTORS: usize = 16;
+
+async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, rt: Rc<ListenerRt>) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {

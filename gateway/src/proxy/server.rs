@@ -16,8 +16,10 @@ use super::route::{normalize_host, upstream_target};
 use super::upstream::Upstream;
 use super::{ListenerRt, Worker};
 use crate::config::{HostHeader, RouteConfig, XffMode};
-use crate::telemetry::{AccessRecord, ApiLabels, HandshakeLabels, RequestLabels, UpstreamLabels};
+use crate::telemetry::{AccessRecord, HandshakeLabels, UpstreamLabels};
 
+/// Read buffer of a new upstream connection; it stays with the connection in the pool.
+const UPSTREAM_BUF: usize = 32 * 1024;
 /// Body reads and writes move this much at a time.
 const BODY_CHUNK: usize = 64 * 1024;
 /// Read buffer an idle keep-alive connection waits with.
@@ -50,7 +52,7 @@ pub async fn serve(worker: Rc<Worker>, listener: Rc<ListenerRt>, tcp: TcpConn, p
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 Conn::tls(tcp, server).await
             };
-            let result = timeout(settings.timeouts.request_headers, handshake).await;
+            let result = timeout(settings.timeouts.request_headers, Box::pin(handshake)).await;
             let ok = matches!(result, Ok(Ok(_)));
             let label = HandshakeLabels {
                 result: if ok { "ok" } else { "error" }.into(),
@@ -92,7 +94,9 @@ pub async fn serve(worker: Rc<Worker>, listener: Rc<ListenerRt>, tcp: TcpConn, p
         };
         first = false;
         let started = Instant::now();
-        let keep = client.exchange(&worker, &listener, head, started).await;
+        // Boxed: an idle keep-alive connection then holds only the small
+        // head-reading state, not the largest state of a whole exchange.
+        let keep = Box::pin(client.exchange(&worker, &listener, head, started)).await;
         if !keep {
             client.linger().await;
             return;
@@ -107,8 +111,8 @@ pub async fn serve(worker: Rc<Worker>, listener: Rc<ListenerRt>, tcp: TcpConn, p
 /// Per-request facts for the access log and metrics.
 struct Record<'a> {
     peer: SocketAddr,
-    method: String,
-    path: String,
+    method: &'a str,
+    path: &'a str,
     api: Option<&'a str>,
     status: u16,
     bytes_in: u64,
@@ -122,8 +126,8 @@ impl Record<'_> {
     fn bare(peer: SocketAddr, status: u16, error: &'static str) -> Self {
         Self {
             peer,
-            method: "-".into(),
-            path: "-".into(),
+            method: "-",
+            path: "-",
             api: None,
             status,
             bytes_in: 0,
@@ -136,26 +140,13 @@ impl Record<'_> {
 
     fn finish(&self, worker: &Worker, route: Option<&RouteConfig>, started: Instant) {
         let api = self.api.unwrap_or("-");
-        let metrics = &worker.shared.metrics;
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                api: api.to_string(),
-                status: self.status,
-            })
-            .inc();
-        if let Some(route) = route {
-            metrics
-                .latency
-                .get_or_create(&ApiLabels {
-                    api: route.api.clone(),
-                })
-                .observe(started.elapsed().as_secs_f64());
-        }
+        worker
+            .metrics
+            .request(api, self.status, route.map(|_| started.elapsed().as_secs_f64()));
         AccessRecord {
             client: self.peer,
-            method: &self.method,
-            path: &self.path,
+            method: self.method,
+            path: self.path,
             api,
             status: self.status,
             bytes_in: self.bytes_in,
@@ -323,8 +314,8 @@ impl Client<'_> {
         let route = listener.router.find(&host, head.path());
         let mut record = Record {
             peer: self.peer,
-            method: head.method().to_string(),
-            path: head.path().to_string(),
+            method: head.method(),
+            path: head.path(),
             api: route.map(|r| r.api.as_str()),
             status: 0,
             bytes_in: 0,
@@ -480,16 +471,17 @@ impl Client<'_> {
         out
     }
 
-    /// Connects (or reuses a pooled connection) to an endpoint; `bool` is whether it was reused.
+    /// Connects (or reuses a pooled connection) to an endpoint: the connection,
+    /// whether it was reused, and its read buffer.
     async fn connect(
         &self,
         worker: &Worker,
         service: usize,
         upstream: &Upstream,
         endpoint: usize,
-    ) -> Result<(Conn, bool), ProxyError> {
-        if let Some(conn) = worker.pool.take(service, endpoint) {
-            return Ok((conn, true));
+    ) -> Result<(Conn, bool, Vec<u8>), ProxyError> {
+        if let Some((conn, buf)) = worker.pool.take(service, endpoint) {
+            return Ok((conn, true, buf));
         }
         let ep = &upstream.cfg.endpoints[endpoint];
         let tcp = match TcpConn::connect(ep.addr, upstream.cfg.connect_timeout).await {
@@ -507,7 +499,7 @@ impl Client<'_> {
             }
         };
         let Some(tls) = &upstream.tls else {
-            return Ok((Conn::Plain(tcp), false));
+            return Ok((Conn::Plain(tcp), false, Vec::with_capacity(UPSTREAM_BUF)));
         };
         let name = upstream.server_names[endpoint].clone();
         let tls_err = |e: io::Error| ProxyError::UpstreamTls {
@@ -517,7 +509,7 @@ impl Client<'_> {
         let client =
             rustls::ClientConnection::new(tls.clone(), name).map_err(|e| tls_err(io::Error::other(e)))?;
         match timeout(upstream.cfg.connect_timeout, Conn::tls(tcp, client)).await {
-            Ok(Ok(conn)) => Ok((conn, false)),
+            Ok(Ok(conn)) => Ok((conn, false, Vec::with_capacity(UPSTREAM_BUF))),
             Ok(Err(e)) => Err(tls_err(e)),
             Err(_) => Err(ProxyError::ConnectTimeout {
                 endpoint: ep.addr.to_string(),
@@ -556,19 +548,20 @@ impl Client<'_> {
             }
             let ep_addr = upstream.cfg.endpoints[endpoint].addr;
             ex.upstream = Some(ep_addr);
-            let (mut up, reused) = match self.connect(worker, route.service, upstream, endpoint).await {
-                Ok(c) => c,
-                Err(e) => {
-                    attempts += 1;
-                    if matches!(e, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) {
-                        upstream.eject(endpoint);
+            let (mut up, reused, mut up_buf) =
+                match self.connect(worker, route.service, upstream, endpoint).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        attempts += 1;
+                        if matches!(e, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) {
+                            upstream.eject(endpoint);
+                        }
+                        tried.push(endpoint);
+                        // Nothing reached the upstream, so another endpoint is safe for any method.
+                        last_error = Some(e);
+                        continue;
                     }
-                    tried.push(endpoint);
-                    // Nothing reached the upstream, so another endpoint is safe for any method.
-                    last_error = Some(e);
-                    continue;
-                }
-            };
+                };
             if !reused {
                 attempts += 1;
             }
@@ -623,7 +616,6 @@ impl Client<'_> {
                     return ex;
                 }
             }
-            let mut up_buf = Vec::with_capacity(8 * 1024);
             let response = loop {
                 match read_response_head(
                     &mut up,
@@ -690,11 +682,11 @@ impl Client<'_> {
                 .await;
             ex.upstream_time = Some(up_start.elapsed());
             match result {
-                Ok((sent, client_keep, upstream_keep)) => {
+                Ok((sent, client_keep, upstream_keep, buf)) => {
                     ex.bytes_out = sent;
                     ex.keep_alive = client_keep;
                     if upstream_keep {
-                        worker.pool.put(route.service, endpoint, up);
+                        worker.pool.put(route.service, endpoint, up, buf);
                     }
                 }
                 Err((sent, e)) => {
@@ -825,7 +817,7 @@ impl Client<'_> {
         mut up_buf: Vec<u8>,
         upstream: &Upstream,
         endpoint: &str,
-    ) -> Result<(u64, bool, bool), (u64, ProxyError)> {
+    ) -> Result<(u64, bool, bool, Vec<u8>), (u64, ProxyError)> {
         let settings = &worker.shared.settings;
         let no_body = request.method() == "HEAD" || response.status == 204 || response.status == 304;
         let framing = if no_body { Framing::Empty } else { response.framing };
@@ -882,7 +874,12 @@ impl Client<'_> {
         match framing {
             Framing::Empty => {
                 let _ = self.write(pending, client_wait).await.map_err(|e| (sent, e))?;
-                Ok((sent, client_keep, response.keep_alive && up_buf.is_empty()))
+                Ok((
+                    sent,
+                    client_keep,
+                    response.keep_alive && up_buf.is_empty(),
+                    up_buf,
+                ))
             }
             Framing::Length(n) => {
                 let mut remaining = n;
@@ -919,7 +916,12 @@ impl Client<'_> {
                         Err(_) => return Err((sent, timeout_err())),
                     }
                 }
-                Ok((sent, client_keep, response.keep_alive && up_buf.is_empty()))
+                Ok((
+                    sent,
+                    client_keep,
+                    response.keep_alive && up_buf.is_empty(),
+                    up_buf,
+                ))
             }
             Framing::Chunked => {
                 let mode = if rechunk { Reencode::Chunked } else { Reencode::Raw };
@@ -954,7 +956,12 @@ impl Client<'_> {
                         Err(_) => return Err((sent, timeout_err())),
                     }
                 }
-                Ok((sent, client_keep, response.keep_alive && up_buf.is_empty()))
+                Ok((
+                    sent,
+                    client_keep,
+                    response.keep_alive && up_buf.is_empty(),
+                    up_buf,
+                ))
             }
             Framing::UntilClose => {
                 loop {
@@ -988,7 +995,7 @@ impl Client<'_> {
                         .await
                         .map_err(|e| (sent, e))?;
                 }
-                Ok((sent, client_keep, false))
+                Ok((sent, client_keep, false, Vec::new()))
             }
         }
     }

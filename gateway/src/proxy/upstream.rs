@@ -121,6 +121,8 @@ impl Drop for InFlight {
 pub struct Pooled {
     /// The connection.
     pub conn: Conn,
+    /// Its read buffer, kept so steady traffic allocates nothing.
+    pub buf: Vec<u8>,
     idle_since: Instant,
 }
 
@@ -132,29 +134,48 @@ pub struct Pool {
 
 /// Longest an upstream connection sits idle before it is closed.
 const POOL_IDLE: Duration = Duration::from_secs(30);
+/// Idle time after which a pooled connection's read buffer is freed.
+const BUFFER_IDLE: Duration = Duration::from_secs(2);
+/// How often each worker sweeps its pool.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// Most idle connections per endpoint per worker.
 const POOL_MAX: usize = 1024;
 
 impl Pool {
     /// An idle connection to the endpoint, if a fresh one is pooled.
-    pub fn take(&self, service: usize, endpoint: usize) -> Option<Conn> {
+    pub fn take(&self, service: usize, endpoint: usize) -> Option<(Conn, Vec<u8>)> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&(service, endpoint))?;
         while let Some(p) = list.pop() {
             if p.idle_since.elapsed() < POOL_IDLE {
-                return Some(p.conn);
+                return Some((p.conn, p.buf));
             }
         }
         None
     }
 
+    /// Closes connections idle past [`POOL_IDLE`] and frees the buffers of
+    /// those idle past [`BUFFER_IDLE`], so a burst leaves no memory behind.
+    pub fn sweep(&self) {
+        let mut idle = self.idle.borrow_mut();
+        for list in idle.values_mut() {
+            list.retain(|p| p.idle_since.elapsed() < POOL_IDLE);
+            for p in list.iter_mut().filter(|p| p.idle_since.elapsed() >= BUFFER_IDLE) {
+                p.buf = Vec::new();
+            }
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+
     /// Returns a connection whose last exchange completed cleanly.
-    pub fn put(&self, service: usize, endpoint: usize, conn: Conn) {
+    pub fn put(&self, service: usize, endpoint: usize, conn: Conn, mut buf: Vec<u8>) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry((service, endpoint)).or_default();
         if list.len() < POOL_MAX {
+            buf.clear();
             list.push(Pooled {
                 conn,
+                buf,
                 idle_since: Instant::now(),
             });
         }
