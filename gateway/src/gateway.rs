@@ -96,13 +96,14 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
 /// Lifts the soft open-file limit to the hard one: every connection is a descriptor.
 fn raise_open_files() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
-            tracing::warn!(
-                soft,
-                hard,
-                "could not raise the open-file limit; connections beyond {soft} will fail"
-            );
-        }
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err()
+    {
+        tracing::warn!(
+            soft,
+            hard,
+            "could not raise the open-file limit; connections beyond {soft} will fail"
+        );
     }
 }

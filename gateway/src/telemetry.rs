@@ -197,20 +197,16 @@ impl LocalMetrics {
             apis.insert(api.to_string(), ApiHandles::default());
         }
         let Some(handles) = apis.get_mut(api) else { return };
-        let counter = match handles.by_status.iter().find(|(s, _)| *s == status) {
-            Some((_, c)) => c.clone(),
-            None => {
-                let c = self
-                    .shared
-                    .requests
-                    .get_or_create(&RequestLabels {
-                        api: api.to_string(),
-                        status,
-                    })
-                    .clone();
-                handles.by_status.push((status, c.clone()));
-                c
-            }
+        let counter = if let Some((_, c)) = handles.by_status.iter().find(|(s, _)| *s == status) {
+            c.clone()
+        } else {
+            let labels = RequestLabels {
+                api: api.to_string(),
+                status,
+            };
+            let c = self.shared.requests.get_or_create(&labels).clone();
+            handles.by_status.push((status, c.clone()));
+            c
         };
         counter.inc();
         if let Some(seconds) = seconds {

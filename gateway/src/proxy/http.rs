@@ -222,12 +222,12 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Head, HttpError>
     check_line_endings(buf)?;
     let raw = buf.to_vec();
     let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
-    let mut heap = Vec::new();
+    let mut spill = Vec::new();
     let slots: &mut [httparse::Header<'_>] = if limits.headers <= STACK_HEADERS {
         &mut stack[..limits.headers]
     } else {
-        heap.resize(limits.headers, httparse::EMPTY_HEADER);
-        &mut heap
+        spill.resize(limits.headers, httparse::EMPTY_HEADER);
+        &mut spill
     };
     let mut req = httparse::Request::new(slots);
     match req.parse(&raw) {
@@ -311,12 +311,12 @@ pub fn parse_response(buf: &[u8], max_headers: usize) -> Result<Head, HttpError>
     check_line_endings(buf)?;
     let raw = buf.to_vec();
     let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
-    let mut heap = Vec::new();
+    let mut spill = Vec::new();
     let slots: &mut [httparse::Header<'_>] = if max_headers <= STACK_HEADERS {
         &mut stack[..max_headers]
     } else {
-        heap.resize(max_headers, httparse::EMPTY_HEADER);
-        &mut heap
+        spill.resize(max_headers, httparse::EMPTY_HEADER);
+        &mut spill
     };
     let mut res = httparse::Response::new(slots);
     match res.parse(&raw) {
