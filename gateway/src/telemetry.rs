@@ -148,7 +148,8 @@ impl AccessRecord<'_> {
     /// Emits the record on the `access` tracing target.
     pub fn log(&self) {
         let upstream = self.upstream.map(|a| a.to_string());
-        let upstream_ms = self.upstream_time.map(|d| d.as_secs_f64() * 1000.0);
+        let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
+        let upstream_ms = self.upstream_time.map(ms);
         tracing::info!(
             target: "access",
             client = %self.client,
@@ -158,8 +159,8 @@ impl AccessRecord<'_> {
             status = self.status,
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
-            duration_ms = self.duration.as_secs_f64() * 1000.0,
-            upstream_ms,
+            duration_ms = %ms(self.duration),
+            upstream_ms = upstream_ms.as_deref().unwrap_or("-"),
             upstream = upstream.as_deref().unwrap_or("-"),
             error = self.error.unwrap_or("-"),
         );

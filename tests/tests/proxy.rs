@@ -922,3 +922,62 @@ spec:
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
+
+/// An HTTPS client built on rustls, connecting from inside `ns`.
+fn rust_tls_client(
+    ns: &NetNs,
+    ca: &Path,
+    sni: &str,
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), sni.to_string().try_into()?)?;
+    let tcp = connect(ns, "127.0.0.1:8443".parse()?)?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+#[test]
+fn rust_tls_client_keeps_alive_over_tls() -> anyhow::Result<()> {
+    let dir = TempDir::new("pki")?;
+    let pki = Pki::new(&dir.0, "edge")?;
+    let s = scene(&tls_resources(&dir.0, &pki, false)?)?;
+    let before = s.up.connections();
+    let mut tls = rust_tls_client(&s.ns, &pki.ca, "b.test")?;
+    for i in 0..5 {
+        tls.write_all(b"GET /bytes/2000 HTTP/1.1\r\nHost: b.test\r\n\r\n")?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        while body_of(&got).len() < 2000 {
+            let n = tls.read(&mut buf)?;
+            ensure!(n > 0, "closed early on request {i}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        ensure!(
+            status_of(&got) == Some(200) && body_of(&got) == pattern(0, 2000).as_slice(),
+            "request {i}"
+        );
+    }
+    ensure!(tls.conn.alpn_protocol() == Some(b"http/1.1".as_slice()));
+    let leaf = tls.conn.peer_certificates().context("no peer certificate")?[0].clone();
+    let b_cert = std::fs::read_to_string(dir.0.join("b.crt"))?;
+    let b_der = rustls_pki_types::pem::PemObject::from_pem_slice(b_cert.as_bytes())
+        .map(|c: rustls_pki_types::CertificateDer<'_>| c.to_vec())?;
+    ensure!(
+        leaf.as_ref() == b_der.as_slice(),
+        "SNI b.test must select b's certificate"
+    );
+    ensure!(
+        s.up.connections() - before <= 2,
+        "five requests over one TLS connection reuse the upstream connection"
+    );
+    Ok(())
+}

@@ -18,18 +18,19 @@ pub fn probe() -> Result<(), String> {
         Ok(_) => Ok(()),
         Err(e) => {
             let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
-            let why = match sysctl.trim() {
-                "2" => "kernel.io_uring_disabled=2 disables io_uring for every process".to_string(),
-                "1" => "kernel.io_uring_disabled=1 limits io_uring to the io_uring_group".to_string(),
-                _ => format!(
-                    "io_uring_setup failed ({e}); a seccomp profile or container runtime may block it"
-                ),
-            };
-            Err(format!(
-                "io_uring is unavailable on this host: {why}; portcullis needs it for its proxy"
-            ))
+            Err(unavailable(&e, &sysctl))
         }
     }
+}
+
+/// The one line said at start when io_uring cannot be used, and why.
+fn unavailable(error: &io::Error, io_uring_disabled: &str) -> String {
+    let why = match io_uring_disabled.trim() {
+        "2" => "kernel.io_uring_disabled=2 disables it for every process; set it to 0".to_string(),
+        "1" => "kernel.io_uring_disabled=1 limits it to members of kernel.io_uring_group; add the gateway's group or set it to 0".to_string(),
+        _ => format!("io_uring_setup failed ({error}); a seccomp profile or container runtime is blocking it"),
+    };
+    format!("io_uring is unavailable on this host: {why}. The portcullis proxy runs on io_uring")
 }
 
 /// Submission queue size: one in-flight read per open connection is common, and
@@ -148,5 +149,20 @@ impl Drop for TcpConn {
         // An operation still in flight holds the descriptor open until it
         // completes; shutting down completes it, so the socket really closes.
         let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explains_why_io_uring_is_unavailable() {
+        let eperm = io::Error::from_raw_os_error(libc::EPERM);
+        assert!(unavailable(&eperm, "2\n").contains("kernel.io_uring_disabled=2"));
+        assert!(unavailable(&eperm, "1").contains("io_uring_group"));
+        let enosys = io::Error::from_raw_os_error(libc::ENOSYS);
+        assert!(unavailable(&enosys, "0").contains("seccomp"));
+        assert!(probe().is_ok(), "this machine has io_uring");
     }
 }
