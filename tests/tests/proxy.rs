@@ -68,7 +68,16 @@ struct Scene {
 }
 
 fn scene(extra_resources: &str) -> anyhow::Result<Scene> {
+    scene_with(extra_resources, |_| Ok(()))
+}
+
+/// Like [`scene`], running `prepare` in the namespace before the gateway starts.
+fn scene_with(
+    extra_resources: &str,
+    prepare: impl FnOnce(&NetNs) -> anyhow::Result<()>,
+) -> anyhow::Result<Scene> {
     let ns = NetNs::new("px")?;
+    prepare(&ns)?;
     let dir = TempDir::new("pxc")?;
     let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
     let text = format!(
@@ -332,8 +341,46 @@ fn chunked_upload_status(ns: &NetNs, n: usize) -> anyhow::Result<String> {
 
 #[test]
 fn upstream_failures_map_to_502_and_504() -> anyhow::Result<()> {
-    let extra = api("down", "http://127.0.0.1:8080/down", "http://127.0.0.1:9009/", "");
-    let s = scene(&extra)?;
+    // 10.99.0.2 sits behind a veth whose peer never answers ARP: connects hang until our 1 s timeout.
+    let extra = format!(
+        "{}{}",
+        api("down", "http://127.0.0.1:8080/down", "http://127.0.0.1:9009/", ""),
+        api(
+            "blackhole",
+            "http://127.0.0.1:8080/blackhole",
+            "http://10.99.0.2:80/",
+            ""
+        )
+    );
+    let s = scene_with(&extra, |ns| {
+        let ip = |args: &[&str]| {
+            portcullis_tests::http::run_ok(
+                std::process::Command::new("ip")
+                    .args(["-n", ns.name()])
+                    .args(args),
+            )
+        };
+        ip(&["link", "add", "bh0", "type", "veth", "peer", "name", "bh1"])?;
+        ip(&["addr", "add", "10.99.0.1/24", "dev", "bh0"])?;
+        ip(&["link", "set", "bh0", "up"])?;
+        ip(&["link", "set", "bh1", "up"])?;
+        Ok(())
+    })?;
+    let started = Instant::now();
+    let raw = request(
+        &s.ns,
+        gw(),
+        b"GET /blackhole/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )?;
+    ensure!(
+        status_of(&raw) == Some(504),
+        "connect timeout: {}",
+        String::from_utf8_lossy(&raw)
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(10),
+        "the connect timeout (1 s) must bound the wait"
+    );
     let raw = request(
         &s.ns,
         gw(),
