@@ -1,17 +1,21 @@
-//! `portcullis run` and `portcullis check`: configuration in, workers out.
+//! `portcullis run` and `portcullis check`: configuration in, workers out, reloads on change.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigSet, Signal};
-use portcullis::config;
-use portcullis::proxy::{self, admin, io};
+use portcullis::config::{self, ConfigErrors};
+use portcullis::proxy::{self, Generation, Shared, admin, io};
 use portcullis::telemetry::Metrics;
 
 /// Validates `dir` (resources and TLS files) and prints a summary.
 pub fn check(dir: &Path) -> anyhow::Result<()> {
-    let config = load(dir)?;
+    let generation = load(dir)?;
+    let config = &generation.config;
     println!(
         "{}: {} listener(s), {} route(s), {} service(s): OK",
         dir.display(),
@@ -22,49 +26,60 @@ pub fn check(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(dir: &Path) -> anyhow::Result<config::Config> {
-    let report = |errors: &config::ConfigErrors| {
-        for e in &errors.0 {
-            eprintln!("{e}");
-        }
-        anyhow::anyhow!("{} configuration error(s) in {}", errors.0.len(), dir.display())
-    };
-    let config = config::load_dir(dir).map_err(|e| report(&e))?;
-    proxy::prepare(&config, Arc::new(Metrics::default())).map_err(|e| report(&e))?;
-    Ok(config)
+fn report(dir: &Path, errors: &ConfigErrors) -> anyhow::Error {
+    for e in &errors.0 {
+        eprintln!("{e}");
+    }
+    anyhow::anyhow!("{} configuration error(s) in {}", errors.0.len(), dir.display())
 }
 
-/// Runs the gateway until SIGINT or SIGTERM.
+fn load(dir: &Path) -> anyhow::Result<Generation> {
+    let config = config::load_dir(dir).map_err(|e| report(dir, &e))?;
+    Generation::build(config, None).map_err(|e| report(dir, &e))
+}
+
+/// Runs the gateway until SIGINT or SIGTERM; SIGHUP or a change in `dir` reloads.
 pub fn run(dir: &Path) -> anyhow::Result<()> {
     if let Err(why) = io::probe() {
         bail!("{why}");
     }
-    let config = load(dir)?;
+    let generation = load(dir)?;
     raise_open_files();
-    let metrics = Arc::new(Metrics::default());
-    let shared = Arc::new(proxy::prepare(&config, metrics).map_err(|e| anyhow::anyhow!("{e}"))?);
-    let workers = config.proxy.workers;
-    let mut sockets = Vec::new();
+    let settings = generation.settings.clone();
+    let workers = settings.workers;
+    let addrs: Vec<SocketAddr> = generation.listeners.keys().copied().collect();
+    let mut handles = Handles::default();
+    let mut per_worker = Vec::new();
     for _ in 0..workers {
-        sockets.push(proxy::bind_all(&shared)?);
+        let sockets = proxy::bind_all(&addrs)?;
+        handles.keep(&sockets)?;
+        per_worker.push(sockets);
     }
-    let admin_socket = match config.proxy.admin {
+    let admin_socket = match settings.admin {
         Some(addr) => Some(
             io::bind_reuseport(addr, 128)
                 .with_context(|| format!("cannot listen on admin address {addr}"))?,
         ),
         None => None,
     };
-    // Workers inherit the mask, so only this thread receives the signals.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.thread_block().context("blocking SIGINT/SIGTERM")?;
-    for (n, socks) in sockets.into_iter().enumerate() {
+    for (addr, l) in &generation.listeners {
+        let scheme = if l.tls.is_some() { "https" } else { "http" };
+        tracing::info!(listener = %addr, scheme, "listening");
+    }
+    let shared = Arc::new(Shared::new(generation, Arc::new(Metrics::default())));
+    let signals = stop_signals();
+    signals.thread_block().context("blocking SIGINT/SIGTERM/SIGHUP")?;
+    for (n, sockets) in per_worker.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        shared
+            .new_listeners
+            .lock()
+            .map_err(|_| anyhow::anyhow!("worker list poisoned"))?
+            .push(tx);
         let shared = shared.clone();
         std::thread::Builder::new()
             .name(format!("worker-{n}"))
-            .spawn(move || proxy::run_worker(shared, socks))
+            .spawn(move || proxy::run_worker(shared, sockets, rx))
             .context("spawning a worker thread")?;
     }
     if let Some(socket) = admin_socket {
@@ -73,23 +88,184 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
             .name("admin".into())
             .spawn(move || admin::run(socket, shared, workers))
             .context("spawning the admin thread")?;
+        tracing::info!(addr = %settings.admin.map(|a| a.to_string()).unwrap_or_default(), "admin endpoints /healthz /readyz /metrics");
     }
-    for l in &shared.listeners {
-        let scheme = if l.tls.is_some() { "https" } else { "http" };
-        let apis: Vec<&str> = config
+    watch(dir)?;
+    tracing::info!(workers, config = %dir.display(), "portcullis running");
+    loop {
+        match signals.wait().context("waiting for signals")? {
+            Signal::SIGHUP => reload(dir, &shared, &mut handles),
+            signal => {
+                tracing::info!(?signal, "shutting down");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// SIGINT and SIGTERM stop the gateway, SIGHUP reloads it; `main` blocks
+/// them in every thread before the first one is spawned.
+pub fn stop_signals() -> SigSet {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
+    signals
+}
+
+/// Duplicates of every worker's listening sockets, to shut down the ones a reload removes.
+#[derive(Default)]
+struct Handles(HashMap<SocketAddr, Vec<std::net::TcpListener>>);
+
+impl Handles {
+    fn keep(&mut self, sockets: &[proxy::NewListener]) -> anyhow::Result<()> {
+        for (addr, socket) in sockets {
+            self.0
+                .entry(*addr)
+                .or_default()
+                .push(socket.try_clone().context("duplicating a listening socket")?);
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, addr: &SocketAddr) {
+        for socket in self.0.remove(addr).unwrap_or_default() {
+            // Wakes every worker's pending accept, which then sees the listener gone.
+            let _ = socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Re-reads `dir`; applies it only if all of it is valid, else keeps what runs.
+fn reload(dir: &Path, shared: &Shared, handles: &mut Handles) {
+    let started = Instant::now();
+    let rejected = |errors: &ConfigErrors| {
+        for e in &errors.0 {
+            tracing::error!(error = %e, "configuration error");
+        }
+        tracing::error!(
+            errors = errors.0.len(),
+            "reload rejected: the running configuration stays in force; fix the errors above"
+        );
+    };
+    let config = match config::load_dir(dir) {
+        Ok(c) => c,
+        Err(e) => return rejected(&e),
+    };
+    let current = shared.current();
+    let fixed = &shared.startup;
+    if config.proxy.workers != fixed.workers
+        || config.proxy.admin != fixed.admin
+        || config.proxy.max_connections != fixed.max_connections
+    {
+        tracing::warn!(
+            "workers, admin and maxConnections take effect at the next start; the running values stay"
+        );
+    }
+    let generation = match Generation::build(config, Some(&current)) {
+        Ok(g) => g,
+        Err(e) => return rejected(&e),
+    };
+    let added: Vec<SocketAddr> = generation
+        .listeners
+        .keys()
+        .filter(|a| !current.listeners.contains_key(a))
+        .copied()
+        .collect();
+    let removed: Vec<SocketAddr> = current
+        .listeners
+        .keys()
+        .filter(|a| !generation.listeners.contains_key(a))
+        .copied()
+        .collect();
+    let mut bound = Vec::new();
+    for _ in 0..fixed.workers {
+        match proxy::bind_all(&added) {
+            Ok(sockets) => bound.push(sockets),
+            Err(e) => {
+                tracing::error!(error = %e, "reload rejected: the running configuration stays in force");
+                return;
+            }
+        }
+    }
+    for sockets in &bound {
+        if let Err(e) = handles.keep(sockets) {
+            tracing::error!(error = %e, "reload rejected");
+            return;
+        }
+    }
+    let (listeners, routes) = (
+        generation.listeners.len(),
+        generation
+            .config
             .listeners
             .iter()
-            .filter(|c| c.addr == l.addr)
-            .flat_map(|c| c.routes.iter().map(|r| r.api.as_str()))
-            .collect();
-        tracing::info!(listener = %l.addr, scheme, apis = ?apis, "listening");
+            .map(|l| l.routes.len())
+            .sum::<usize>(),
+    );
+    shared.publish(generation);
+    if let Ok(senders) = shared.new_listeners.lock() {
+        for (sender, sockets) in senders.iter().zip(bound) {
+            for socket in sockets {
+                let _ = sender.send(socket);
+            }
+        }
     }
-    if let Some(addr) = config.proxy.admin {
-        tracing::info!(%addr, "admin endpoints /healthz /readyz /metrics");
+    for addr in &removed {
+        handles.close(addr);
     }
-    tracing::info!(workers, "portcullis running");
-    let signal = signals.wait().context("waiting for signals")?;
-    tracing::info!(?signal, "shutting down");
+    tracing::info!(
+        listeners,
+        routes,
+        added = ?added,
+        removed = ?removed,
+        took_ms = started.elapsed().as_millis(),
+        "configuration reloaded"
+    );
+}
+
+/// Watches `dir` with inotify and asks for a reload (SIGHUP to this process)
+/// once a burst of changes has settled.
+fn watch(dir: &Path) -> anyhow::Result<()> {
+    use inotify::{Inotify, WatchMask};
+    let mut inotify = Inotify::init().context("inotify_init")?;
+    let mask = WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::DELETE
+        | WatchMask::CREATE;
+    inotify
+        .watches()
+        .add(dir, mask)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || {
+            let mut buffer = [0u8; 4096];
+            loop {
+                let relevant = match inotify.read_events_blocking(&mut buffer) {
+                    Ok(events) => events.into_iter().any(|e| {
+                        e.name.map(Path::new).is_some_and(|n| {
+                            let hidden = n.to_str().is_none_or(|n| n.starts_with('.'));
+                            let yaml = n.extension().is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"));
+                            yaml && !hidden
+                        })
+                    }),
+                    Err(e) => {
+                        tracing::error!(error = %e, "watching the configuration directory failed; reload with SIGHUP");
+                        return;
+                    }
+                };
+                if !relevant {
+                    continue;
+                }
+                // Let an editor or deploy tool finish writing, then take the rest of the burst too.
+                std::thread::sleep(Duration::from_millis(100));
+                while inotify.read_events(&mut buffer).is_ok_and(|e| e.into_iter().next().is_some()) {}
+                let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGHUP);
+            }
+        })
+        .context("spawning the configuration watcher")?;
     Ok(())
 }
 

@@ -175,6 +175,14 @@ fn parse_cidr_or_stdin(s: &str) -> Result<CidrArg, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run { .. }) {
+        // Before any thread exists (the log writer is one): every thread
+        // inherits the mask, so only `run`'s sigwait ever sees these signals.
+        if let Err(e) = gateway::stop_signals().thread_block() {
+            eprintln!("error: blocking signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let default_filter = if matches!(cli.command, Command::Run { .. }) {
         "info"
     } else {

@@ -196,6 +196,24 @@ pub fn client_config(tls: &OutboundTls) -> Result<Arc<ClientConfig>, Vec<ConfigE
     Ok(Arc::new(config))
 }
 
+/// A hash of the files behind an outbound TLS context, to notice rotated certificates on reload.
+pub fn fingerprint(tls: &OutboundTls) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut add = |pem: &Pem| match pem {
+        Pem::File(path) => fs::read(path).unwrap_or_default().hash(&mut hasher),
+        Pem::Inline(text) => text.hash(&mut hasher),
+    };
+    if let Some(ca) = &tls.ca {
+        add(ca);
+    }
+    if let Some(pair) = &tls.client {
+        add(&pair.crt);
+        add(&Pem::File(pair.key.clone()));
+    }
+    hasher.finish()
+}
+
 /// The server name an upstream connection verifies.
 pub fn upstream_name(sni: Option<&str>, host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(sni.unwrap_or(host).to_string())

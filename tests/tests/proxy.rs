@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use portcullis_tests::NetNs;
 use portcullis_tests::http::{
-    GatewayProcess, Pki, TempDir, Upstream, connect, curl, pattern, request, request_open, status_of,
-    upstream_tls,
+    GatewayProcess, Pki, TempDir, Upstream, connect, curl, pattern, read_response, request, request_open,
+    status_of, upstream_tls,
 };
 
 const GW: &str = "127.0.0.1:8080";
@@ -137,14 +137,15 @@ fn keep_alive_and_pipelining_on_both_sides() -> anyhow::Result<()> {
     // Ten requests on one client connection reuse one pooled upstream connection.
     let before = s.up.connections();
     let mut c = connect(&s.ns, gw())?;
+    let mut buf = Vec::new();
     for _ in 0..10 {
         c.write_all(&get("/hello"))?;
-        let mut buf = [0u8; 4096];
-        let n = c.read(&mut buf)?;
+        let status = read_response(&mut c, &mut buf)?;
         ensure!(
-            status_of(&buf[..n]) == Some(200),
-            "{}",
-            String::from_utf8_lossy(&buf[..n])
+            status == 200,
+            "{}\n{}",
+            String::from_utf8_lossy(&buf),
+            s.gw.log_text()
         );
     }
     let opened = s.up.connections() - before;
@@ -167,7 +168,8 @@ fn keep_alive_and_pipelining_on_both_sides() -> anyhow::Result<()> {
     let raw = request(&s.ns, gw(), b"GET /chunked/300 HTTP/1.0\r\n\r\n")?;
     ensure!(
         body_of(&raw) == pattern(0, 300).as_slice(),
-        "HTTP/1.0 client must get the raw body of a chunked response"
+        "HTTP/1.0 client must get the raw body of a chunked response: {:?}",
+        String::from_utf8_lossy(&raw)
     );
     // A response that ends at close is re-chunked for an HTTP/1.1 client, which keeps its connection.
     let (raw, closed) = request_open(&s.ns, gw(), &get("/close/1000"), Duration::from_millis(500))?;

@@ -16,7 +16,7 @@ use crate::proxy::http::HeadLimits;
 pub const API_VERSIONS: [&str; 2] = ["gateway.mulesoft.com/v1alpha1", "portcullis.dev/v1alpha1"];
 
 /// The whole validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Listeners with their routes, in address order.
     pub listeners: Vec<ListenerConfig>,
@@ -50,7 +50,7 @@ impl Origin {
 }
 
 /// An address the gateway accepts connections on.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
     /// Socket address.
     pub addr: SocketAddr,
@@ -61,7 +61,7 @@ pub struct ListenerConfig {
 }
 
 /// A (host, base path) → API instance → service match.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
     /// API instance name.
     pub api: String,
@@ -98,7 +98,7 @@ pub enum HostHeader {
 }
 
 /// An upstream service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     /// Name (a `Service` resource, or `api/service` for inline services).
     pub name: String,
@@ -141,7 +141,7 @@ pub enum Pem {
 }
 
 /// A certificate chain and its private key.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertPair {
     /// Certificate chain.
     pub crt: Pem,
@@ -161,7 +161,7 @@ pub enum TlsVersion {
 }
 
 /// Inbound TLS of a listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundTls {
     /// Certificates; the first is the default when SNI matches none.
     pub certs: Vec<CertPair>,
@@ -180,7 +180,7 @@ pub struct InboundTls {
 }
 
 /// Outbound TLS to a service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboundTls {
     /// CA bundle for the upstream's certificate; the system roots when absent.
     pub ca: Option<Pem>,
@@ -236,7 +236,7 @@ pub struct Timeouts {
 }
 
 /// Proxy-wide settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxySettings {
     /// Worker threads (one io_uring each).
     pub workers: usize,

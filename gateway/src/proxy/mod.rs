@@ -6,6 +6,11 @@
 //!   → upstream (pooled per worker, plain/TLS/mTLS, LB + passive health)
 //!   → stream body both ways → access log + metrics
 //! ```
+//!
+//! The configuration in force is a [`Generation`]. A reload builds a whole new
+//! one and publishes it with one pointer swap; each request takes the
+//! generation current when its head arrives and keeps it to the end, so no
+//! request ever sees half a change.
 
 pub mod admin;
 pub mod conn;
@@ -16,11 +21,12 @@ pub mod route;
 pub mod server;
 pub mod upstream;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::ServerConfig;
 
@@ -40,19 +46,138 @@ pub struct ListenerRt {
     pub router: Router,
 }
 
-/// State shared by every worker.
+/// One complete, validated configuration as the data path uses it.
 #[derive(Debug)]
-pub struct Shared {
-    /// Listeners.
-    pub listeners: Vec<Arc<ListenerRt>>,
-    /// Services, indexed as in the config.
+pub struct Generation {
+    /// Listeners by address.
+    pub listeners: HashMap<SocketAddr, Arc<ListenerRt>>,
+    /// Services, indexed as routes refer to them.
     pub upstreams: Vec<Arc<Upstream>>,
     /// Proxy settings.
     pub settings: ProxySettings,
+    /// The configuration it was built from.
+    pub config: Config,
+}
+
+impl Generation {
+    /// Builds a generation from a validated config, loading all TLS material.
+    /// Services whose configuration and TLS files are unchanged from `previous`
+    /// are carried over, with their health state and pooled connections.
+    pub fn build(config: Config, previous: Option<&Generation>) -> Result<Self, ConfigErrors> {
+        let mut errors: Vec<ConfigError> = Vec::new();
+        let mut listeners = HashMap::new();
+        for l in &config.listeners {
+            let tls = match &l.tls {
+                Some(t) => match crate::tls::server_config(t) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        errors.extend(e);
+                        None
+                    }
+                },
+                None => None,
+            };
+            let rt = ListenerRt {
+                addr: l.addr,
+                tls,
+                router: Router::new(l.routes.clone()),
+            };
+            listeners.insert(l.addr, Arc::new(rt));
+        }
+        let mut upstreams = Vec::new();
+        for s in &config.services {
+            let fingerprint = s.tls.as_ref().map(crate::tls::fingerprint).unwrap_or_default();
+            let reuse = previous.and_then(|p| {
+                p.upstreams
+                    .iter()
+                    .find(|u| u.cfg == *s && u.tls_fingerprint == fingerprint)
+                    .cloned()
+            });
+            if let Some(u) = reuse {
+                upstreams.push(u);
+                continue;
+            }
+            let (tls, names) = match &s.tls {
+                Some(t) => {
+                    let client = match crate::tls::client_config(t) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            errors.extend(e);
+                            None
+                        }
+                    };
+                    let mut names = Vec::new();
+                    for ep in &s.endpoints {
+                        match crate::tls::upstream_name(t.sni.as_deref(), &ep.host) {
+                            Ok(n) => names.push(n),
+                            Err(e) => errors.push(t.origin.error(e)),
+                        }
+                    }
+                    (client, names)
+                }
+                None => (None, Vec::new()),
+            };
+            upstreams.push(Arc::new(Upstream::new(s.clone(), tls, names, fingerprint)));
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Self {
+            listeners,
+            upstreams,
+            settings: config.proxy.clone(),
+            config,
+        })
+    }
+}
+
+/// Sockets a worker starts accepting on after a reload added their listener.
+pub type NewListener = (SocketAddr, std::net::TcpListener);
+
+/// State shared by every worker.
+#[derive(Debug)]
+pub struct Shared {
+    current: RwLock<Arc<Generation>>,
+    version: AtomicU64,
+    /// Settings fixed at start (worker count, admin address, connection limit).
+    pub startup: ProxySettings,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Workers that have started accepting.
     pub ready_workers: AtomicUsize,
+    /// One channel per worker for listeners added by a reload.
+    pub new_listeners: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<NewListener>>>,
+}
+
+impl Shared {
+    /// Shared state starting with `generation`.
+    pub fn new(generation: Generation, metrics: Arc<Metrics>) -> Self {
+        Self {
+            startup: generation.settings.clone(),
+            current: RwLock::new(Arc::new(generation)),
+            version: AtomicU64::new(1),
+            metrics,
+            ready_workers: AtomicUsize::new(0),
+            new_listeners: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The generation in force.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current
+            .read()
+            .map_or_else(|p| p.into_inner().clone(), |g| g.clone())
+    }
+
+    /// Puts `generation` in force for every request that starts from now on.
+    pub fn publish(&self, generation: Generation) {
+        let generation = Arc::new(generation);
+        match self.current.write() {
+            Ok(mut g) => *g = generation,
+            Err(p) => *p.into_inner() = generation,
+        }
+        self.version.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// One worker thread's state.
@@ -66,130 +191,100 @@ pub struct Worker {
     pub open: Cell<usize>,
     /// Cached metric handles.
     pub metrics: LocalMetrics,
+    cached: RefCell<(u64, Arc<Generation>)>,
 }
 
-/// Builds the run-time state from a validated config, loading all TLS material.
-pub fn prepare(config: &Config, metrics: Arc<Metrics>) -> Result<Shared, ConfigErrors> {
-    let mut errors: Vec<ConfigError> = Vec::new();
-    let mut listeners = Vec::new();
-    for l in &config.listeners {
-        let tls = match &l.tls {
-            Some(t) => match crate::tls::server_config(t) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    errors.extend(e);
-                    None
-                }
-            },
-            None => None,
-        };
-        listeners.push(Arc::new(ListenerRt {
-            addr: l.addr,
-            tls,
-            router: Router::new(l.routes.clone()),
-        }));
+impl Worker {
+    /// The generation in force; a relaxed check of one counter unless a reload happened.
+    pub fn current(&self) -> Arc<Generation> {
+        let version = self.shared.version.load(Ordering::Acquire);
+        let mut cached = self.cached.borrow_mut();
+        if cached.0 != version {
+            *cached = (version, self.shared.current());
+        }
+        cached.1.clone()
     }
-    let mut upstreams = Vec::new();
-    for s in &config.services {
-        let (tls, names) = match &s.tls {
-            Some(t) => {
-                let client = match crate::tls::client_config(t) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        errors.extend(e);
-                        None
-                    }
-                };
-                let mut names = Vec::new();
-                for ep in &s.endpoints {
-                    match crate::tls::upstream_name(t.sni.as_deref(), &ep.host) {
-                        Ok(n) => names.push(n),
-                        Err(e) => errors.push(t.origin.error(e)),
-                    }
-                }
-                (client, names)
-            }
-            None => (None, Vec::new()),
-        };
-        upstreams.push(Arc::new(Upstream::new(s.clone(), tls, names)));
-    }
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
-    Ok(Shared {
-        listeners,
-        upstreams,
-        settings: config.proxy.clone(),
-        metrics,
-        ready_workers: AtomicUsize::new(0),
-    })
 }
 
 /// Listening sockets for one worker, bound before any worker starts so a
 /// taken port fails the start instead of one worker.
-pub fn bind_all(shared: &Shared) -> std::io::Result<Vec<std::net::TcpListener>> {
-    shared
-        .listeners
-        .iter()
-        .map(|l| {
-            io::bind_reuseport(l.addr, 4096)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", l.addr)))
+pub fn bind_all<'a>(addrs: impl IntoIterator<Item = &'a SocketAddr>) -> std::io::Result<Vec<NewListener>> {
+    addrs
+        .into_iter()
+        .map(|addr| {
+            io::bind_reuseport(*addr, 4096)
+                .map(|socket| (*addr, socket))
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
         })
         .collect()
 }
 
 /// Runs one worker on the current thread until the process exits.
-pub fn run_worker(shared: Arc<Shared>, sockets: Vec<std::net::TcpListener>) {
+pub fn run_worker(
+    shared: Arc<Shared>,
+    sockets: Vec<NewListener>,
+    mut added: tokio::sync::mpsc::UnboundedReceiver<NewListener>,
+) {
     io::start(async move {
         let worker = Rc::new(Worker {
             shared: shared.clone(),
             pool: Pool::default(),
             open: Cell::new(0),
             metrics: LocalMetrics::new(shared.metrics.clone()),
+            cached: RefCell::new((0, shared.current())),
         });
-        let mut accepting = Vec::new();
-        for (socket, rt) in sockets.into_iter().zip(&shared.listeners) {
-            let listener = io::Listener::from_std(socket);
-            accepting.push((listener, rt.clone()));
+        for (addr, socket) in sockets {
+            start_accepting(&worker, addr, socket);
         }
         shared.ready_workers.fetch_add(1, Ordering::SeqCst);
-        // Several accepts in flight per listener, so a burst of new clients is
-        // taken in one pass of the scheduler rather than one per pass.
-        for (listener, rt) in accepting {
-            let listener = Rc::new(listener);
-            let rt = Rc::new(ListenerRt {
-                addr: rt.addr,
-                tls: rt.tls.clone(),
-                router: rt.router.clone(),
-            });
-            for _ in 0..ACCEPTORS {
-                io::spawn(accept_loop(worker.clone(), listener.clone(), rt.clone()));
+        let sweeper = worker.clone();
+        io::spawn(async move {
+            loop {
+                tokio::time::sleep(upstream::SWEEP_EVERY).await;
+                sweeper.pool.sweep();
             }
+        });
+        while let Some((addr, socket)) = added.recv().await {
+            start_accepting(&worker, addr, socket);
         }
-        loop {
-            tokio::time::sleep(upstream::SWEEP_EVERY).await;
-            worker.pool.sweep();
-        }
+        std::future::pending::<()>().await;
     });
 }
 
-/// Accept operations kept in flight per listener and worker.
+/// Accept operations kept in flight per listener and worker, so a burst of
+/// new clients is taken in one pass of the scheduler rather than one per pass.
 const ACCEPTORS: usize = 16;
 
-async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, rt: Rc<ListenerRt>) {
+fn start_accepting(worker: &Rc<Worker>, addr: SocketAddr, socket: std::net::TcpListener) {
+    let listener = Rc::new(io::Listener::from_std(socket));
+    for _ in 0..ACCEPTORS {
+        io::spawn(accept_loop(worker.clone(), listener.clone(), addr));
+    }
+}
+
+async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: SocketAddr) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                if worker.open.get() >= worker.shared.settings.max_connections {
-                    tracing::warn!(%peer, limit = worker.shared.settings.max_connections, "connection limit reached; closing");
+                let generation = worker.current();
+                let Some(rt) = generation.listeners.get(&addr).cloned() else {
+                    // A reload removed this listener.
+                    return;
+                };
+                let limit = worker.shared.startup.max_connections;
+                if worker.open.get() >= limit {
+                    tracing::warn!(%peer, limit, "connection limit reached; closing");
                     drop(tcp);
                     continue;
                 }
-                io::spawn(server::serve(worker.clone(), rt.clone(), tcp, peer));
+                io::spawn(server::serve(worker.clone(), rt, tcp, peer));
             }
             Err(e) => {
+                if !worker.current().listeners.contains_key(&addr) {
+                    return;
+                }
                 // EMFILE and friends: back off instead of spinning.
-                tracing::error!(listener = %rt.addr, error = %e, "accept failed");
+                tracing::error!(listener = %addr, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }

@@ -14,7 +14,7 @@ use super::http::{self, ChunkedDecoder, Framing, Head, Reencode, Version};
 use super::io::TcpConn;
 use super::route::{normalize_host, upstream_target};
 use super::upstream::Upstream;
-use super::{ListenerRt, Worker};
+use super::{Generation, ListenerRt, Worker};
 use crate::config::{HostHeader, RouteConfig, XffMode};
 use crate::telemetry::{AccessRecord, HandshakeLabels, UpstreamLabels};
 
@@ -40,11 +40,11 @@ impl Drop for OpenGuard {
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(worker: Rc<Worker>, listener: Rc<ListenerRt>, tcp: TcpConn, peer: SocketAddr) {
+pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, tcp: TcpConn, peer: SocketAddr) {
     worker.open.set(worker.open.get() + 1);
     worker.shared.metrics.open_connections.inc();
     let _guard = OpenGuard(worker.clone());
-    let settings = &worker.shared.settings;
+    let handshake_timeout = worker.current().settings.timeouts.request_headers;
     let mut conn = match &listener.tls {
         Some(config) => {
             let handshake = async {
@@ -52,7 +52,7 @@ pub async fn serve(worker: Rc<Worker>, listener: Rc<ListenerRt>, tcp: TcpConn, p
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 Conn::tls(tcp, server).await
             };
-            let result = timeout(settings.timeouts.request_headers, Box::pin(handshake)).await;
+            let result = timeout(handshake_timeout, Box::pin(handshake)).await;
             let ok = matches!(result, Ok(Ok(_)));
             let label = HandshakeLabels {
                 result: if ok { "ok" } else { "error" }.into(),
@@ -77,10 +77,12 @@ pub async fn serve(worker: Rc<Worker>, listener: Rc<ListenerRt>, tcp: TcpConn, p
         buf: Vec::new(),
         peer,
         tls: listener.tls.is_some(),
+        generation: worker.current(),
     };
     let mut first = true;
     loop {
-        let head = match client.read_head(&worker, first).await {
+        client.generation = worker.current();
+        let head = match client.read_head(first).await {
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(e) => {
@@ -94,9 +96,11 @@ pub async fn serve(worker: Rc<Worker>, listener: Rc<ListenerRt>, tcp: TcpConn, p
         };
         first = false;
         let started = Instant::now();
+        // The request runs to its end on the configuration in force now.
+        client.generation = worker.current();
         // Boxed: an idle keep-alive connection then holds only the small
         // head-reading state, not the largest state of a whole exchange.
-        let keep = Box::pin(client.exchange(&worker, &listener, head, started)).await;
+        let keep = Box::pin(client.exchange(&worker, listener.addr, head, started)).await;
         if !keep {
             client.linger().await;
             return;
@@ -166,6 +170,7 @@ struct Client<'c> {
     buf: Vec<u8>,
     peer: SocketAddr,
     tls: bool,
+    generation: Arc<Generation>,
 }
 
 /// How a finished exchange leaves the client connection.
@@ -187,8 +192,9 @@ enum CopyError {
 
 impl Client<'_> {
     /// Reads the next request head; `None` when the client closed or idled out between requests.
-    async fn read_head(&mut self, worker: &Worker, first: bool) -> Result<Option<Head>, ProxyError> {
-        let settings = &worker.shared.settings;
+    async fn read_head(&mut self, first: bool) -> Result<Option<Head>, ProxyError> {
+        let generation = self.generation.clone();
+        let settings = &generation.settings;
         let limits = &settings.limits;
         let mut deadline = None;
         loop {
@@ -305,12 +311,17 @@ impl Client<'_> {
     async fn exchange(
         &mut self,
         worker: &Rc<Worker>,
-        listener: &ListenerRt,
+        listener: SocketAddr,
         head: Head,
         started: Instant,
     ) -> bool {
-        let settings = &worker.shared.settings;
+        let generation = self.generation.clone();
         let host = head.host().map(normalize_host).unwrap_or_default();
+        let Some(listener) = generation.listeners.get(&listener) else {
+            // A reload removed this listener: finish politely.
+            self.send_error(404, true).await;
+            return false;
+        };
         let route = listener.router.find(&host, head.path());
         let mut record = Record {
             peer: self.peer,
@@ -344,7 +355,7 @@ impl Client<'_> {
             record.finish(worker, Some(route), started);
             return false;
         }
-        let upstream = worker.shared.upstreams[route.service].clone();
+        let upstream = generation.upstreams[route.service].clone();
         let ex = self.forward(worker, route, &upstream, &head).await;
         record.status = ex.status;
         record.bytes_in = ex.bytes_in;
@@ -367,20 +378,18 @@ impl Client<'_> {
             }
         }
         record.finish(worker, Some(route), started);
-        let _ = settings;
         ex.keep_alive
     }
 
     /// Builds the request head sent upstream.
     fn upstream_head(
         &self,
-        worker: &Worker,
         route: &RouteConfig,
         upstream: &Upstream,
         endpoint: usize,
         head: &Head,
     ) -> Vec<u8> {
-        let fwd = worker.shared.settings.forwarded;
+        let fwd = self.generation.settings.forwarded;
         let mut out = Vec::with_capacity(head.wire_len() + 128);
         out.extend_from_slice(head.method().as_bytes());
         out.push(b' ');
@@ -476,11 +485,10 @@ impl Client<'_> {
     async fn connect(
         &self,
         worker: &Worker,
-        service: usize,
         upstream: &Upstream,
         endpoint: usize,
     ) -> Result<(Conn, bool, Vec<u8>), ProxyError> {
-        if let Some((conn, buf)) = worker.pool.take(service, endpoint) {
+        if let Some((conn, buf)) = worker.pool.take(upstream.id, endpoint) {
             return Ok((conn, true, buf));
         }
         let ep = &upstream.cfg.endpoints[endpoint];
@@ -525,7 +533,8 @@ impl Client<'_> {
         upstream: &Arc<Upstream>,
         head: &Head,
     ) -> Exchange {
-        let settings = &worker.shared.settings;
+        let generation = self.generation.clone();
+        let settings = &generation.settings;
         let mut ex = Exchange {
             status: 502,
             keep_alive: false,
@@ -548,20 +557,19 @@ impl Client<'_> {
             }
             let ep_addr = upstream.cfg.endpoints[endpoint].addr;
             ex.upstream = Some(ep_addr);
-            let (mut up, reused, mut up_buf) =
-                match self.connect(worker, route.service, upstream, endpoint).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        attempts += 1;
-                        if matches!(e, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) {
-                            upstream.eject(endpoint);
-                        }
-                        tried.push(endpoint);
-                        // Nothing reached the upstream, so another endpoint is safe for any method.
-                        last_error = Some(e);
-                        continue;
+            let (mut up, reused, mut up_buf) = match self.connect(worker, upstream, endpoint).await {
+                Ok(c) => c,
+                Err(e) => {
+                    attempts += 1;
+                    if matches!(e, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) {
+                        upstream.eject(endpoint);
                     }
-                };
+                    tried.push(endpoint);
+                    // Nothing reached the upstream, so another endpoint is safe for any method.
+                    last_error = Some(e);
+                    continue;
+                }
+            };
             if !reused {
                 attempts += 1;
             }
@@ -577,7 +585,7 @@ impl Client<'_> {
                     return ex;
                 }
             }
-            let request_head = self.upstream_head(worker, route, upstream, endpoint, head);
+            let request_head = self.upstream_head(route, upstream, endpoint, head);
             let (res, _) = up.write_all(request_head).await;
             if let Err(e) = res {
                 if reused {
@@ -670,15 +678,7 @@ impl Client<'_> {
             };
             ex.status = response.status;
             let result = self
-                .send_response(
-                    worker,
-                    head,
-                    &response,
-                    &mut up,
-                    up_buf,
-                    upstream,
-                    &endpoint_name(),
-                )
+                .send_response(head, &response, &mut up, up_buf, upstream, &endpoint_name())
                 .await;
             ex.upstream_time = Some(up_start.elapsed());
             match result {
@@ -686,7 +686,7 @@ impl Client<'_> {
                     ex.bytes_out = sent;
                     ex.keep_alive = client_keep;
                     if upstream_keep {
-                        worker.pool.put(route.service, endpoint, up, buf);
+                        worker.pool.put(upstream.id, endpoint, up, buf);
                     }
                 }
                 Err((sent, e)) => {
@@ -803,14 +803,9 @@ impl Client<'_> {
     }
 
     /// Sends the response head and streams the body; returns bytes sent and whether each side may be reused.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site; the pieces are the exchange's state"
-    )]
     #[expect(clippy::too_many_lines, reason = "one arm per response framing")]
     async fn send_response(
         &mut self,
-        worker: &Worker,
         request: &Head,
         response: &Head,
         up: &mut Conn,
@@ -818,7 +813,8 @@ impl Client<'_> {
         upstream: &Upstream,
         endpoint: &str,
     ) -> Result<(u64, bool, bool, Vec<u8>), (u64, ProxyError)> {
-        let settings = &worker.shared.settings;
+        let generation = self.generation.clone();
+        let settings = &generation.settings;
         let no_body = request.method() == "HEAD" || response.status == 204 || response.status == 304;
         let framing = if no_body { Framing::Empty } else { response.framing };
         let client_11 = request.version == Version::Http11;
@@ -874,12 +870,10 @@ impl Client<'_> {
         match framing {
             Framing::Empty => {
                 let _ = self.write(pending, client_wait).await.map_err(|e| (sent, e))?;
-                Ok((
-                    sent,
-                    client_keep,
-                    response.keep_alive && up_buf.is_empty(),
-                    up_buf,
-                ))
+                // Some upstreams send a body to HEAD anyway; such a connection
+                // would answer the next request with stale bytes, so it is not reused.
+                let reusable = response.keep_alive && up_buf.is_empty() && request.method() != "HEAD";
+                Ok((sent, client_keep, reusable, up_buf))
             }
             Framing::Length(n) => {
                 let mut remaining = n;

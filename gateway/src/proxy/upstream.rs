@@ -29,6 +29,10 @@ pub struct Upstream {
     pub tls: Option<Arc<ClientConfig>>,
     /// Server name verified for each endpoint.
     pub server_names: Vec<ServerName<'static>>,
+    /// Hash of the TLS files it was built from; a reload rebuilds it when they change.
+    pub tls_fingerprint: u64,
+    /// Unique for the process's lifetime: pooled connections are keyed by it.
+    pub id: u64,
     endpoints: Vec<EndpointState>,
     next: AtomicUsize,
     epoch: Instant,
@@ -40,12 +44,16 @@ impl Upstream {
         cfg: ServiceConfig,
         tls: Option<Arc<ClientConfig>>,
         server_names: Vec<ServerName<'static>>,
+        tls_fingerprint: u64,
     ) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let endpoints = cfg.endpoints.iter().map(|_| EndpointState::default()).collect();
         Self {
             cfg,
             tls,
             server_names,
+            tls_fingerprint,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             endpoints,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
@@ -126,10 +134,10 @@ pub struct Pooled {
     idle_since: Instant,
 }
 
-/// Idle upstream connections of one worker, keyed by (service, endpoint).
+/// Idle upstream connections of one worker, keyed by (upstream id, endpoint).
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: RefCell<HashMap<(usize, usize), Vec<Pooled>>>,
+    idle: RefCell<HashMap<(u64, usize), Vec<Pooled>>>,
 }
 
 /// Longest an upstream connection sits idle before it is closed.
@@ -143,7 +151,7 @@ const POOL_MAX: usize = 1024;
 
 impl Pool {
     /// An idle connection to the endpoint, if a fresh one is pooled.
-    pub fn take(&self, service: usize, endpoint: usize) -> Option<(Conn, Vec<u8>)> {
+    pub fn take(&self, service: u64, endpoint: usize) -> Option<(Conn, Vec<u8>)> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&(service, endpoint))?;
         while let Some(p) = list.pop() {
@@ -168,7 +176,7 @@ impl Pool {
     }
 
     /// Returns a connection whose last exchange completed cleanly.
-    pub fn put(&self, service: usize, endpoint: usize, conn: Conn, mut buf: Vec<u8>) {
+    pub fn put(&self, service: u64, endpoint: usize, conn: Conn, mut buf: Vec<u8>) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry((service, endpoint)).or_default();
         if list.len() < POOL_MAX {
@@ -206,7 +214,7 @@ mod tests {
             retries: 1,
             eject_for: Duration::from_mins(1),
         };
-        Arc::new(Upstream::new(cfg, None, Vec::new()))
+        Arc::new(Upstream::new(cfg, None, Vec::new(), 0))
     }
 
     #[test]

@@ -205,6 +205,9 @@ impl Upstream {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
+                // Head and body go out in separate writes; without this, Nagle
+                // holds the body for the proxy's delayed ACK (40 ms).
+                let _ = conn.set_nodelay(true);
                 s.connections.fetch_add(1, Ordering::SeqCst);
                 let (s, tls) = (s.clone(), tls.clone());
                 thread::spawn(move || {
@@ -292,7 +295,9 @@ fn serve_upstream(stream: Stream, stats: &UpstreamStats) -> anyhow::Result<()> {
                     out,
                     "HTTP/1.1 200 OK\r\ncontent-length: {n}\r\ncontent-type: application/octet-stream\r\n\r\n"
                 )?;
-                stream_pattern(out, n, false)?;
+                if !head.starts_with("HEAD ") {
+                    stream_pattern(out, n, false)?;
+                }
             }
             "chunked" => {
                 write!(out, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")?;
@@ -471,6 +476,13 @@ impl GatewayProcess {
         Ok((field("VmHWM:")?, field("VmRSS:")?))
     }
 
+    /// Asks the gateway to reload its configuration (SIGHUP).
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
+        Ok(())
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -533,6 +545,31 @@ pub fn request_open(
             }
             Err(_) => return Ok((out, true)),
         }
+    }
+}
+
+/// Reads one whole content-length-framed response into `buf` and returns its status.
+pub fn read_response(conn: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return status_of(buf)
+                    .with_context(|| format!("no status in {:?}", String::from_utf8_lossy(buf)));
+            }
+        }
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            bail!("closed after {:?}", String::from_utf8_lossy(buf));
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 

@@ -1,0 +1,244 @@
+//! Hot reload: SIGHUP and inotify, under load, valid and invalid changes.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure};
+use portcullis_tests::NetNs;
+use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, connect, read_response, request, status_of};
+
+const ADMIN: &str = "127.0.0.1:9901";
+
+fn api(name: &str, address: &str, upstream: &str) -> String {
+    format!(
+        "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: {name}
+spec:
+  address: {address}
+  services:
+    up:
+      address: {upstream}
+---
+"
+    )
+}
+
+const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Configuration
+metadata:
+  name: proxy
+spec:
+  proxy:
+    workers: 2
+    admin: 127.0.0.1:9901
+";
+
+struct Scene {
+    ns: NetNs,
+    dir: TempDir,
+    _up: Upstream,
+    gw: GatewayProcess,
+}
+
+fn scene() -> anyhow::Result<Scene> {
+    let ns = NetNs::new("rl")?;
+    let dir = TempDir::new("rlc")?;
+    let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    dir.write(
+        "main.yaml",
+        &format!(
+            "{}{SETTINGS}",
+            api("main", "http://127.0.0.1:8080/main", "http://127.0.0.1:9000/")
+        ),
+    )?;
+    let gw = GatewayProcess::start(&ns, &dir.0, ADMIN.parse()?)?;
+    Ok(Scene { ns, dir, _up: up, gw })
+}
+
+/// Replaces `name` atomically (write, then rename), as deploy tools do.
+fn replace(dir: &TempDir, name: &str, text: &str) -> anyhow::Result<()> {
+    let tmp = dir.0.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.0.join(name))?;
+    Ok(())
+}
+
+fn status(ns: &NetNs, addr: &str, path: &str) -> Option<u16> {
+    let addr: SocketAddr = addr.parse().ok()?;
+    let raw = request(
+        ns,
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
+    status_of(&raw)
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "the scenario reads top to bottom")]
+fn hundred_reloads_under_load_fail_no_request() -> anyhow::Result<()> {
+    let s = scene()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    // Two keep-alive clients and one that opens a connection per request.
+    for keep_alive in [true, true, false] {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let mut conn = connect(&s.ns, "127.0.0.1:8080".parse()?)?;
+        let ns_path = s.ns.path();
+        let fresh = move || -> anyhow::Result<std::net::TcpStream> {
+            let ns = std::fs::File::open(&ns_path)?;
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&ns),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )?;
+            Ok(std::net::TcpStream::connect("127.0.0.1:8080")?)
+        };
+        clients.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut buf = vec![0u8; 4096];
+            while !stop.load(Ordering::SeqCst) {
+                if !keep_alive {
+                    conn = fresh()?;
+                }
+                let req: &[u8] = if keep_alive {
+                    b"GET /main/hello HTTP/1.1\r\nHost: a\r\n\r\n"
+                } else {
+                    b"GET /main/hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                };
+                let outcome = match conn.write_all(req) {
+                    Err(e) => Err(format!("write: {e}")),
+                    Ok(()) => match read_response(&mut conn, &mut buf) {
+                        Ok(200) => Ok(()),
+                        Ok(other) => Err(format!("status {other}")),
+                        Err(e) => Err(format!("read: {e}")),
+                    },
+                };
+                if let Err(why) = &outcome {
+                    eprintln!("client (keep-alive {keep_alive}) failed: {why}");
+                }
+                let good = outcome.is_ok();
+                if good {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    if keep_alive {
+                        conn = fresh()?;
+                    }
+                }
+            }
+            Ok(())
+        }));
+    }
+    let reload_started = Instant::now();
+    for i in 0..100 {
+        // Each reload changes the routes; every other one also adds or removes a listener.
+        let mut text = api(
+            &format!("extra-{i}"),
+            &format!("http://127.0.0.1:8080/v{i}"),
+            "http://127.0.0.1:9000/",
+        );
+        if i % 2 == 0 {
+            text.push_str(&api("side", "http://127.0.0.1:8081/", "http://127.0.0.1:9000/"));
+        }
+        replace(&s.dir, "extra.yaml", &text)?;
+        s.gw.reload()?;
+        wait_for(&format!("/v{i} to be routed"), || {
+            status(&s.ns, "127.0.0.1:8080", &format!("/v{i}/hello")) == Some(200)
+        })
+        .map_err(|e| anyhow::anyhow!("{e}: {}", tail(&s.gw.log_text())))?;
+        if i % 2 == 0 {
+            wait_for("the side listener", || {
+                status(&s.ns, "127.0.0.1:8081", "/hello") == Some(200)
+            })
+            .map_err(|e| anyhow::anyhow!("{e}: {}", tail(&s.gw.log_text())))?;
+        } else {
+            wait_for("the side listener to close", || {
+                status(&s.ns, "127.0.0.1:8081", "/hello").is_none()
+            })
+            .map_err(|e| anyhow::anyhow!("{e}: {}", tail(&s.gw.log_text())))?;
+        }
+        if i > 0 {
+            ensure!(
+                status(&s.ns, "127.0.0.1:8080", &format!("/v{}/hello", i - 1)) == Some(404),
+                "the previous route must be gone"
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    eprintln!("reload phase took {:?}", reload_started.elapsed());
+    eprintln!("during 100 reloads: {ok} requests answered 200, {failed} failed");
+    ensure!(
+        failed == 0,
+        "{failed} requests failed during reloads ({ok} succeeded)"
+    );
+    ensure!(ok > 300, "the load was too light to mean anything: {ok}");
+    let reloaded = s.gw.log_text().matches("configuration reloaded").count();
+    ensure!(reloaded >= 100, "only {reloaded} reloads logged");
+    Ok(())
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains(" access: ")).collect();
+    lines[lines.len().saturating_sub(12)..].join("\n")
+}
+
+#[test]
+fn an_invalid_change_is_rejected_whole_and_traffic_stays() -> anyhow::Result<()> {
+    let s = scene()?;
+    // One valid new API and one broken one in the same change: neither is applied.
+    let text = format!(
+        "{}{}",
+        api("fine", "http://127.0.0.1:8080/fine", "http://127.0.0.1:9000/"),
+        api(
+            "broken",
+            "http://127.0.0.1:8080/broken",
+            "http://127.0.0.1:notaport/"
+        )
+    );
+    replace(&s.dir, "extra.yaml", &text)?;
+    s.gw.reload()?;
+    wait_for("the rejection in the log", || {
+        s.gw.log_text().contains("reload rejected")
+    })?;
+    let log = s.gw.log_text();
+    ensure!(
+        log.contains("extra.yaml:19: spec.services.up.address"),
+        "the error must be located: {log}"
+    );
+    ensure!(
+        status(&s.ns, "127.0.0.1:8080", "/fine/hello") == Some(404),
+        "half of an invalid change must not apply"
+    );
+    ensure!(
+        status(&s.ns, "127.0.0.1:8080", "/main/hello") == Some(200),
+        "traffic continues on the running configuration"
+    );
+    // Fixing the file (noticed by inotify, no signal) applies the whole change.
+    replace(&s.dir, "extra.yaml", &text.replace("notaport", "9000"))?;
+    wait_for("inotify to reload", || {
+        status(&s.ns, "127.0.0.1:8080", "/broken/hello") == Some(200)
+    })?;
+    ensure!(status(&s.ns, "127.0.0.1:8080", "/fine/hello") == Some(200));
+    Ok(())
+}
