@@ -35,7 +35,13 @@ enum Command {
     Check {
         /// Directory of YAML resources.
         dir: std::path::PathBuf,
+        /// `text` (one `file:line:column: field: message` per line) or `json`.
+        #[arg(long, value_enum, default_value_t = gateway::Format::Text)]
+        format: gateway::Format,
     },
+    /// Make keys and encrypted values for `${encrypted:v1:...}` secret fields.
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Attach or detach the XDP program.
     #[command(subcommand)]
     Xdp(XdpCommand),
@@ -50,6 +56,22 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Write a new random 256-bit key (base64) to a file created with mode 0600.
+    Keygen {
+        /// Where to write the key; must not exist yet.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Read a secret from stdin and print it as `${encrypted:v1:...}` for a config file.
+    Encrypt {
+        /// The key file (`portcullis secret keygen`).
+        #[arg(long)]
+        key_file: std::path::PathBuf,
     },
 }
 
@@ -191,15 +213,29 @@ fn main() -> ExitCode {
     // Log lines (the access log included) are written by a thread of their
     // own, so a slow terminal or disk never stalls a worker.
     let (writer, _flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(cli) {
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let env_set = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default_filter));
+    let (filter, level_handle) = tracing_subscriber::reload::Layer::new(filter);
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init();
+    }
+    // RUST_LOG, when set, wins over the Configuration's logLevel.
+    let set_level: gateway::SetLevel = Box::new(move |level: &str| {
+        if !env_set {
+            let _ = level_handle.modify(|f| *f = tracing_subscriber::EnvFilter::new(level));
+        }
+    });
+    match run(cli, &set_level) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let causes: Vec<String> = error.chain().map(ToString::to_string).collect();
@@ -216,11 +252,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, set_level: &gateway::SetLevel) -> anyhow::Result<()> {
     let instance = Instance::new(&cli.instance)?;
     match cli.command {
-        Command::Run { config } => gateway::run(&config)?,
-        Command::Check { dir } => gateway::check(&dir)?,
+        Command::Run { config } => gateway::run(&config, set_level)?,
+        Command::Check { dir, format } => gateway::check(&dir, format)?,
+        Command::Secret(SecretCommand::Keygen { out }) => gateway::keygen(&out)?,
+        Command::Secret(SecretCommand::Encrypt { key_file }) => gateway::encrypt(&key_file)?,
         Command::Xdp(XdpCommand::Attach {
             iface,
             mode,

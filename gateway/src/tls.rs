@@ -1,11 +1,9 @@
 //! TLS material: certificates and keys from files, and the rustls configs built from them.
 //!
-//! Private keys are read only from files that neither group nor others can
-//! read; a looser file is refused, naming the file and the fix.
+//! Private keys arrive already resolved from their secret references (see
+//! `config::secret`, which refuses loose files with the fix to run).
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -52,25 +50,17 @@ fn certs(pem: &Pem, origin: &Origin) -> Result<Vec<CertificateDer<'static>>, Con
     Ok(list)
 }
 
-/// Reads a private key, refusing files that group or others can read.
-pub fn read_key(path: &Path, origin: &Origin) -> Result<PrivateKeyDer<'static>, ConfigError> {
-    let meta = fs::metadata(path)
-        .map_err(|e| origin.error(format!("cannot read key file {}: {e}", path.display())))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(origin.error(format!(
-            "key file {} is readable by group or others (mode {mode:04o}); run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        )));
-    }
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| origin.error(format!("{} holds no usable private key: {e}", path.display())))
+/// Parses a private key resolved from its secret reference.
+pub fn parse_key(pair: &CertPair) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    PrivateKeyDer::from_pem_slice(pair.key.expose()).map_err(|e| {
+        pair.origin
+            .error(format!("the key holds no usable PEM private key: {e}"))
+    })
 }
 
 fn certified_key(pair: &CertPair, provider: &CryptoProvider) -> Result<CertifiedKey, ConfigError> {
     let chain = certs(&pair.crt, &pair.origin)?;
-    let key = read_key(&pair.key, &pair.origin)?;
+    let key = parse_key(pair)?;
     CertifiedKey::from_der(chain, key, provider).map_err(|e| {
         pair.origin
             .error(format!("certificate and key do not form a usable pair: {e}"))
@@ -185,7 +175,7 @@ pub fn client_config(tls: &OutboundTls) -> Result<Arc<ClientConfig>, Vec<ConfigE
     let mut config = match &tls.client {
         Some(pair) => {
             let chain = certs(&pair.crt, &pair.origin).map_err(|e| vec![e])?;
-            let key = read_key(&pair.key, &pair.origin).map_err(|e| vec![e])?;
+            let key = parse_key(pair).map_err(|e| vec![e])?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| vec![pair.origin.error(format!("client certificate and key: {e}"))])?
@@ -200,16 +190,16 @@ pub fn client_config(tls: &OutboundTls) -> Result<Arc<ClientConfig>, Vec<ConfigE
 pub fn fingerprint(tls: &OutboundTls) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    let mut add = |pem: &Pem| match pem {
-        Pem::File(path) => fs::read(path).unwrap_or_default().hash(&mut hasher),
-        Pem::Inline(text) => text.hash(&mut hasher),
+    let add = |pem: &Pem, hasher: &mut std::collections::hash_map::DefaultHasher| match pem {
+        Pem::File(path) => fs::read(path).unwrap_or_default().hash(hasher),
+        Pem::Inline(text) => text.hash(hasher),
     };
     if let Some(ca) = &tls.ca {
-        add(ca);
+        add(ca, &mut hasher);
     }
     if let Some(pair) = &tls.client {
-        add(&pair.crt);
-        add(&Pem::File(pair.key.clone()));
+        add(&pair.crt, &mut hasher);
+        pair.key.expose().hash(&mut hasher);
     }
     hasher.finish()
 }
@@ -218,36 +208,4 @@ pub fn fingerprint(tls: &OutboundTls) -> u64 {
 pub fn upstream_name(sni: Option<&str>, host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(sni.unwrap_or(host).to_string())
         .map_err(|e| format!("`{}` is not a valid TLS server name: {e}", sni.unwrap_or(host)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn origin() -> Origin {
-        Origin {
-            file: "tls.yaml".into(),
-            line: 3,
-            field: "spec.config.certificate".into(),
-        }
-    }
-
-    #[test]
-    fn loose_key_files_are_refused() {
-        let dir = std::env::temp_dir().join(format!("pc-tls-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let cert = rcgen::generate_simple_self_signed(vec!["api.test".into()]).unwrap();
-        let key = dir.join("key.pem");
-        fs::write(&key, cert.signing_key.serialize_pem()).unwrap();
-        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
-        let err = read_key(&key, &origin()).unwrap_err();
-        assert!(
-            err.message.contains("readable by group or others (mode 0644)"),
-            "{err}"
-        );
-        assert!(err.message.contains("chmod 600"), "{err}");
-        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(read_key(&key, &origin()).is_ok());
-        fs::remove_dir_all(&dir).unwrap();
-    }
 }

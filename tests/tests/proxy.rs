@@ -937,37 +937,57 @@ spec:
         ),
     )?;
     dir.write("b.yaml", "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: Service\nmetadata:\n  name: s\nspec:\n  adress: http://x\n")?;
-    let out = std::process::Command::new(portcullis_tests::portcullis_bin())
-        .arg("check")
-        .arg(&dir.0)
-        .output()?;
+    let check = || {
+        std::process::Command::new(portcullis_tests::portcullis_bin())
+            .arg("check")
+            .arg(&dir.0)
+            .output()
+    };
+    let out = check()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "check must fail: {err}");
+    let a = dir.0.join("a.yaml").display().to_string();
+    let b = dir.0.join("b.yaml").display().to_string();
+    let key = leaf.key.display().to_string();
+    let want = [
+        format!(
+            "{a}:9:7: spec.services.up.address: `http://127.0.0.1:notaport/`: port `notaport` is not 1-65535"
+        ),
+        format!(
+            "{a}:33:7: spec.config.certificate.key: {key} is readable by group or others (mode 0644); run `chmod 600 {key}`"
+        ),
+        format!("{b}:6:3: spec: unknown field `adress`, expected one of"),
+        format!("3 configuration error(s) in {}", dir.0.display()),
+    ];
+    let lines: Vec<&str> = err.lines().collect();
     ensure!(
-        err.contains("a.yaml:9: spec.services.up.address: `http://127.0.0.1:notaport/`"),
-        "{err}"
+        lines.len() == 4,
+        "exactly the three errors and the summary: {err}"
     );
-    ensure!(err.contains("b.yaml:6: spec: unknown field `adress`"), "{err}");
-    // The key-mode problem is found once the resources themselves are valid.
+    for (line, want) in lines.iter().zip(&want) {
+        ensure!(line.contains(want.as_str()), "want {want:?}\ngot  {line:?}");
+    }
+    // JSON for CI pipelines carries the same facts.
+    let out = std::process::Command::new(portcullis_tests::portcullis_bin())
+        .args(["check", "--format", "json"])
+        .arg(&dir.0)
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        !out.status.success() && json["ok"] == false && json["errors"].as_array().map(Vec::len) == Some(3),
+        "{json}"
+    );
+    let first = &json["errors"][0];
+    ensure!(
+        first["line"] == 9 && first["column"] == 7 && first["field"] == "spec.services.up.address",
+        "{json}"
+    );
+    // Fixed, it passes.
     std::fs::remove_file(dir.0.join("b.yaml"))?;
     let fixed = std::fs::read_to_string(dir.0.join("a.yaml"))?.replace("notaport", "9000");
     dir.write("a.yaml", &fixed)?;
-    let out = std::process::Command::new(portcullis_tests::portcullis_bin())
-        .arg("check")
-        .arg(&dir.0)
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success()
-            && err.contains("a.yaml:31: spec.config.certificate: key file")
-            && err.contains("(mode 0644)"),
-        "{err}"
-    );
     std::fs::set_permissions(&leaf.key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let out = std::process::Command::new(portcullis_tests::portcullis_bin())
-        .arg("check")
-        .arg(&dir.0)
-        .output()?;
+    let out = check()?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }

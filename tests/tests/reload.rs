@@ -223,7 +223,7 @@ fn an_invalid_change_is_rejected_whole_and_traffic_stays() -> anyhow::Result<()>
     })?;
     let log = s.gw.log_text();
     ensure!(
-        log.contains("extra.yaml:19: spec.services.up.address"),
+        log.contains("extra.yaml:19:7: spec.services.up.address"),
         "the error must be located: {log}"
     );
     ensure!(

@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
-/// Line numbers (1-based) of every mapping key and sequence item, per document.
+/// Positions (1-based line and column) of every mapping key and sequence item, per document.
 #[derive(Debug, Default)]
 pub struct LineIndex {
-    docs: Vec<HashMap<String, usize>>,
+    docs: Vec<HashMap<String, (usize, usize)>>,
 }
 
 enum Frame {
@@ -36,7 +36,7 @@ fn join(path: &str, key: &str) -> String {
 
 impl Builder {
     /// Path of the node that starts now, recording its line.
-    fn enter(&mut self, line: usize) -> String {
+    fn enter(&mut self, line: (usize, usize)) -> String {
         let path = match self.stack.last_mut() {
             Some(Frame::Map { path, key }) => join(path, &key.take().unwrap_or_default()),
             Some(Frame::Seq { path, next }) => {
@@ -55,7 +55,7 @@ impl Builder {
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
-        let line = mark.line();
+        let line = (mark.line(), mark.col() + 1);
         match ev {
             Event::DocumentStart => {
                 self.index.docs.push(HashMap::new());
@@ -104,7 +104,14 @@ impl LineIndex {
 
     /// Line of `path` in document `doc`, or of its nearest indexed parent.
     pub fn line(&self, doc: usize, path: &str) -> usize {
-        let Some(map) = self.docs.get(doc) else { return 1 };
+        self.position(doc, path).0
+    }
+
+    /// Line and column of `path` in document `doc`, or of its nearest indexed parent.
+    pub fn position(&self, doc: usize, path: &str) -> (usize, usize) {
+        let Some(map) = self.docs.get(doc) else {
+            return (1, 1);
+        };
         let mut probe = path.to_string();
         loop {
             if let Some(line) = map.get(&probe) {
@@ -112,7 +119,7 @@ impl LineIndex {
             }
             match probe.rfind(['.', '[']) {
                 Some(i) => probe.truncate(i),
-                None => return map.get("").copied().unwrap_or(1),
+                None => return map.get("").copied().unwrap_or((1, 1)),
             }
         }
     }

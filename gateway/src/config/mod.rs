@@ -6,6 +6,7 @@
 mod locate;
 mod model;
 pub mod raw;
+pub mod secret;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -15,12 +16,14 @@ pub use model::*;
 
 /// One problem in the configuration, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {field}: {message}")]
+#[error("{file}:{line}:{column}: {field}: {message}")]
 pub struct ConfigError {
     /// File the problem is in.
     pub file: String,
     /// 1-based line.
     pub line: usize,
+    /// 1-based column.
+    pub column: usize,
     /// Dotted path of the field, e.g. `spec.services.orders.address`.
     pub field: String,
     /// What is wrong and what to do about it.
@@ -62,6 +65,7 @@ impl Source for DirSource {
         let dir_error = |message: String| ConfigError {
             file: self.0.display().to_string(),
             line: 0,
+            column: 0,
             field: String::new(),
             message,
         };
@@ -84,6 +88,7 @@ impl Source for DirSource {
                 let text = std::fs::read_to_string(&p).map_err(|e| ConfigError {
                     file: p.display().to_string(),
                     line: 0,
+                    column: 0,
                     field: String::new(),
                     message: format!("cannot read: {e}"),
                 })?;

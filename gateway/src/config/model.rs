@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::locate::LineIndex;
 use super::raw;
+use super::secret::{self, Resolver, Secret, SecretError, SecretSource};
 use super::{ConfigError, ConfigErrors};
 use crate::proxy::http::HeadLimits;
 
@@ -24,6 +25,92 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Proxy-wide settings.
     pub proxy: ProxySettings,
+    /// Logging, shared storage, Gatekeeper.
+    pub gateway: GatewaySettings,
+    /// Client applications and the APIs they may call.
+    pub contracts: Vec<ContractConfig>,
+    /// Problems that do not stop the configuration from loading.
+    pub warnings: Vec<ConfigError>,
+}
+
+/// Gatekeeper level (see DESIGN.md, Gatekeeper).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GateLevel {
+    /// 503 until every policy is applied; stays 503 while the control plane is unreachable.
+    Strict,
+    /// 503 until every policy is applied; opens on cached policies when the control plane is unreachable.
+    #[default]
+    Flexible,
+    /// Never 503.
+    Disabled,
+}
+
+/// Gateway-wide settings beyond the proxy's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewaySettings {
+    /// Runtime log level (`error` … `trace`).
+    pub log_level: String,
+    /// One access line per request.
+    pub access_logs: bool,
+    /// Redis shared storage, if configured.
+    pub redis: Option<RedisConfig>,
+    /// Gatekeeper level.
+    pub gate_level: GateLevel,
+    /// Whether a policy edit closes the route until it is applied.
+    pub block_edit: bool,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+            access_logs: true,
+            redis: None,
+            gate_level: GateLevel::Flexible,
+            block_edit: true,
+        }
+    }
+}
+
+/// Redis connection settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `host:port`.
+    pub address: String,
+    /// ACL user.
+    pub username: Option<String>,
+    /// Password, resolved from its secret reference.
+    pub password: Option<Secret>,
+    /// Database number.
+    pub db: u32,
+    /// TLS, with an optional CA bundle.
+    pub tls: Option<Option<Pem>>,
+}
+
+/// How a contract's client secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientSecret {
+    /// A hash as configured (`$argon2id$…`, `$2b$…`, `sha256:<hex>`).
+    Hash(String),
+    /// SHA-256 of a secret read from a reference, as `sha256:<hex>`.
+    Sha256(String),
+}
+
+/// A client application's access to API instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContractConfig {
+    /// Resource name.
+    pub name: String,
+    /// Client application name.
+    pub client_name: Option<String>,
+    /// Client id.
+    pub client_id: String,
+    /// Hashed client secret, if any.
+    pub secret: Option<ClientSecret>,
+    /// SLA tier name.
+    pub sla_tier: Option<String>,
+    /// ApiInstances it may call.
+    pub apis: Vec<String>,
 }
 
 /// Where a value was written, for errors found after validation (TLS files).
@@ -33,6 +120,8 @@ pub struct Origin {
     pub file: String,
     /// Line.
     pub line: usize,
+    /// Column.
+    pub column: usize,
     /// Dotted field path.
     pub field: String,
 }
@@ -43,6 +132,7 @@ impl Origin {
         ConfigError {
             file: self.file.clone(),
             line: self.line,
+            column: self.column,
             field: self.field.clone(),
             message: message.into(),
         }
@@ -54,6 +144,8 @@ impl Origin {
 pub struct ListenerConfig {
     /// Socket address.
     pub addr: SocketAddr,
+    /// Reachable from the internet (its certificates must never be used internally).
+    pub external: bool,
     /// Inbound TLS, if the listener is `https`.
     pub tls: Option<InboundTls>,
     /// Routes, most specific first.
@@ -118,6 +210,8 @@ pub struct ServiceConfig {
     pub retries: u32,
     /// How long an endpoint that refused a connection is skipped.
     pub eject_for: Duration,
+    /// Outside the private network (its client certificate must never face internal peers).
+    pub external: bool,
 }
 
 /// One upstream endpoint.
@@ -145,8 +239,8 @@ pub enum Pem {
 pub struct CertPair {
     /// Certificate chain.
     pub crt: Pem,
-    /// Private key file.
-    pub key: PathBuf,
+    /// Private key (PEM), resolved from its secret reference.
+    pub key: Secret,
     /// Where the pair was configured.
     pub origin: Origin,
 }
@@ -374,9 +468,11 @@ struct Doc<'a> {
 
 impl Doc<'_> {
     fn at(&self, field: &str) -> Origin {
+        let (line, column) = self.index.position(self.n, field);
         Origin {
             file: self.file.to_string(),
-            line: self.index.line(self.n, field),
+            line,
+            column,
             field: field.to_string(),
         }
     }
@@ -384,6 +480,8 @@ impl Doc<'_> {
 
 struct Collector {
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
+    resolver: Resolver,
 }
 
 impl Collector {
@@ -393,7 +491,12 @@ impl Collector {
 }
 
 /// A listener being assembled: https?, its routes with where each was defined, its TLS context.
-type ListenerDraft = (bool, Vec<(RouteConfig, Origin)>, Option<InboundTls>);
+type ListenerDraft = (
+    bool,
+    Vec<(RouteConfig, Origin)>,
+    Option<InboundTls>,
+    Option<(bool, Origin)>,
+);
 
 struct ApiDoc<'a> {
     doc: Doc<'a>,
@@ -414,7 +517,7 @@ struct BindingDoc<'a> {
 
 /// Turns a serde_yaml_ng error into a located error.
 fn serde_error(file: &str, e: &serde_yaml_ng::Error) -> ConfigError {
-    let line = e.location().map_or(1, |l| l.line());
+    let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
     let mut message = e.to_string();
     if let Some(i) = message.find(" at line ") {
         message.truncate(i);
@@ -426,6 +529,7 @@ fn serde_error(file: &str, e: &serde_yaml_ng::Error) -> ConfigError {
     ConfigError {
         file: file.to_string(),
         line,
+        column,
         field,
         message,
     }
@@ -451,12 +555,17 @@ fn typed<S: for<'de> Deserialize<'de>>(
     reason = "one pass over every kind, in the order resources refer to each other"
 )]
 pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, ConfigErrors> {
-    let mut c = Collector { errors: Vec::new() };
+    let mut c = Collector {
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        resolver: Resolver::new(None),
+    };
     let indexes: Vec<LineIndex> = files.iter().map(|(_, text)| LineIndex::build(text)).collect();
     let mut apis = Vec::new();
     let mut services = Vec::new();
     let mut bindings = Vec::new();
     let mut configuration: Option<(Doc, raw::ConfigurationSpec)> = None;
+    let mut contracts = Vec::new();
 
     for ((file, text), index) in files.iter().zip(&indexes) {
         // `None` marks a document to skip: empty (a trailing `---`) or already reported.
@@ -502,22 +611,46 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                         }
                     }
                 }
+                "Contract" => {
+                    if let Some(t) = typed::<raw::ContractSpec>(file, de, &mut c.errors) {
+                        check_envelope(&doc, &t.api_version, &t.metadata, &mut c);
+                        contracts.push((doc, t.metadata.name, t.spec));
+                    }
+                }
                 other => c.push(
                     &doc.at("kind"),
-                    format!("unknown kind `{other}`; expected ApiInstance, Service, PolicyBinding or Configuration"),
+                    format!(
+                        "unknown kind `{other}`; expected ApiInstance, Service, PolicyBinding, Configuration or Contract"
+                    ),
                 ),
             }
         }
     }
 
-    let proxy = match &configuration {
-        Some((doc, spec)) => proxy_settings(doc, spec, &mut c),
-        None => ProxySettings::default(),
+    let (proxy, gateway) = match &configuration {
+        Some((doc, spec)) => {
+            if let Some(key_file) = spec.secrets.as_ref().and_then(|s| s.key_file.as_ref()) {
+                let path = Path::new(key_file);
+                c.resolver = Resolver::new(Some(if path.is_absolute() {
+                    path.to_path_buf()
+                } else {
+                    base.join(path)
+                }));
+            }
+            (
+                proxy_settings(doc, spec, &mut c),
+                gateway_settings(doc, spec, base, &mut c),
+            )
+        }
+        None => (ProxySettings::default(), GatewaySettings::default()),
     };
     let mut out = Config {
         listeners: Vec::new(),
         services: Vec::new(),
         proxy,
+        gateway,
+        contracts: Vec::new(),
+        warnings: Vec::new(),
     };
 
     // Named Service resources first, so ApiInstances can refer to them.
@@ -542,7 +675,9 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         service_docs.insert(name.clone(), &sd.doc);
     }
 
-    // TLS bindings.
+    // TLS bindings; the targets of broken ones are remembered so that the
+    // missing context is not reported a second time.
+    let mut broken_tls: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut inbound: HashMap<String, InboundTls> = HashMap::new();
     for b in &bindings {
         let target_kind = b.spec.target_ref.kind.as_deref();
@@ -552,10 +687,19 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                     c.push(&b.doc.at("spec.targetRef.kind"), "the inbound `tls` policy binds to an ApiInstance");
                     continue;
                 }
-                if let Some(tls) = inbound_tls(&b.doc, &b.spec.config, base, &mut c)
-                    && inbound.insert(b.spec.target_ref.name.clone(), tls).is_some() {
-                        c.push(&b.doc.at("spec.targetRef.name"), format!("ApiInstance `{}` already has a tls binding", b.spec.target_ref.name));
+                match inbound_tls(&b.doc, &b.spec.config, base, &mut c) {
+                    Some(tls) => {
+                        if inbound.insert(b.spec.target_ref.name.clone(), tls).is_some() {
+                            c.push(
+                                &b.doc.at("spec.targetRef.name"),
+                                format!("ApiInstance `{}` already has a tls binding", b.spec.target_ref.name),
+                            );
+                        }
                     }
+                    None => {
+                        broken_tls.insert(b.spec.target_ref.name.clone());
+                    }
+                }
             }
             "tls-outbound" => {
                 if target_kind != Some("Service") {
@@ -641,7 +785,28 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         };
         let entry = listeners
             .entry(listen)
-            .or_insert_with(|| (url.tls, Vec::new(), None));
+            .or_insert_with(|| (url.tls, Vec::new(), None, None));
+        let external = network(
+            &api.doc,
+            "spec.network",
+            api.spec.network.as_deref(),
+            &[ip],
+            &mut c,
+        );
+        match &entry.3 {
+            Some((other, at)) if *other != external => c.push(
+                &api.doc.at("spec.network"),
+                format!(
+                    "{listen} is {} here but {} at {}:{}; one port is one network",
+                    side(external),
+                    side(*other),
+                    at.file,
+                    at.line
+                ),
+            ),
+            Some(_) => {}
+            None => entry.3 = Some((external, api.doc.at("spec.address"))),
+        }
         if entry.0 != url.tls {
             c.push(
                 &addr_at,
@@ -694,7 +859,10 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
             );
         }
     }
-    for (addr, (tls, routes, ctx)) in listeners {
+    for (addr, (tls, routes, ctx, net)) in listeners {
+        if tls && ctx.is_none() && routes.iter().any(|(r, _)| broken_tls.contains(&r.api)) {
+            continue;
+        }
         if tls && ctx.is_none() {
             let (_, at) = &routes[0];
             c.push(
@@ -713,6 +881,7 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         });
         out.listeners.push(ListenerConfig {
             addr,
+            external: net.is_some_and(|(e, _)| e),
             tls: ctx,
             routes,
         });
@@ -721,15 +890,262 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         c.errors.push(ConfigError {
             file: files.first().map(|f| f.0.clone()).unwrap_or_default(),
             line: 1,
+            column: 1,
             field: String::new(),
             message: "no ApiInstance: the gateway would have nothing to serve".into(),
         });
     }
+    separate_certificates(&out, &mut c);
+    contracts_into(&contracts, &api_names, base, &mut out, &mut c);
+    let used: std::collections::HashSet<usize> = out
+        .listeners
+        .iter()
+        .flat_map(|l| l.routes.iter().map(|r| r.service))
+        .collect();
+    for (name, sd) in &services {
+        if service_index.get(name).is_some_and(|i| !used.contains(i)) {
+            c.warnings.push(
+                sd.doc
+                    .at("metadata.name")
+                    .error(format!("Service `{name}` is not used by any ApiInstance")),
+            );
+        }
+    }
+    out.warnings = std::mem::take(&mut c.warnings);
     if c.errors.is_empty() {
         Ok(out)
     } else {
+        c.errors
+            .sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
         Err(ConfigErrors(c.errors))
     }
+}
+
+/// Certificates exposed to the internet are never used internally, and vice versa.
+fn separate_certificates(out: &Config, c: &mut Collector) {
+    struct Use<'a> {
+        crt: Vec<u8>,
+        key: &'a [u8],
+        external: bool,
+        origin: &'a Origin,
+        what: String,
+    }
+    let crt_bytes = |pem: &Pem| match pem {
+        Pem::File(path) => std::fs::read(path).unwrap_or_default(),
+        Pem::Inline(text) => text.as_bytes().to_vec(),
+    };
+    let mut uses: Vec<Use> = Vec::new();
+    for l in &out.listeners {
+        for pair in l.tls.iter().flat_map(|t| &t.certs) {
+            let what = format!("{} listener {}", side(l.external), l.addr);
+            uses.push(Use {
+                crt: crt_bytes(&pair.crt),
+                key: pair.key.expose(),
+                external: l.external,
+                origin: &pair.origin,
+                what,
+            });
+        }
+    }
+    for s in &out.services {
+        if let Some(pair) = s.tls.as_ref().and_then(|t| t.client.as_ref()) {
+            let what = format!("{} service {}", side(s.external), s.name);
+            uses.push(Use {
+                crt: crt_bytes(&pair.crt),
+                key: pair.key.expose(),
+                external: s.external,
+                origin: &pair.origin,
+                what,
+            });
+        }
+    }
+    for (i, a) in uses.iter().enumerate() {
+        for b in &uses[..i] {
+            if a.external == b.external {
+                continue;
+            }
+            let same = if !a.crt.is_empty() && a.crt == b.crt {
+                "certificate"
+            } else if a.key == b.key {
+                "private key"
+            } else {
+                continue;
+            };
+            c.push(
+                a.origin,
+                format!(
+                    "the same {same} serves the {} and the {} ({}:{}); certificates facing the internet are never used internally: issue separate ones",
+                    a.what, b.what, b.origin.file, b.origin.line
+                ),
+            );
+        }
+    }
+}
+
+fn contracts_into(
+    contracts: &[(Doc, String, raw::ContractSpec)],
+    api_names: &HashMap<&str, Origin>,
+    base: &Path,
+    out: &mut Config,
+    c: &mut Collector,
+) {
+    let mut client_ids: HashMap<&str, Origin> = HashMap::new();
+    for (doc, name, spec) in contracts {
+        let id_at = doc.at("spec.clientId");
+        if spec.client_id.trim().is_empty() {
+            c.push(&id_at, "clientId must not be empty");
+        } else if let Some(prev) = client_ids.insert(&spec.client_id, id_at.clone()) {
+            c.push(
+                &id_at,
+                format!(
+                    "client id is already used by the Contract at {}:{}",
+                    prev.file, prev.line
+                ),
+            );
+        }
+        let secret = match (&spec.client_secret, &spec.client_secret_hash) {
+            (Some(_), Some(_)) => {
+                c.push(
+                    &doc.at("spec.clientSecretHash"),
+                    "give clientSecret or clientSecretHash, not both",
+                );
+                None
+            }
+            (Some(field), None) => secret_value(doc, "spec.clientSecret", field, base, c).map(|s| {
+                let digest = ring::digest::digest(&ring::digest::SHA256, s.expose());
+                let hex = digest.as_ref().iter().fold(String::with_capacity(64), |mut hex, b| {
+                    use std::fmt::Write as _;
+                    let _ = write!(hex, "{b:02x}");
+                    hex
+                });
+                ClientSecret::Sha256(format!("sha256:{hex}"))
+            }),
+            (None, Some(hash)) => {
+                if valid_hash(hash) {
+                    Some(ClientSecret::Hash(hash.clone()))
+                } else {
+                    c.push(
+                        &doc.at("spec.clientSecretHash"),
+                        "not a recognised hash: expected $argon2id$..., $2b$... (bcrypt) or sha256:<64 hex digits>",
+                    );
+                    None
+                }
+            }
+            (None, None) => None,
+        };
+        if spec.apis.is_empty() {
+            c.push(
+                &doc.at("spec.apis"),
+                "a contract that names no ApiInstance grants nothing; list the APIs it may call",
+            );
+        }
+        for (i, api) in spec.apis.iter().enumerate() {
+            if !api_names.contains_key(api.as_str()) {
+                c.push(
+                    &doc.at(&format!("spec.apis[{i}]")),
+                    format!("no ApiInstance named `{api}`"),
+                );
+            }
+        }
+        out.contracts.push(ContractConfig {
+            name: name.clone(),
+            client_name: spec.client_name.clone(),
+            client_id: spec.client_id.clone(),
+            secret,
+            sla_tier: spec.sla_tier.clone(),
+            apis: spec.apis.clone(),
+        });
+    }
+}
+
+fn valid_hash(hash: &str) -> bool {
+    if let Some(hex) = hash.strip_prefix("sha256:") {
+        return hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    }
+    hash.starts_with("$argon2id$")
+        || hash.starts_with("$argon2i$")
+        || (hash.len() == 60 && ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)))
+}
+
+fn gateway_settings(
+    doc: &Doc,
+    spec: &raw::ConfigurationSpec,
+    base: &Path,
+    c: &mut Collector,
+) -> GatewaySettings {
+    let mut g = GatewaySettings::default();
+    if let Some(logging) = &spec.logging {
+        if logging.outputs.is_some() {
+            c.push(
+                &doc.at("spec.logging.outputs"),
+                "Fluent Bit outputs are not supported: logs go to stderr (journald under systemd); remove `outputs`",
+            );
+        }
+        if let Some(level) = logging.runtime_logs.as_ref().and_then(|r| r.log_level.as_ref()) {
+            if ["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+                g.log_level.clone_from(level);
+            } else {
+                c.push(
+                    &doc.at("spec.logging.runtimeLogs.logLevel"),
+                    format!("`{level}` is not error, warn, info, debug or trace"),
+                );
+            }
+        }
+        g.access_logs = logging.access_logs.unwrap_or(true);
+    }
+    if let Some(redis) = spec.shared_storage.as_ref().and_then(|s| s.redis.as_ref()) {
+        let at = doc.at("spec.sharedStorage.redis.address");
+        let valid = redis
+            .address
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !valid {
+            c.push(&at, format!("`{}` is not host:port", redis.address));
+        }
+        let password = redis
+            .password
+            .as_ref()
+            .and_then(|p| secret_value(doc, "spec.sharedStorage.redis.password", p, base, c));
+        let tls = redis.tls.as_ref().map(|t| {
+            t.trusted_ca.as_ref().and_then(|ca| {
+                pem(ca, base)
+                    .map_err(|e| c.push(&doc.at("spec.sharedStorage.redis.tls.trustedCA"), e))
+                    .ok()
+            })
+        });
+        g.redis = Some(RedisConfig {
+            address: redis.address.clone(),
+            username: redis.username.clone(),
+            password,
+            db: redis.db.unwrap_or(0),
+            tls,
+        });
+    }
+    if let Some(gk) = &spec.gatekeeper {
+        let at = doc.at("spec.gatekeeper.level");
+        match &gk.level {
+            None => {}
+            Some(serde_yaml_ng::Value::String(level)) => match level.as_str() {
+                "strict" => g.gate_level = GateLevel::Strict,
+                "flexible" => g.gate_level = GateLevel::Flexible,
+                "disabled" => g.gate_level = GateLevel::Disabled,
+                other => c.push(&at, format!("`{other}` is not strict, flexible or disabled")),
+            },
+            Some(serde_yaml_ng::Value::Bool(on)) => {
+                g.gate_level = if *on {
+                    GateLevel::Strict
+                } else {
+                    GateLevel::Disabled
+                };
+                let spelled = if *on { "strict" } else { "disabled" };
+                c.warnings
+                    .push(at.error(format!("`{on}` is a legacy spelling; write `{spelled}`")));
+            }
+            Some(_) => c.push(&at, "expected strict, flexible or disabled"),
+        }
+        g.block_edit = gk.block_edit.unwrap_or(true);
+    }
+    g
 }
 
 fn check_envelope(doc: &Doc, api_version: &str, meta: &raw::Metadata, c: &mut Collector) {
@@ -931,6 +1347,14 @@ fn service(
             }
         },
     };
+    let ips: Vec<IpAddr> = endpoints.iter().map(|e: &EndpointConfig| e.addr.ip()).collect();
+    let external = network(
+        doc,
+        &format!("{prefix}.network"),
+        spec.network.as_deref(),
+        &ips,
+        c,
+    );
     let mut duration = |value: Option<&String>, field: &str, default: Duration| match value {
         Some(v) => parse_duration(v).unwrap_or_else(|e| {
             c.push(&doc.at(&format!("{prefix}.{field}")), e);
@@ -976,7 +1400,36 @@ fn service(
         response_timeout,
         retries: spec.retries.unwrap_or(1),
         eject_for,
+        external,
     })
+}
+
+fn side(external: bool) -> &'static str {
+    if external { "external" } else { "internal" }
+}
+
+/// Whether an address is outside private networks (loopback, RFC 1918, link-local, ULA count as internal).
+fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_private() || v4.is_link_local()),
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// `external`/`internal` as written, or by address: any public (or any-address) one makes it external.
+fn network(doc: &Doc, field: &str, written: Option<&str>, ips: &[IpAddr], c: &mut Collector) -> bool {
+    match written {
+        Some("external") => true,
+        Some("internal") => false,
+        Some(other) => {
+            c.push(&doc.at(field), format!("`{other}` is not external or internal"));
+            false
+        }
+        None => ips.iter().any(|ip| ip.is_unspecified() || is_public(*ip)),
+    }
 }
 
 #[expect(
@@ -1144,20 +1597,49 @@ fn cert_pair(
     let crt = pem(&r.crt, base)
         .map_err(|e| c.push(&doc.at(&format!("{field}.crt")), e))
         .ok();
-    let key = if let Some(p) = file_ref(&r.key, base) {
-        Some(p)
-    } else {
-        c.push(
-            &doc.at(&format!("{field}.key")),
-            "private keys are never written inline; put the key in a file only the gateway can read (mode 0600) and write ${file:/path/to/key.pem}",
-        );
-        None
-    };
+    let key = secret_value(doc, &format!("{field}.key"), &r.key, base, c);
     Some(CertPair {
         crt: crt?,
         key: key?,
         origin: doc.at(field),
     })
+}
+
+/// Resolves a secret field, reporting why it cannot be used.
+fn secret_value(
+    doc: &Doc,
+    field: &str,
+    value: &raw::SecretField,
+    base: &Path,
+    c: &mut Collector,
+) -> Option<Secret> {
+    let at = doc.at(field);
+    let (source, plain) = match value {
+        raw::SecretField::Ref(text) => match secret::parse(text, base) {
+            Ok(source) => (source, None),
+            Err(e) => {
+                c.push(&at, e.to_string());
+                return None;
+            }
+        },
+        raw::SecretField::Inline(inline) if inline.dangerous_plaintext => {
+            c.warnings.push(at.error(
+                "plain-text secret accepted because dangerous_plaintext is true: for development only",
+            ));
+            (SecretSource::DangerousPlaintext, Some(inline.value.as_str()))
+        }
+        raw::SecretField::Inline(_) => {
+            c.push(&at, SecretError::Plaintext.to_string());
+            return None;
+        }
+    };
+    match c.resolver.resolve(&source, plain) {
+        Ok(secret) => Some(secret),
+        Err(e) => {
+            c.push(&at, e.to_string());
+            None
+        }
+    }
 }
 
 fn version(doc: &Doc, field: &str, v: Option<&String>, default: TlsVersion, c: &mut Collector) -> TlsVersion {
@@ -1212,11 +1694,16 @@ fn inbound_tls(
             c,
         ));
     }
-    if certs.is_empty() {
+    let given = cfg.certificate.is_some() || !cfg.certificates.is_empty();
+    if !given {
         c.push(
             &doc.at("spec.config"),
             "inbound tls needs certificate (or certificates) with crt and key",
         );
+        return None;
+    }
+    if certs.len() != usize::from(cfg.certificate.is_some()) + cfg.certificates.len() {
+        // Each failed pair is already reported.
         return None;
     }
     let client_ca = cfg.trusted_ca.as_ref().and_then(|t| {
@@ -1361,7 +1848,7 @@ spec:
         assert!(
             err.0[0]
                 .to_string()
-                .starts_with("api.yaml:9: spec.services.backend.address: `ftp://x` must start"),
+                .starts_with("api.yaml:9:7: spec.services.backend.address: `ftp://x` must start"),
             "{err}"
         );
     }

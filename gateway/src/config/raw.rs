@@ -58,6 +58,9 @@ pub struct ApiInstanceSpec {
     /// Portcullis extension: per-API limits.
     #[serde(default)]
     pub limits: Option<ApiLimits>,
+    /// Portcullis extension: `external` or `internal` (default: by listen address).
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// Per-API limits.
@@ -120,6 +123,9 @@ pub struct ServiceSpec {
     /// Portcullis extension: how long an endpoint that refused a connection is skipped.
     #[serde(default)]
     pub eject_for: Option<String>,
+    /// Portcullis extension: `external` or `internal` (default: by endpoint addresses).
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// Service timeouts.
@@ -208,7 +214,52 @@ pub struct OutboundTlsConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CertificateRef {
     pub crt: String,
-    pub key: String,
+    pub key: SecretField,
+}
+
+/// A field holding a secret: a reference, or (development only) marked plain text.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SecretField {
+    /// `${file:...}`, `${credential:...}` or `${encrypted:v1:...}`.
+    Ref(String),
+    /// `{value: ..., dangerous_plaintext: true}`.
+    Inline(InlineSecret),
+}
+
+/// A plain-text secret, accepted only with `dangerous_plaintext: true`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InlineSecret {
+    pub value: String,
+    #[serde(default)]
+    pub dangerous_plaintext: bool,
+}
+
+impl std::fmt::Debug for InlineSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineSecret")
+            .field("dangerous_plaintext", &self.dangerous_plaintext)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `kind: Contract`: a client application's access to API instances (local mode).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContractSpec {
+    pub client_name: Option<String>,
+    pub client_id: String,
+    /// The secret itself, as a reference; hashed when loaded.
+    #[serde(default)]
+    pub client_secret: Option<SecretField>,
+    /// Or its hash: `$argon2id$...`, `$2b$...` (bcrypt) or `sha256:<hex>`.
+    #[serde(default)]
+    pub client_secret_hash: Option<String>,
+    #[serde(default)]
+    pub sla_tier: Option<String>,
+    /// ApiInstance names the client may call.
+    pub apis: Vec<String>,
 }
 
 /// `kind: Configuration`: gateway-wide settings.
@@ -217,9 +268,87 @@ pub struct CertificateRef {
 pub struct ConfigurationSpec {
     #[serde(default)]
     pub proxy: Option<ProxySpec>,
-    /// Accepted for compatibility; logging is configured by `RUST_LOG` here.
     #[serde(default)]
-    pub logging: Option<serde_yaml_ng::Value>,
+    pub logging: Option<LoggingSpec>,
+    #[serde(default)]
+    pub shared_storage: Option<SharedStorageSpec>,
+    /// Portcullis extension: Gatekeeper level and edit blocking.
+    #[serde(default)]
+    pub gatekeeper: Option<GatekeeperSpec>,
+    /// Portcullis extension: where the key for `${encrypted:...}` values is.
+    #[serde(default)]
+    pub secrets: Option<SecretsSpec>,
+}
+
+/// Logging.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoggingSpec {
+    #[serde(default)]
+    pub runtime_logs: Option<RuntimeLogsSpec>,
+    /// Portcullis extension: one line per request (default true).
+    #[serde(default)]
+    pub access_logs: Option<bool>,
+    /// Fluent Bit outputs of the source gateway: refused (logs go to stderr / journald).
+    #[serde(default)]
+    pub outputs: Option<serde_yaml_ng::Value>,
+}
+
+/// Runtime log settings.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuntimeLogsSpec {
+    pub log_level: Option<String>,
+}
+
+/// Shared storage.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SharedStorageSpec {
+    pub redis: Option<RedisSpec>,
+}
+
+/// Redis connection.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisSpec {
+    /// `host:port`.
+    pub address: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretField>,
+    #[serde(default, rename = "DB")]
+    pub db: Option<u32>,
+    /// Portcullis extension: connect with TLS, verifying against this CA (or the system roots when empty).
+    #[serde(default)]
+    pub tls: Option<RedisTlsSpec>,
+}
+
+/// TLS to Redis.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisTlsSpec {
+    #[serde(default, rename = "trustedCA")]
+    pub trusted_ca: Option<String>,
+}
+
+/// Gatekeeper.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatekeeperSpec {
+    /// `strict`, `flexible` or `disabled` (legacy `true`/`false`).
+    #[serde(default)]
+    pub level: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub block_edit: Option<bool>,
+}
+
+/// Secrets.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretsSpec {
+    pub key_file: Option<String>,
 }
 
 /// Proxy-wide settings.

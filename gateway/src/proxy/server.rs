@@ -147,6 +147,9 @@ impl Record<'_> {
         worker
             .metrics
             .request(api, self.status, route.map(|_| started.elapsed().as_secs_f64()));
+        if !worker.current().config.gateway.access_logs {
+            return;
+        }
         AccessRecord {
             client: self.peer,
             method: self.method,

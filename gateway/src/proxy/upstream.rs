@@ -213,6 +213,7 @@ mod tests {
             response_timeout: Duration::from_secs(1),
             retries: 1,
             eject_for: Duration::from_mins(1),
+            external: false,
         };
         Arc::new(Upstream::new(cfg, None, Vec::new(), 0))
     }
