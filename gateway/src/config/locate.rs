@@ -13,6 +13,7 @@ use yaml_rust2::scanner::Marker;
 #[derive(Debug, Default)]
 pub struct LineIndex {
     docs: Vec<HashMap<String, (usize, usize)>>,
+    syntax_ok: bool,
 }
 
 enum Frame {
@@ -98,8 +99,18 @@ impl LineIndex {
     pub fn build(text: &str) -> Self {
         let mut builder = Builder::default();
         let mut parser = Parser::new_from_str(text);
-        let _ = parser.load(&mut builder, true);
+        builder.index.syntax_ok = parser.load(&mut builder, true).is_ok();
         builder.index
+    }
+
+    /// Documents seen (all of them when the text parses).
+    pub fn documents(&self) -> usize {
+        self.docs.len()
+    }
+
+    /// Whether the whole text is well-formed YAML.
+    pub fn syntax_ok(&self) -> bool {
+        self.syntax_ok
     }
 
     /// Line of `path` in document `doc`, or of its nearest indexed parent.

@@ -15,8 +15,7 @@ pub use locate::LineIndex;
 pub use model::*;
 
 /// One problem in the configuration, located in its file.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {field}: {message}")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// File the problem is in.
     pub file: String,
@@ -29,6 +28,18 @@ pub struct ConfigError {
     /// What is wrong and what to do about it.
     pub message: String,
 }
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// Every problem found in one load.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -490,6 +490,9 @@ impl Collector {
     }
 }
 
+/// Index of a Service resource that failed validation.
+const BROKEN: usize = usize::MAX;
+
 /// A listener being assembled: https?, its routes with where each was defined, its TLS context.
 type ListenerDraft = (
     bool,
@@ -569,16 +572,38 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
 
     for ((file, text), index) in files.iter().zip(&indexes) {
         // `None` marks a document to skip: empty (a trailing `---`) or already reported.
-        let kinds: Vec<Option<String>> = serde_yaml_ng::Deserializer::from_str(text)
-            .map(|de| match Option::<raw::Envelope>::deserialize(de) {
-                Ok(env) => env.map(|e| e.kind),
+        // After a syntax error the document stream cannot be trusted (it may
+        // repeat the error forever): report the first error and skip the file.
+        let documents = index.documents().max(1);
+        let mut kinds: Vec<Option<String>> = Vec::new();
+        for de in serde_yaml_ng::Deserializer::from_str(text).take(documents) {
+            match Option::<raw::Envelope>::deserialize(de) {
+                Ok(env) => kinds.push(env.map(|e| e.kind)),
                 Err(e) => {
                     c.errors.push(serde_error(file, &e));
-                    None
+                    if !index.syntax_ok() {
+                        break;
+                    }
+                    kinds.push(None);
                 }
-            })
-            .collect();
-        for (n, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            }
+        }
+        if !index.syntax_ok() {
+            if !c.errors.iter().any(|e| &e.file == file) {
+                c.errors.push(ConfigError {
+                    file: file.clone(),
+                    line: 1,
+                    column: 1,
+                    field: String::new(),
+                    message: "not valid YAML".into(),
+                });
+            }
+            continue;
+        }
+        for (n, de) in serde_yaml_ng::Deserializer::from_str(text)
+            .take(documents)
+            .enumerate()
+        {
             let Some(Some(kind)) = kinds.get(n) else { continue };
             let doc = Doc { file, index, n };
             match kind.as_str() {
@@ -671,6 +696,9 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         if let Some(svc) = service(name, &sd.doc, "spec", &sd.spec, &out.proxy, &mut c) {
             service_index.insert(name.clone(), out.services.len());
             out.services.push(svc);
+        } else {
+            // Known but invalid (already reported): references to it stay quiet.
+            service_index.insert(name.clone(), BROKEN);
         }
         service_docs.insert(name.clone(), &sd.doc);
     }
@@ -706,7 +734,10 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                     c.push(&b.doc.at("spec.targetRef"), "the `tls-outbound` policy binds to a Service (targetRef.kind: Service)");
                     continue;
                 }
-                let Some(&si) = service_index.get(&b.spec.target_ref.name) else {
+                let Some(&si) = service_index.get(&b.spec.target_ref.name).filter(|i| **i != BROKEN) else {
+                    if service_index.contains_key(&b.spec.target_ref.name) {
+                        continue;
+                    }
                     c.push(&b.doc.at("spec.targetRef.name"), format!("no Service named `{}`", b.spec.target_ref.name));
                     continue;
                 };
@@ -903,7 +934,10 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         .flat_map(|l| l.routes.iter().map(|r| r.service))
         .collect();
     for (name, sd) in &services {
-        if service_index.get(name).is_some_and(|i| !used.contains(i)) {
+        if service_index
+            .get(name)
+            .is_some_and(|i| *i != BROKEN && !used.contains(i))
+        {
             c.warnings.push(
                 sd.doc
                     .at("metadata.name")
@@ -1013,11 +1047,14 @@ fn contracts_into(
             }
             (Some(field), None) => secret_value(doc, "spec.clientSecret", field, base, c).map(|s| {
                 let digest = ring::digest::digest(&ring::digest::SHA256, s.expose());
-                let hex = digest.as_ref().iter().fold(String::with_capacity(64), |mut hex, b| {
-                    use std::fmt::Write as _;
-                    let _ = write!(hex, "{b:02x}");
-                    hex
-                });
+                let hex = digest
+                    .as_ref()
+                    .iter()
+                    .fold(String::with_capacity(64), |mut hex, b| {
+                        use std::fmt::Write as _;
+                        let _ = write!(hex, "{b:02x}");
+                        hex
+                    });
                 ClientSecret::Sha256(format!("sha256:{hex}"))
             }),
             (None, Some(hash)) => {
@@ -1244,7 +1281,7 @@ fn api_service(
         }
         None => {
             if let Some(&i) = named.get(svc_name) {
-                Some((i, normalize_base(&destination.unwrap_or_else(|| "/".into()))))
+                (i != BROKEN).then(|| (i, normalize_base(&destination.unwrap_or_else(|| "/".into()))))
             } else {
                 c.push(
                     &api.doc.at(&field),
