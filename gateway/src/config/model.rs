@@ -709,6 +709,24 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
     let mut inbound: HashMap<String, InboundTls> = HashMap::new();
     for b in &bindings {
         let target_kind = b.spec.target_ref.kind.as_deref();
+        check_namespace(
+            &b.doc,
+            "spec.targetRef.namespace",
+            b.spec.target_ref.namespace.as_ref(),
+            &mut c,
+        );
+        check_namespace(
+            &b.doc,
+            "spec.policyRef.namespace",
+            b.spec.policy_ref.namespace.as_ref(),
+            &mut c,
+        );
+        if b.spec.order.is_some() && matches!(b.spec.policy_ref.name.as_str(), "tls" | "tls-outbound") {
+            c.push(
+                &b.doc.at("spec.order"),
+                "TLS policies have no order: they apply to the connection, not to requests",
+            );
+        }
         match b.spec.policy_ref.name.as_str() {
             "tls" => {
                 if !matches!(target_kind, None | Some("ApiInstance")) {
@@ -1185,7 +1203,18 @@ fn gateway_settings(
     g
 }
 
+/// Namespaces other than `default` are refused: there is one namespace here.
+fn check_namespace(doc: &Doc, field: &str, namespace: Option<&String>, c: &mut Collector) {
+    if let Some(ns) = namespace.filter(|ns| ns.as_str() != "default") {
+        c.push(
+            &doc.at(field),
+            format!("namespace `{ns}`: namespaces are not supported; every resource lives in `default`"),
+        );
+    }
+}
+
 fn check_envelope(doc: &Doc, api_version: &str, meta: &raw::Metadata, c: &mut Collector) {
+    check_namespace(doc, "metadata.namespace", meta.namespace.as_ref(), c);
     if !API_VERSIONS.contains(&api_version) {
         c.push(
             &doc.at("apiVersion"),
