@@ -413,6 +413,17 @@ impl GatewayProcess {
 
     /// Like [`GatewayProcess::start`], with a given binary.
     pub fn start_with(ns: &NetNs, bin: &Path, dir: &Path, admin: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_env(ns, bin, dir, admin, &[])
+    }
+
+    /// Like [`GatewayProcess::start_with`], with extra environment variables.
+    pub fn start_env(
+        ns: &NetNs,
+        bin: &Path,
+        dir: &Path,
+        admin: SocketAddr,
+        envs: &[(&str, &Path)],
+    ) -> anyhow::Result<Self> {
         let log = dir.join("gateway.log");
         let file = fs::File::create(&log)?;
         let child = ns
@@ -420,6 +431,7 @@ impl GatewayProcess {
             .args(["run", "--config"])
             .arg(dir)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
