@@ -189,11 +189,34 @@ pub fn run(dir: &Path, set_level: &SetLevel) -> anyhow::Result<()> {
                 set_level(&shared.current().config.gateway.log_level);
             }
             signal => {
-                tracing::info!(?signal, "shutting down");
+                drain(&shared, &mut handles, signal);
                 return Ok(());
             }
         }
     }
+}
+
+/// Longest a stop waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Stops accepting, lets requests in flight finish (up to [`DRAIN_TIMEOUT`]), closes idle connections.
+fn drain(shared: &Shared, handles: &mut Handles, signal: Signal) {
+    let started = Instant::now();
+    shared.start_drain();
+    let addrs: Vec<SocketAddr> = handles.0.keys().copied().collect();
+    for addr in &addrs {
+        handles.close(addr);
+    }
+    let open = || shared.metrics.open_connections.get();
+    tracing::info!(
+        ?signal,
+        open = open(),
+        "draining: no new connections; requests in flight finish"
+    );
+    while open() > 0 && started.elapsed() < DRAIN_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(left = open(), took_ms = started.elapsed().as_millis(), "stopped");
 }
 
 /// SIGINT and SIGTERM stop the gateway, SIGHUP reloads it; `main` blocks

@@ -242,3 +242,52 @@ fn an_invalid_change_is_rejected_whole_and_traffic_stays() -> anyhow::Result<()>
     ensure!(status(&s.ns, "127.0.0.1:8080", "/fine/hello") == Some(200));
     Ok(())
 }
+
+#[test]
+fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
+    let mut s = scene()?;
+    let mut busy = connect(&s.ns, "127.0.0.1:8080".parse()?)?;
+    let mut idle = connect(&s.ns, "127.0.0.1:8080".parse()?)?;
+    let mut buf = Vec::new();
+    idle.write_all(b"GET /main/hello HTTP/1.1\r\nHost: a\r\n\r\n")?;
+    ensure!(read_response(&mut idle, &mut buf)? == 200);
+    busy.write_all(b"GET /main/slow/800 HTTP/1.1\r\nHost: a\r\n\r\n")?;
+    std::thread::sleep(Duration::from_millis(100));
+    let stopped = Instant::now();
+    s.gw.terminate()?;
+    // The idle keep-alive connection is closed at once, the busy one gets its answer.
+    idle.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut idle, &mut rest)?;
+    ensure!(
+        rest.is_empty() && stopped.elapsed() < Duration::from_secs(1),
+        "idle connection not closed promptly"
+    );
+    let status = read_response(&mut busy, &mut buf)?;
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    ensure!(
+        status == 200 && text.contains("connection: close"),
+        "the request in flight must finish: {text}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    ensure!(
+        status_of(
+            &request(
+                &s.ns,
+                "127.0.0.1:8080".parse()?,
+                b"GET /main/hello HTTP/1.1\r\nHost: a\r\n\r\n"
+            )
+            .unwrap_or_default()
+        )
+        .is_none(),
+        "no new requests once stopping"
+    );
+    let exit = s.gw.wait_exit(Duration::from_secs(5))?;
+    ensure!(exit.success(), "exit status {exit}");
+    let log = s.gw.log_text();
+    ensure!(
+        log.contains("draining") && log.contains("stopped left=0"),
+        "{log}"
+    );
+    Ok(())
+}

@@ -145,6 +145,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Workers that have started accepting.
     pub ready_workers: AtomicUsize,
+    /// Set when the gateway stops: no new requests on kept-alive connections.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Wakes connections idling between requests when a drain starts.
+    pub drain: tokio::sync::Notify,
     /// One channel per worker for listeners added by a reload.
     pub new_listeners: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<NewListener>>>,
 }
@@ -158,6 +162,8 @@ impl Shared {
             version: AtomicU64::new(1),
             metrics,
             ready_workers: AtomicUsize::new(0),
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            drain: tokio::sync::Notify::new(),
             new_listeners: Mutex::new(Vec::new()),
         }
     }
@@ -167,6 +173,12 @@ impl Shared {
         self.current
             .read()
             .map_or_else(|p| p.into_inner().clone(), |g| g.clone())
+    }
+
+    /// Stops taking requests: idle keep-alive connections close now, busy ones after their response.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain.notify_waiters();
     }
 
     /// Puts `generation` in force for every request that starts from now on.
@@ -280,7 +292,9 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                 io::spawn(server::serve(worker.clone(), rt, tcp, peer));
             }
             Err(e) => {
-                if !worker.current().listeners.contains_key(&addr) {
+                if worker.shared.draining.load(Ordering::Acquire)
+                    || !worker.current().listeners.contains_key(&addr)
+                {
                     return;
                 }
                 // EMFILE and friends: back off instead of spinning.

@@ -14,7 +14,7 @@ use super::http::{self, ChunkedDecoder, Framing, Head, Reencode, Version};
 use super::io::TcpConn;
 use super::route::{normalize_host, upstream_target};
 use super::upstream::Upstream;
-use super::{Generation, ListenerRt, Worker};
+use super::{Generation, ListenerRt, Shared, Worker};
 use crate::config::{HostHeader, RouteConfig, XffMode};
 use crate::telemetry::{AccessRecord, HandshakeLabels, UpstreamLabels};
 
@@ -78,11 +78,12 @@ pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, tcp: TcpConn, 
         peer,
         tls: listener.tls.is_some(),
         generation: worker.current(),
+        draining: worker.shared.draining.clone(),
     };
     let mut first = true;
     loop {
         client.generation = worker.current();
-        let head = match client.read_head(first).await {
+        let head = match client.read_head(&worker.shared, first).await {
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(e) => {
@@ -174,6 +175,7 @@ struct Client<'c> {
     peer: SocketAddr,
     tls: bool,
     generation: Arc<Generation>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How a finished exchange leaves the client connection.
@@ -195,7 +197,7 @@ enum CopyError {
 
 impl Client<'_> {
     /// Reads the next request head; `None` when the client closed or idled out between requests.
-    async fn read_head(&mut self, first: bool) -> Result<Option<Head>, ProxyError> {
+    async fn read_head(&mut self, shared: &Shared, first: bool) -> Result<Option<Head>, ProxyError> {
         let generation = self.generation.clone();
         let settings = &generation.settings;
         let limits = &settings.limits;
@@ -227,8 +229,25 @@ impl Client<'_> {
             } else if self.buf.capacity() == self.buf.len() {
                 self.buf.reserve(8 * 1024);
             }
+            let between_requests = self.buf.is_empty();
             let buf = std::mem::take(&mut self.buf);
-            match timeout(wait, self.conn.read(buf)).await {
+            let read = timeout(wait, self.conn.read(buf));
+            let outcome = if between_requests {
+                // A drain closes connections that wait for their next request at once.
+                let drained = shared.drain.notified();
+                tokio::pin!(drained);
+                drained.as_mut().enable();
+                if shared.draining.load(std::sync::atomic::Ordering::Acquire) {
+                    return Ok(None);
+                }
+                tokio::select! {
+                    r = read => r,
+                    () = &mut drained => return Ok(None),
+                }
+            } else {
+                read.await
+            };
+            match outcome {
                 Ok((res, buf)) => {
                     self.buf = buf;
                     match res {
@@ -824,7 +843,8 @@ impl Client<'_> {
         // An HTTP/1.0 client cannot read chunks: it gets raw bytes and a close.
         let rechunk = client_11 && matches!(framing, Framing::Chunked | Framing::UntilClose);
         let delimited = !matches!(framing, Framing::Chunked | Framing::UntilClose) || rechunk;
-        let client_keep = request.keep_alive && delimited;
+        let draining = self.draining.load(std::sync::atomic::Ordering::Acquire);
+        let client_keep = request.keep_alive && delimited && !draining;
         let mut out = Vec::with_capacity(response.wire_len() + 64);
         out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", response.status, response.reason()).as_bytes());
         let mut via: Option<Vec<u8>> = None;
