@@ -1050,3 +1050,87 @@ fn rust_tls_client_keeps_alive_over_tls() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn expect_continue_and_interim_responses() -> anyhow::Result<()> {
+    let s = scene("")?;
+    // The gateway answers 100 Continue itself before the body is sent.
+    let mut c = connect(&s.ns, gw())?;
+    c.write_all(b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")?;
+    let mut interim = [0u8; 64];
+    let n = c.read(&mut interim)?;
+    ensure!(
+        interim[..n].starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&interim[..n])
+    );
+    c.write_all(b"hello")?;
+    let mut buf = Vec::new();
+    ensure!(
+        read_response(&mut c, &mut buf)? == 200 && body_of(&buf) == b"5\n",
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    ensure!(
+        !s.up.last_head().to_ascii_lowercase().contains("expect:"),
+        "Expect is hop-by-hop here"
+    );
+    // A 103 from the upstream reaches the client before the final response.
+    let raw = request(
+        &s.ns,
+        gw(),
+        b"GET /early HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )?;
+    let text = String::from_utf8_lossy(&raw);
+    ensure!(
+        text.starts_with("HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200"),
+        "{text}"
+    );
+    ensure!(text.ends_with("after hints\n"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_pooled_connection_the_upstream_closed_is_never_used() -> anyhow::Result<()> {
+    let s = scene("")?;
+    // After each /hangup the upstream closes the connection it answered on
+    // (while it sits in a pool); the next requests, POST included, must not
+    // be sent into it: the pool checks liveness before reuse.
+    for i in 0..6 {
+        let closed = s.up.stats.closed.load(Ordering::SeqCst);
+        let hangup = b"GET /hangup HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+        ensure!(status_of(&request(&s.ns, gw(), hangup)?) == Some(200));
+        // Wait until the upstream has really closed it (a loaded machine may take a while).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.up.stats.closed.load(Ordering::SeqCst) == closed {
+            ensure!(
+                Instant::now() < deadline,
+                "the upstream never closed the connection"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let req: &[u8] = if i % 2 == 0 {
+            b"GET /hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        } else {
+            b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+        };
+        let raw = request(&s.ns, gw(), req)?;
+        ensure!(
+            status_of(&raw) == Some(200),
+            "request {i} after a hang-up: {}\n{}",
+            String::from_utf8_lossy(&raw),
+            {
+                std::thread::sleep(Duration::from_millis(300));
+                s.gw.log_text()
+                    .lines()
+                    .filter(|l| !l.contains(" access: "))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+        );
+    }
+    let log = s.gw.log_text();
+    ensure!(!log.contains("upstream exchange failed"), "{log}");
+    Ok(())
+}

@@ -94,6 +94,14 @@ impl Conn {
         }
     }
 
+    /// Whether an idle (pooled) connection can carry another request.
+    pub fn is_idle_and_open(&self) -> bool {
+        match self {
+            Self::Plain(tcp) => tcp.is_idle_and_open(),
+            Self::Tls(tls) => tls.tcp.is_idle_and_open(),
+        }
+    }
+
     /// Whether this connection is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, Self::Tls(_))

@@ -133,6 +133,19 @@ impl TcpConn {
         self.0.write_all(buf).await
     }
 
+    /// Whether an idle connection is still usable: no EOF, reset or stray
+    /// bytes from the peer are waiting (checked without blocking).
+    #[expect(unsafe_code, reason = "tokio-uring's stream exposes only a raw descriptor")]
+    pub fn is_idle_and_open(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        let raw = self.0.as_raw_fd();
+        // SAFETY: `self.0` owns the descriptor and outlives the borrow, which ends with this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+    }
+
     /// Shuts both directions down, which also completes any read still in flight.
     pub fn shutdown(&self) {
         let _ = self.0.shutdown(Shutdown::Both);

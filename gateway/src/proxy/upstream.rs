@@ -155,7 +155,8 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&(service, endpoint))?;
         while let Some(p) = list.pop() {
-            if p.idle_since.elapsed() < POOL_IDLE {
+            // A connection the upstream closed while it sat here is dropped, not tried.
+            if p.idle_since.elapsed() < POOL_IDLE && p.conn.is_idle_and_open() {
                 return Some((p.conn, p.buf));
             }
         }

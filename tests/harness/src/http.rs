@@ -129,6 +129,8 @@ pub struct UpstreamStats {
     pub last_head: Mutex<String>,
     /// Size of the last body received by `/sink`.
     pub last_body: AtomicU64,
+    /// Connections the upstream has closed.
+    pub closed: AtomicU64,
 }
 
 /// A scriptable HTTP/1.1 upstream in a namespace, one thread per connection.
@@ -136,7 +138,8 @@ pub struct UpstreamStats {
 /// Paths: `/hello`, `/headers` (echoes the request head), `/sink` (reads the
 /// body, answers its size), `/bytes/N` (N bytes, content-length),
 /// `/chunked/N`, `/close/N` (N bytes then close), `/slow/MS`, `/die` (promises
-/// a long body, sends part, closes), `/status/CODE`; anything else is `/hello`.
+/// a long body, sends part, closes), `/status/CODE`, `/early` (a 103 before the
+/// 200), `/hangup` (answers keep-alive, then closes); anything else is `/hello`.
 #[derive(Debug)]
 pub struct Upstream {
     /// Where it listens.
@@ -219,6 +222,7 @@ impl Upstream {
                         None => Stream::Plain(conn),
                     };
                     let _ = serve_upstream(stream, &s);
+                    s.closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
@@ -313,6 +317,17 @@ fn serve_upstream(stream: Stream, stats: &UpstreamStats) -> anyhow::Result<()> {
             "slow" => {
                 thread::sleep(Duration::from_millis(n));
                 respond(out, 200, b"slow hello\n")?;
+            }
+            "early" => {
+                out.write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n")?;
+                respond(out, 200, b"after hints\n")?;
+            }
+            "hangup" => {
+                // Answers as if keeping the connection, then closes it: a pooled
+                // connection that is dead by the time it is reused.
+                respond(out, 200, b"bye\n")?;
+                out.flush()?;
+                return Ok(());
             }
             "die" => {
                 write!(out, "HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")?;
