@@ -8,6 +8,7 @@
 //! the kernel's BPF side.
 
 pub mod config;
+pub mod policy;
 pub mod proxy;
 pub mod telemetry;
 pub mod tls;

@@ -62,6 +62,7 @@ fn sections() -> Vec<(&'static str, Vec<&'static str>)> {
         ("Every resource", fields::<raw::Typed<serde::de::IgnoredAny>>()),
         ("metadata", fields::<raw::Metadata>()),
         ("ApiInstance.spec", fields::<raw::ApiInstanceSpec>()),
+        ("ApiInstance.spec.policies[]", fields::<raw::InlinePolicy>()),
         ("ApiInstance.spec.services.NAME", fields::<raw::InlineService>()),
         (
             "ApiInstance.spec.services.NAME.routes[]",

@@ -17,7 +17,7 @@ use crate::proxy::http::HeadLimits;
 pub const API_VERSIONS: [&str; 2] = ["gateway.mulesoft.com/v1alpha1", "portcullis.dev/v1alpha1"];
 
 /// The whole validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Listeners with their routes, in address order.
     pub listeners: Vec<ListenerConfig>,
@@ -140,7 +140,7 @@ impl Origin {
 }
 
 /// An address the gateway accepts connections on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     /// Socket address.
     pub addr: SocketAddr,
@@ -153,7 +153,7 @@ pub struct ListenerConfig {
 }
 
 /// A (host, base path) → API instance → service match.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// API instance name.
     pub api: String,
@@ -167,6 +167,19 @@ pub struct RouteConfig {
     pub upstream_path: String,
     /// Largest request body accepted.
     pub max_body: u64,
+    /// Policies in the order they run: inline ones, then bound ones by `order`.
+    pub policies: Vec<PolicySpec>,
+}
+
+/// A configured policy, validated by building it once at load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicySpec {
+    /// Policy name as written.
+    pub name: String,
+    /// Its configuration.
+    pub config: serde_yaml_ng::Value,
+    /// Where it was configured.
+    pub origin: Origin,
 }
 
 /// Load-balancing choice among a service's endpoints.
@@ -490,6 +503,10 @@ impl Collector {
     }
 }
 
+/// A non-TLS policy bound to an ApiInstance: order, position among bindings,
+/// the policy, and where its target is named.
+type BoundPolicy = (Option<u32>, usize, PolicySpec, Origin);
+
 /// Index of a Service resource that failed validation.
 const BROKEN: usize = usize::MAX;
 
@@ -706,6 +723,8 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
     // TLS bindings; the targets of broken ones are remembered so that the
     // missing context is not reported a second time.
     let mut broken_tls: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut bound: HashMap<&str, Vec<BoundPolicy>> = HashMap::new();
+    let mut bound_seq = 0usize;
     let mut inbound: HashMap<String, InboundTls> = HashMap::new();
     for b in &bindings {
         let target_kind = b.spec.target_ref.kind.as_deref();
@@ -730,7 +749,10 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         match b.spec.policy_ref.name.as_str() {
             "tls" => {
                 if !matches!(target_kind, None | Some("ApiInstance")) {
-                    c.push(&b.doc.at("spec.targetRef.kind"), "the inbound `tls` policy binds to an ApiInstance");
+                    c.push(
+                        &b.doc.at("spec.targetRef.kind"),
+                        "the inbound `tls` policy binds to an ApiInstance",
+                    );
                     continue;
                 }
                 match inbound_tls(&b.doc, &b.spec.config, base, &mut c) {
@@ -738,7 +760,10 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                         if inbound.insert(b.spec.target_ref.name.clone(), tls).is_some() {
                             c.push(
                                 &b.doc.at("spec.targetRef.name"),
-                                format!("ApiInstance `{}` already has a tls binding", b.spec.target_ref.name),
+                                format!(
+                                    "ApiInstance `{}` already has a tls binding",
+                                    b.spec.target_ref.name
+                                ),
                             );
                         }
                     }
@@ -749,24 +774,60 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
             }
             "tls-outbound" => {
                 if target_kind != Some("Service") {
-                    c.push(&b.doc.at("spec.targetRef"), "the `tls-outbound` policy binds to a Service (targetRef.kind: Service)");
+                    c.push(
+                        &b.doc.at("spec.targetRef"),
+                        "the `tls-outbound` policy binds to a Service (targetRef.kind: Service)",
+                    );
                     continue;
                 }
-                let Some(&si) = service_index.get(&b.spec.target_ref.name).filter(|i| **i != BROKEN) else {
+                let Some(&si) = service_index
+                    .get(&b.spec.target_ref.name)
+                    .filter(|i| **i != BROKEN)
+                else {
                     if service_index.contains_key(&b.spec.target_ref.name) {
                         continue;
                     }
-                    c.push(&b.doc.at("spec.targetRef.name"), format!("no Service named `{}`", b.spec.target_ref.name));
+                    c.push(
+                        &b.doc.at("spec.targetRef.name"),
+                        format!("no Service named `{}`", b.spec.target_ref.name),
+                    );
                     continue;
                 };
                 if let Some(tls) = outbound_tls(&b.doc, &b.spec.config, base, &mut c) {
                     out.services[si].tls = Some(tls);
                 }
             }
-            other => c.push(
-                &b.doc.at("spec.policyRef.name"),
-                format!("policy `{other}` (binding `{}`) is not available in this build; available: tls, tls-outbound", b.name),
-            ),
+            other => {
+                if !matches!(target_kind, None | Some("ApiInstance")) {
+                    c.push(
+                        &b.doc.at("spec.targetRef.kind"),
+                        format!("policy `{other}` binds to an ApiInstance"),
+                    );
+                    continue;
+                }
+                match crate::policy::build(other, &b.spec.config) {
+                    Ok(_) => bound.entry(b.spec.target_ref.name.as_str()).or_default().push((
+                        b.spec.order,
+                        bound_seq,
+                        PolicySpec {
+                            name: other.to_string(),
+                            config: b.spec.config.clone(),
+                            origin: b.doc.at("spec"),
+                        },
+                        b.doc.at("spec.targetRef.name"),
+                    )),
+                    Err(e @ crate::policy::PolicyError::Config(_)) => {
+                        c.push(&b.doc.at("spec.config"), e.to_string());
+                    }
+                    Err(e) => {
+                        c.push(
+                            &b.doc.at("spec.policyRef.name"),
+                            format!("{e} (binding `{}`)", b.name),
+                        );
+                    }
+                }
+                bound_seq += 1;
+            }
         }
     }
 
@@ -809,12 +870,41 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                 c.push(&api.doc.at(&format!("spec.hosts[{i}]")), e);
             }
         }
-        if !api.spec.policies.is_empty() {
-            c.push(
-                &api.doc.at("spec.policies"),
-                "policies are not available in this build yet; remove them, or the API would run without them",
+        let mut policies = Vec::new();
+        for (i, p) in api.spec.policies.iter().enumerate() {
+            let field = format!("spec.policies[{i}]");
+            check_namespace(
+                &api.doc,
+                &format!("{field}.policyRef.namespace"),
+                p.policy_ref.namespace.as_ref(),
+                &mut c,
             );
+            if p.rules.is_some() {
+                c.push(
+                    &api.doc.at(&format!("{field}.rules")),
+                    "policy rules are not supported; apply the policy to an ApiInstance of its own path",
+                );
+                continue;
+            }
+            match crate::policy::build(&p.policy_ref.name, &p.config) {
+                Ok(_) => policies.push(PolicySpec {
+                    name: p.policy_ref.name.clone(),
+                    config: p.config.clone(),
+                    origin: api.doc.at(&field),
+                }),
+                Err(e) => {
+                    let at = if matches!(e, crate::policy::PolicyError::Config(_)) {
+                        format!("{field}.config")
+                    } else {
+                        format!("{field}.policyRef.name")
+                    };
+                    c.push(&api.doc.at(&at), e.to_string());
+                }
+            }
         }
+        let mut bound_here = bound.remove(api.name.as_str()).unwrap_or_default();
+        bound_here.sort_by_key(|(order, n, _, _)| (order.unwrap_or(u32::MAX), *n));
+        policies.extend(bound_here.into_iter().map(|(_, _, spec, _)| spec));
         let Some(service) = api_service(api, &mut out, &service_index, &mut c) else {
             continue;
         };
@@ -831,6 +921,7 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
             service: service.0,
             upstream_path: service.1,
             max_body,
+            policies,
         };
         let entry = listeners
             .entry(listen)
@@ -906,6 +997,11 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                 &b.doc.at("spec.targetRef.name"),
                 format!("no ApiInstance named `{}`", b.spec.target_ref.name),
             );
+        }
+    }
+    for (api, specs) in &bound {
+        for (_, _, _, target) in specs {
+            c.push(target, format!("no ApiInstance named `{api}`"));
         }
     }
     for (addr, (tls, routes, ctx, net)) in listeners {

@@ -52,15 +52,27 @@ pub struct ApiInstanceSpec {
     /// Upstream services keyed by name; an entry without `address` names a `Service` resource.
     #[serde(default)]
     pub services: BTreeMap<String, InlineService>,
-    /// Policies, applied in order (the policy engine arrives with its own issue).
+    /// Policies, applied in order before any bound with a PolicyBinding.
     #[serde(default)]
-    pub policies: Vec<serde_yaml_ng::Value>,
+    pub policies: Vec<InlinePolicy>,
     /// Portcullis extension: per-API limits.
     #[serde(default)]
     pub limits: Option<ApiLimits>,
     /// Portcullis extension: `external` or `internal` (default: by listen address).
     #[serde(default)]
     pub network: Option<String>,
+}
+
+/// A policy written inside an ApiInstance.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InlinePolicy {
+    pub policy_ref: PolicyRef,
+    #[serde(default)]
+    pub config: serde_yaml_ng::Value,
+    /// Request-matching rules of the source gateway: refused.
+    #[serde(default)]
+    pub rules: Option<serde_yaml_ng::Value>,
 }
 
 /// Per-API limits.

@@ -55,6 +55,8 @@ pub struct Generation {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Proxy settings.
     pub settings: ProxySettings,
+    /// Policy chains by API instance name.
+    pub chains: HashMap<String, Arc<crate::policy::Chain>>,
     /// The configuration it was built from.
     pub config: Config,
 }
@@ -119,6 +121,17 @@ impl Generation {
             };
             upstreams.push(Arc::new(Upstream::new(s.clone(), tls, names, fingerprint)));
         }
+        let mut chains = HashMap::new();
+        for route in config.listeners.iter().flat_map(|l| &l.routes) {
+            let mut policies = Vec::new();
+            for spec in &route.policies {
+                match crate::policy::build(&spec.name, &spec.config) {
+                    Ok(p) => policies.push(p),
+                    Err(e) => errors.push(spec.origin.error(e.to_string())),
+                }
+            }
+            chains.insert(route.api.clone(), Arc::new(crate::policy::Chain::new(policies)));
+        }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -126,6 +139,7 @@ impl Generation {
             listeners,
             upstreams,
             settings: config.proxy.clone(),
+            chains,
             config,
         })
     }

@@ -112,6 +112,7 @@ mod tests {
             service: 0,
             upstream_path: "/".into(),
             max_body: 0,
+            policies: Vec::new(),
         }
     }
 

@@ -16,6 +16,7 @@ use super::route::{normalize_host, upstream_target};
 use super::upstream::Upstream;
 use super::{Generation, ListenerRt, Shared, Worker};
 use crate::config::{HostHeader, RouteConfig, XffMode};
+use crate::policy::{Chain, HeaderEdits, RequestView, Verdict};
 use crate::telemetry::{AccessRecord, HandshakeLabels, UpstreamLabels};
 
 /// Read buffer of a new upstream connection; it stays with the connection in the pool.
@@ -79,6 +80,8 @@ pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, tcp: TcpConn, 
         tls: listener.tls.is_some(),
         generation: worker.current(),
         draining: worker.shared.draining.clone(),
+        chain: Arc::new(Chain::default()),
+        edits: HeaderEdits::default(),
     };
     let mut first = true;
     loop {
@@ -176,6 +179,10 @@ struct Client<'c> {
     tls: bool,
     generation: Arc<Generation>,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The routed API's policies, for the exchange in progress.
+    chain: Arc<Chain>,
+    /// Header edits the request phase asked for.
+    edits: HeaderEdits,
 }
 
 /// How a finished exchange leaves the client connection.
@@ -366,6 +373,42 @@ impl Client<'_> {
             record.finish(worker, None, started);
             return !close;
         };
+        self.chain = generation.chains.get(&route.api).cloned().unwrap_or_default();
+        let mut view = RequestView {
+            client: self.peer.ip(),
+            head: &head,
+            edits: HeaderEdits::default(),
+        };
+        let verdict = self.chain.on_request(&mut view);
+        self.edits = view.edits;
+        let answer = match verdict {
+            Verdict::Continue => None,
+            Verdict::Respond(r) => Some((r.status, r.headers, r.body, None)),
+            Verdict::Deny(d) => Some((
+                d.status(),
+                Vec::new(),
+                format!("{} {}\n", d.status(), http::reason(d.status())),
+                Some(d.reason()),
+            )),
+        };
+        if let Some((status, headers, body, reason)) = answer {
+            // A body the policy did not read cannot be skipped reliably: close after answering.
+            let close = !head.keep_alive || head.framing != Framing::Empty;
+            let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            let bytes = http::simple_response(
+                status,
+                &extra,
+                "text/plain; charset=utf-8",
+                body.as_bytes(),
+                close,
+            );
+            record.bytes_out = bytes.len() as u64;
+            let _ = self.write(bytes, generation.settings.timeouts.idle).await;
+            record.status = status;
+            record.error = Some(reason.unwrap_or("policy_response"));
+            record.finish(worker, Some(route), started);
+            return !close;
+        }
         let too_large = match head.framing {
             Framing::Length(n) => n > route.max_body,
             _ => false,
@@ -436,7 +479,7 @@ impl Client<'_> {
                 t.extend_from_slice(value);
                 continue;
             }
-            if name.eq_ignore_ascii_case(b"host") || head.is_hop_by_hop(name) {
+            if name.eq_ignore_ascii_case(b"host") || head.is_hop_by_hop(name) || self.edits.removes(name) {
                 continue;
             }
             if name.eq_ignore_ascii_case(b"x-forwarded-for") && fwd.xff != XffMode::Off {
@@ -474,6 +517,9 @@ impl Client<'_> {
             }
             x.extend_from_slice(self.peer.ip().to_string().as_bytes());
             http::put_header(&mut out, b"x-forwarded-for", &x);
+        }
+        for (name, value) in &self.edits.add {
+            http::put_header(&mut out, name.as_bytes(), value.as_bytes());
         }
         if fwd.proto {
             http::put_header(
@@ -848,8 +894,13 @@ impl Client<'_> {
         let mut out = Vec::with_capacity(response.wire_len() + 64);
         out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", response.status, response.reason()).as_bytes());
         let mut via: Option<Vec<u8>> = None;
+        let edits = if self.chain.is_empty() {
+            HeaderEdits::default()
+        } else {
+            self.chain.on_response(response)
+        };
         for (name, value) in response.headers() {
-            if response.is_hop_by_hop(name) {
+            if response.is_hop_by_hop(name) || edits.removes(name) {
                 continue;
             }
             if name.eq_ignore_ascii_case(b"via") && settings.forwarded.via {
@@ -857,6 +908,9 @@ impl Client<'_> {
                 continue;
             }
             http::put_header(&mut out, name, value);
+        }
+        for (name, value) in &edits.add {
+            http::put_header(&mut out, name.as_bytes(), value.as_bytes());
         }
         if rechunk {
             http::put_header(&mut out, b"transfer-encoding", b"chunked");

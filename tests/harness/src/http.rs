@@ -318,6 +318,9 @@ fn serve_upstream(stream: Stream, stats: &UpstreamStats) -> anyhow::Result<()> {
                 thread::sleep(Duration::from_millis(n));
                 respond(out, 200, b"slow hello\n")?;
             }
+            "tagged" => {
+                out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\nx-upstream-secret: s3\r\nx-keep: 1\r\n\r\ntagged\n")?;
+            }
             "early" => {
                 out.write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n")?;
                 respond(out, 200, b"after hints\n")?;
