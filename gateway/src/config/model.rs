@@ -178,8 +178,10 @@ pub struct PolicySpec {
     pub name: String,
     /// Its configuration.
     pub config: serde_yaml_ng::Value,
-    /// Where it was configured.
+    /// Where its configuration is written.
     pub origin: Origin,
+    /// Where its name is written.
+    pub name_at: Origin,
 }
 
 /// Load-balancing choice among a service's endpoints.
@@ -531,7 +533,6 @@ struct ServiceDoc<'a> {
 
 struct BindingDoc<'a> {
     doc: Doc<'a>,
-    name: String,
     spec: raw::PolicyBindingSpec,
 }
 
@@ -639,7 +640,7 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                 "PolicyBinding" => {
                     if let Some(t) = typed::<raw::PolicyBindingSpec>(file, de, &mut c.errors) {
                         check_envelope(&doc, &t.api_version, &t.metadata, &mut c);
-                        bindings.push(BindingDoc { doc, name: t.metadata.name, spec: t.spec });
+                        bindings.push(BindingDoc { doc, spec: t.spec });
                     }
                 }
                 "Configuration" => {
@@ -805,27 +806,17 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                     );
                     continue;
                 }
-                match crate::policy::build(other, &b.spec.config) {
-                    Ok(_) => bound.entry(b.spec.target_ref.name.as_str()).or_default().push((
-                        b.spec.order,
-                        bound_seq,
-                        PolicySpec {
-                            name: other.to_string(),
-                            config: b.spec.config.clone(),
-                            origin: b.doc.at("spec"),
-                        },
-                        b.doc.at("spec.targetRef.name"),
-                    )),
-                    Err(e @ crate::policy::PolicyError::Config(_)) => {
-                        c.push(&b.doc.at("spec.config"), e.to_string());
-                    }
-                    Err(e) => {
-                        c.push(
-                            &b.doc.at("spec.policyRef.name"),
-                            format!("{e} (binding `{}`)", b.name),
-                        );
-                    }
-                }
+                bound.entry(b.spec.target_ref.name.as_str()).or_default().push((
+                    b.spec.order,
+                    bound_seq,
+                    PolicySpec {
+                        name: other.to_string(),
+                        config: b.spec.config.clone(),
+                        origin: b.doc.at("spec.config"),
+                        name_at: b.doc.at("spec.policyRef.name"),
+                    },
+                    b.doc.at("spec.targetRef.name"),
+                ));
                 bound_seq += 1;
             }
         }
@@ -886,21 +877,12 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                 );
                 continue;
             }
-            match crate::policy::build(&p.policy_ref.name, &p.config) {
-                Ok(_) => policies.push(PolicySpec {
-                    name: p.policy_ref.name.clone(),
-                    config: p.config.clone(),
-                    origin: api.doc.at(&field),
-                }),
-                Err(e) => {
-                    let at = if matches!(e, crate::policy::PolicyError::Config(_)) {
-                        format!("{field}.config")
-                    } else {
-                        format!("{field}.policyRef.name")
-                    };
-                    c.push(&api.doc.at(&at), e.to_string());
-                }
-            }
+            policies.push(PolicySpec {
+                name: p.policy_ref.name.clone(),
+                config: p.config.clone(),
+                origin: api.doc.at(&format!("{field}.config")),
+                name_at: api.doc.at(&format!("{field}.policyRef.name")),
+            });
         }
         let mut bound_here = bound.remove(api.name.as_str()).unwrap_or_default();
         bound_here.sort_by_key(|(order, n, _, _)| (order.unwrap_or(u32::MAX), *n));
@@ -1042,6 +1024,21 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
     }
     separate_certificates(&out, &mut c);
     contracts_into(&contracts, &api_names, base, &mut out, &mut c);
+    // Policies are built once here, with the contracts they may need, so a
+    // policy that cannot run fails the load.
+    for route in out.listeners.iter().flat_map(|l| &l.routes) {
+        let ctx = crate::policy::Context {
+            api: &route.api,
+            contracts: &out.contracts,
+        };
+        for spec in &route.policies {
+            match crate::policy::build(&spec.name, &spec.config, ctx) {
+                Ok(_) => {}
+                Err(e @ crate::policy::PolicyError::Config(_)) => c.push(&spec.origin, e.to_string()),
+                Err(e) => c.push(&spec.name_at, e.to_string()),
+            }
+        }
+    }
     let used: std::collections::HashSet<usize> = out
         .listeners
         .iter()

@@ -18,8 +18,11 @@
 //! type would forbid; per-request state lives in [`RequestView`] and the
 //! edit lists instead.
 
+mod client_id;
+mod cors;
 mod headers;
 mod ip_filter;
+mod timeout;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -114,7 +117,12 @@ pub trait Policy: Send + Sync + fmt::Debug {
 
     /// Runs when the upstream's response head arrives, before it is sent to
     /// the client; only header edits are possible here.
-    fn on_response(&self, _response: &Head, _edits: &mut HeaderEdits) {}
+    fn on_response(&self, _request: &Head, _response: &Head, _edits: &mut HeaderEdits) {}
+
+    /// A response timeout tighter than the service's, if the policy sets one.
+    fn response_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The policies of one API instance, in order.
@@ -146,12 +154,17 @@ impl Chain {
     }
 
     /// Runs every response phase.
-    pub fn on_response(&self, response: &Head) -> HeaderEdits {
+    pub fn on_response(&self, request: &Head, response: &Head) -> HeaderEdits {
         let mut edits = HeaderEdits::default();
         for policy in &self.policies {
-            policy.on_response(response, &mut edits);
+            policy.on_response(request, response, &mut edits);
         }
         edits
+    }
+
+    /// The tightest response timeout any policy sets.
+    pub fn response_timeout(&self) -> Option<std::time::Duration> {
+        self.policies.iter().filter_map(|p| p.response_timeout()).min()
     }
 
     /// Policy names in order (for logs).
@@ -173,15 +186,31 @@ pub enum PolicyError {
 }
 
 /// Policy names this build knows, with the source gateway's `-flex` spellings.
-pub const AVAILABLE: [&str; 4] = [
+pub const AVAILABLE: [&str; 7] = [
     "header-injection",
     "header-removal",
     "ip-allowlist",
     "ip-blocklist",
+    "cors",
+    "response-timeout",
+    "client-id-enforcement",
 ];
 
+/// What a policy may need besides its own configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The API instance it is applied to.
+    pub api: &'a str,
+    /// Every contract in the configuration.
+    pub contracts: &'a [crate::config::ContractConfig],
+}
+
 /// Builds the policy `name` from its configuration.
-pub fn build(name: &str, config: &serde_yaml_ng::Value) -> Result<Arc<dyn Policy>, PolicyError> {
+pub fn build(
+    name: &str,
+    config: &serde_yaml_ng::Value,
+    ctx: Context<'_>,
+) -> Result<Arc<dyn Policy>, PolicyError> {
     let base = name.strip_suffix("-flex").unwrap_or(name);
     let config = if config.is_null() {
         serde_yaml_ng::Value::Mapping(serde_yaml_ng::Mapping::new())
@@ -193,6 +222,11 @@ pub fn build(name: &str, config: &serde_yaml_ng::Value) -> Result<Arc<dyn Policy
         "header-removal" => Ok(Arc::new(headers::Removal::from_config(config)?)),
         "ip-allowlist" => Ok(Arc::new(ip_filter::IpFilter::from_config(config, true)?)),
         "ip-blocklist" => Ok(Arc::new(ip_filter::IpFilter::from_config(config, false)?)),
+        "cors" => Ok(Arc::new(cors::Cors::from_config(config)?)),
+        "response-timeout" => Ok(Arc::new(timeout::ResponseTimeout::from_config(config)?)),
+        "client-id-enforcement" => Ok(Arc::new(client_id::ClientIdEnforcement::from_config(
+            config, ctx,
+        )?)),
         _ => Err(PolicyError::Unknown {
             name: name.to_string(),
             available: AVAILABLE.join(", "),

@@ -125,7 +125,11 @@ impl Generation {
         for route in config.listeners.iter().flat_map(|l| &l.routes) {
             let mut policies = Vec::new();
             for spec in &route.policies {
-                match crate::policy::build(&spec.name, &spec.config) {
+                let ctx = crate::policy::Context {
+                    api: &route.api,
+                    contracts: &config.contracts,
+                };
+                match crate::policy::build(&spec.name, &spec.config, ctx) {
                     Ok(p) => policies.push(p),
                     Err(e) => errors.push(spec.origin.error(e.to_string())),
                 }

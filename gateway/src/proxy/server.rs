@@ -446,6 +446,15 @@ impl Client<'_> {
         ex.keep_alive
     }
 
+    /// The service's response timeout, tightened by a policy if one sets less.
+    fn response_timeout(&self, upstream: &Upstream) -> Duration {
+        self.chain
+            .response_timeout()
+            .map_or(upstream.cfg.response_timeout, |t| {
+                t.min(upstream.cfg.response_timeout)
+            })
+    }
+
     /// Builds the request head sent upstream.
     fn upstream_head(
         &self,
@@ -672,7 +681,7 @@ impl Client<'_> {
                     head.framing,
                     route.max_body,
                     settings.timeouts.idle,
-                    upstream.cfg.response_timeout,
+                    self.response_timeout(upstream),
                 )
                 .await
             {
@@ -696,7 +705,7 @@ impl Client<'_> {
                 match read_response_head(
                     &mut up,
                     &mut up_buf,
-                    upstream.cfg.response_timeout,
+                    self.response_timeout(upstream),
                     settings.limits.headers,
                     &endpoint_name(),
                 )
@@ -897,7 +906,7 @@ impl Client<'_> {
         let edits = if self.chain.is_empty() {
             HeaderEdits::default()
         } else {
-            self.chain.on_response(response)
+            self.chain.on_response(request, response)
         };
         for (name, value) in response.headers() {
             if response.is_hop_by_hop(name) || edits.removes(name) {
@@ -934,7 +943,7 @@ impl Client<'_> {
         out.extend_from_slice(b"\r\n");
         let mut sent = out.len() as u64;
         let client_wait = settings.timeouts.idle;
-        let up_wait = upstream.cfg.response_timeout;
+        let up_wait = self.response_timeout(upstream);
         let upstream_io = |e: io::Error| ProxyError::UpstreamIo {
             endpoint: endpoint.to_string(),
             source: e,
