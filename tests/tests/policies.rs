@@ -385,3 +385,54 @@ fn base64_encode(text: &str) -> String {
     }
     out
 }
+
+#[test]
+fn rate_limiting_counts_across_workers_and_answers_429() -> anyhow::Result<()> {
+    let limit = "    - policyRef:
+        name: rate-limiting-flex
+      config:
+        rateLimits:
+          - maximumRequests: 5
+            timePeriodInMilliseconds: 60000
+        keySelector: \"#[attributes.headers['x-client']]\"
+        clusterizable: false
+";
+    let s = scene(&api("orders", "orders", limit))?;
+    let before = s.up.requests();
+    let mut statuses = Vec::new();
+    let mut last_ok = String::new();
+    let mut refused = String::new();
+    // Separate connections: the two workers both count against one limit.
+    for _ in 0..8 {
+        let (head, _) = get(&s, "/orders/hello", &["x-client: alice"])?;
+        statuses.push(head[9..12].to_string());
+        if head.starts_with("http/1.1 200") {
+            last_ok = head;
+        } else {
+            refused = head;
+        }
+    }
+    ensure!(
+        statuses == ["200", "200", "200", "200", "200", "429", "429", "429"],
+        "{statuses:?}"
+    );
+    ensure!(
+        last_ok.contains("ratelimit-limit: 5") && last_ok.contains("ratelimit-remaining: 0"),
+        "{last_ok}"
+    );
+    ensure!(
+        refused.contains("retry-after: ") && refused.contains("ratelimit-remaining: 0"),
+        "{refused}"
+    );
+    ensure!(
+        s.up.requests() == before + 5,
+        "refused requests must not reach the upstream"
+    );
+    // Another key has its own budget.
+    let (head, _) = get(&s, "/orders/hello", &["x-client: bob"])?;
+    ensure!(
+        head.starts_with("http/1.1 200") && head.contains("ratelimit-remaining: 4"),
+        "{head}"
+    );
+    Ok(())
+}

@@ -1030,6 +1030,7 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         let ctx = crate::policy::Context {
             api: &route.api,
             contracts: &out.contracts,
+            shared_storage: out.gateway.redis.is_some(),
         };
         for spec in &route.policies {
             match crate::policy::build(&spec.name, &spec.config, ctx) {

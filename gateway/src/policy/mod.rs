@@ -22,6 +22,7 @@ mod client_id;
 mod cors;
 mod headers;
 mod ip_filter;
+mod rate_limit;
 mod timeout;
 
 use std::fmt;
@@ -101,6 +102,8 @@ pub struct RequestView<'a> {
     pub head: &'a Head,
     /// Edits for the head sent upstream.
     pub edits: HeaderEdits,
+    /// Headers to add to the response the client gets (e.g. rate-limit state).
+    pub response_add: Vec<(String, String)>,
 }
 
 /// One configured step of an API instance.
@@ -186,7 +189,7 @@ pub enum PolicyError {
 }
 
 /// Policy names this build knows, with the source gateway's `-flex` spellings.
-pub const AVAILABLE: [&str; 7] = [
+pub const AVAILABLE: [&str; 8] = [
     "header-injection",
     "header-removal",
     "ip-allowlist",
@@ -194,6 +197,7 @@ pub const AVAILABLE: [&str; 7] = [
     "cors",
     "response-timeout",
     "client-id-enforcement",
+    "rate-limiting",
 ];
 
 /// What a policy may need besides its own configuration.
@@ -203,6 +207,8 @@ pub struct Context<'a> {
     pub api: &'a str,
     /// Every contract in the configuration.
     pub contracts: &'a [crate::config::ContractConfig],
+    /// Whether Redis shared storage is configured.
+    pub shared_storage: bool,
 }
 
 /// Builds the policy `name` from its configuration.
@@ -226,6 +232,10 @@ pub fn build(
         "response-timeout" => Ok(Arc::new(timeout::ResponseTimeout::from_config(config)?)),
         "client-id-enforcement" => Ok(Arc::new(client_id::ClientIdEnforcement::from_config(
             config, ctx,
+        )?)),
+        "rate-limiting" => Ok(Arc::new(rate_limit::RateLimit::from_config(
+            config,
+            ctx.shared_storage,
         )?)),
         _ => Err(PolicyError::Unknown {
             name: name.to_string(),

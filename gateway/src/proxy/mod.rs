@@ -128,6 +128,7 @@ impl Generation {
                 let ctx = crate::policy::Context {
                     api: &route.api,
                     contracts: &config.contracts,
+                    shared_storage: config.gateway.redis.is_some(),
                 };
                 match crate::policy::build(&spec.name, &spec.config, ctx) {
                     Ok(p) => policies.push(p),

@@ -82,6 +82,7 @@ pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, tcp: TcpConn, 
         draining: worker.shared.draining.clone(),
         chain: Arc::new(Chain::default()),
         edits: HeaderEdits::default(),
+        response_add: Vec::new(),
     };
     let mut first = true;
     loop {
@@ -183,6 +184,8 @@ struct Client<'c> {
     chain: Arc<Chain>,
     /// Header edits the request phase asked for.
     edits: HeaderEdits,
+    /// Headers the request phase added for the response.
+    response_add: Vec<(String, String)>,
 }
 
 /// How a finished exchange leaves the client connection.
@@ -374,40 +377,14 @@ impl Client<'_> {
             return !close;
         };
         self.chain = generation.chains.get(&route.api).cloned().unwrap_or_default();
-        let mut view = RequestView {
-            client: self.peer.ip(),
-            head: &head,
-            edits: HeaderEdits::default(),
-        };
-        let verdict = self.chain.on_request(&mut view);
-        self.edits = view.edits;
-        let answer = match verdict {
-            Verdict::Continue => None,
-            Verdict::Respond(r) => Some((r.status, r.headers, r.body, None)),
-            Verdict::Deny(d) => Some((
-                d.status(),
-                Vec::new(),
-                format!("{} {}\n", d.status(), http::reason(d.status())),
-                Some(d.reason()),
-            )),
-        };
-        if let Some((status, headers, body, reason)) = answer {
-            // A body the policy did not read cannot be skipped reliably: close after answering.
-            let close = !head.keep_alive || head.framing != Framing::Empty;
-            let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            let bytes = http::simple_response(
-                status,
-                &extra,
-                "text/plain; charset=utf-8",
-                body.as_bytes(),
-                close,
-            );
+        if let Some((status, bytes, reason)) = self.request_policies(&head) {
             record.bytes_out = bytes.len() as u64;
             let _ = self.write(bytes, generation.settings.timeouts.idle).await;
             record.status = status;
-            record.error = Some(reason.unwrap_or("policy_response"));
+            record.error = Some(reason);
             record.finish(worker, Some(route), started);
-            return !close;
+            // A body the policy did not read cannot be skipped reliably: the answer closes.
+            return head.keep_alive && head.framing == Framing::Empty;
         }
         let too_large = match head.framing {
             Framing::Length(n) => n > route.max_body,
@@ -444,6 +421,40 @@ impl Client<'_> {
         }
         record.finish(worker, Some(route), started);
         ex.keep_alive
+    }
+
+    /// Runs the request phase of the routed API's policies; an answer to send
+    /// instead of forwarding (status, bytes, reason) if one of them ends the exchange.
+    fn request_policies(&mut self, head: &Head) -> Option<(u16, Vec<u8>, &'static str)> {
+        let mut view = RequestView {
+            client: self.peer.ip(),
+            head,
+            edits: HeaderEdits::default(),
+            response_add: Vec::new(),
+        };
+        let verdict = self.chain.on_request(&mut view);
+        self.edits = view.edits;
+        self.response_add = view.response_add;
+        let (status, headers, body, reason) = match verdict {
+            Verdict::Continue => return None,
+            Verdict::Respond(r) => (r.status, r.headers, r.body, "policy_response"),
+            Verdict::Deny(d) => (
+                d.status(),
+                Vec::new(),
+                format!("{} {}\n", d.status(), http::reason(d.status())),
+                d.reason(),
+            ),
+        };
+        let close = !head.keep_alive || head.framing != Framing::Empty;
+        let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let bytes = http::simple_response(
+            status,
+            &extra,
+            "text/plain; charset=utf-8",
+            body.as_bytes(),
+            close,
+        );
+        Some((status, bytes, reason))
     }
 
     /// The service's response timeout, tightened by a policy if one sets less.
@@ -918,7 +929,7 @@ impl Client<'_> {
             }
             http::put_header(&mut out, name, value);
         }
-        for (name, value) in &edits.add {
+        for (name, value) in edits.add.iter().chain(&self.response_add) {
             http::put_header(&mut out, name.as_bytes(), value.as_bytes());
         }
         if rechunk {

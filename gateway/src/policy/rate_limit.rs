@@ -1,0 +1,240 @@
+//! `rate-limiting`: fixed windows per key, exact across this gateway's workers.
+//!
+//! Every configured window must have room for a request to pass; a refused
+//! request gets `429` with `Retry-After` and (unless `exposeHeaders: false`)
+//! the `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` headers.
+//! Counting is local to this process: cluster-wide limits need the Redis
+//! store, which this build does not have yet.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::{Policy, PolicyError, RequestView, Response, Verdict, parse};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Window {
+    maximum_requests: u64,
+    time_period_in_milliseconds: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Config {
+    rate_limits: Vec<Window>,
+    #[serde(default)]
+    key_selector: Option<String>,
+    #[serde(default = "yes")]
+    expose_headers: bool,
+    #[serde(default = "yes")]
+    clusterizable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What requests are counted together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    /// All requests of the API.
+    Api,
+    /// Per client address.
+    ClientAddress,
+    /// Per value of a request header.
+    Header(String),
+    /// Per request path.
+    Path,
+    /// Per method.
+    Method,
+}
+
+fn key(selector: Option<&str>) -> Result<Key, PolicyError> {
+    let Some(selector) = selector.map(str::trim) else {
+        return Ok(Key::Api);
+    };
+    let inner = selector
+        .strip_prefix("#[")
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or("");
+    match inner {
+        "attributes.remoteAddress" => Ok(Key::ClientAddress),
+        "attributes.requestPath" => Ok(Key::Path),
+        "attributes.method" => Ok(Key::Method),
+        _ => inner
+            .strip_prefix("attributes.headers['")
+            .and_then(|r| r.strip_suffix("']"))
+            .filter(|n| !n.is_empty() && !n.contains(['\'', '[', ']']))
+            .map(|n| Key::Header(n.to_ascii_lowercase()))
+            .ok_or_else(|| {
+                PolicyError::Config(format!(
+                    "keySelector `{selector}`: supported are #[attributes.remoteAddress], #[attributes.requestPath], #[attributes.method] and #[attributes.headers['NAME']]"
+                ))
+            }),
+    }
+}
+
+#[derive(Debug)]
+struct Counter {
+    window_start: Instant,
+    count: u64,
+}
+
+/// Counts requests per key in fixed windows.
+#[derive(Debug)]
+pub struct RateLimit {
+    windows: Vec<(u64, Duration)>,
+    key: Key,
+    expose: bool,
+    /// (key value, window index) → counter; shared by every worker of this process.
+    counters: Mutex<HashMap<(String, usize), Counter>>,
+}
+
+/// Keys kept before expired windows are swept.
+const SWEEP_AT: usize = 100_000;
+
+impl RateLimit {
+    pub(super) fn from_config(
+        config: serde_yaml_ng::Value,
+        redis_configured: bool,
+    ) -> Result<Self, PolicyError> {
+        let c: Config = parse(config)?;
+        if c.rate_limits.is_empty() {
+            return Err(PolicyError::Config("rateLimits is empty".into()));
+        }
+        if c.clusterizable && redis_configured {
+            return Err(PolicyError::Config(
+                "clusterizable limits shared through Redis are not available in this build yet; set clusterizable: false to count per gateway".into(),
+            ));
+        }
+        let mut windows = Vec::new();
+        for w in &c.rate_limits {
+            if w.maximum_requests == 0 || w.time_period_in_milliseconds == 0 {
+                return Err(PolicyError::Config(
+                    "maximumRequests and timePeriodInMilliseconds must be positive".into(),
+                ));
+            }
+            windows.push((
+                w.maximum_requests,
+                Duration::from_millis(w.time_period_in_milliseconds),
+            ));
+        }
+        Ok(Self {
+            windows,
+            key: key(c.key_selector.as_deref())?,
+            expose: c.expose_headers,
+            counters: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn key_of(&self, request: &RequestView<'_>) -> String {
+        match &self.key {
+            Key::Api => String::new(),
+            Key::ClientAddress => request.client.to_string(),
+            Key::Path => request.head.path().to_string(),
+            Key::Method => request.head.method().to_string(),
+            Key::Header(name) => request
+                .head
+                .header(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Policy for RateLimit {
+    fn name(&self) -> &'static str {
+        "rate-limiting"
+    }
+
+    fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
+        let key = self.key_of(request);
+        let now = Instant::now();
+        let Ok(mut counters) = self.counters.lock() else {
+            return Verdict::Continue;
+        };
+        if counters.len() > SWEEP_AT {
+            let longest = self.windows.iter().map(|(_, d)| *d).max().unwrap_or_default();
+            counters.retain(|_, c| now.duration_since(c.window_start) < longest);
+        }
+        // First check every window, then count: a refused request uses none of them.
+        let mut refused: Option<(u64, Duration)> = None;
+        let mut remaining = u64::MAX;
+        let mut reset = Duration::ZERO;
+        for (i, (max, period)) in self.windows.iter().enumerate() {
+            let counter = counters.entry((key.clone(), i)).or_insert(Counter {
+                window_start: now,
+                count: 0,
+            });
+            if now.duration_since(counter.window_start) >= *period {
+                *counter = Counter {
+                    window_start: now,
+                    count: 0,
+                };
+            }
+            let left = period.saturating_sub(now.duration_since(counter.window_start));
+            if counter.count >= *max {
+                refused = Some(refused.map_or((*max, left), |(m, l)| (m, l.max(left))));
+            } else if max - counter.count - 1 < remaining {
+                remaining = max - counter.count - 1;
+                reset = left;
+            }
+        }
+        if let Some((max, left)) = refused {
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            let mut headers = vec![("retry-after".to_string(), secs.to_string())];
+            if self.expose {
+                headers.push(("ratelimit-limit".into(), max.to_string()));
+                headers.push(("ratelimit-remaining".into(), "0".into()));
+                headers.push(("ratelimit-reset".into(), secs.to_string()));
+            }
+            return Verdict::Respond(Response {
+                status: 429,
+                headers,
+                body: "429 Too Many Requests\n".into(),
+            });
+        }
+        for i in 0..self.windows.len() {
+            if let Some(counter) = counters.get_mut(&(key.clone(), i)) {
+                counter.count += 1;
+            }
+        }
+        drop(counters);
+        if self.expose {
+            let (max, _) = self.windows[0];
+            request
+                .response_add
+                .push(("ratelimit-limit".into(), max.to_string()));
+            request
+                .response_add
+                .push(("ratelimit-remaining".into(), remaining.to_string()));
+            request.response_add.push((
+                "ratelimit-reset".into(),
+                (reset.as_secs() + u64::from(reset.subsec_nanos() > 0)).to_string(),
+            ));
+        }
+        Verdict::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        assert_eq!(key(None).unwrap(), Key::Api);
+        assert_eq!(
+            key(Some("#[attributes.headers['X-Client']]")).unwrap(),
+            Key::Header("x-client".into())
+        );
+        assert_eq!(
+            key(Some("#[attributes.remoteAddress]")).unwrap(),
+            Key::ClientAddress
+        );
+        assert!(key(Some("#[attributes.queryParams['a']]")).is_err());
+    }
+}
