@@ -134,6 +134,9 @@ pub fn run(dir: &Path, set_level: &SetLevel) -> anyhow::Result<()> {
     }
     let generation = load(dir)?;
     set_level(&generation.config.gateway.log_level);
+    if let Some(redis) = &generation.config.gateway.redis {
+        portcullis::store::start(redis)?;
+    }
     raise_open_files();
     let settings = generation.settings.clone();
     let workers = settings.workers;

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod policy;
 pub mod proxy;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod xdp;

@@ -18,7 +18,7 @@ const LLVM: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and the demo use.
-const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "curl", "util-linux"];
+const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "curl", "util-linux", "redis-server"];
 
 static APT_UPDATE: Once = Once::new();
 

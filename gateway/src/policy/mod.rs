@@ -233,10 +233,7 @@ pub fn build(
         "client-id-enforcement" => Ok(Arc::new(client_id::ClientIdEnforcement::from_config(
             config, ctx,
         )?)),
-        "rate-limiting" => Ok(Arc::new(rate_limit::RateLimit::from_config(
-            config,
-            ctx.shared_storage,
-        )?)),
+        "rate-limiting" => Ok(Arc::new(rate_limit::RateLimit::from_config(config, ctx)?)),
         _ => Err(PolicyError::Unknown {
             name: name.to_string(),
             available: AVAILABLE.join(", "),

@@ -3,11 +3,15 @@
 //! Every configured window must have room for a request to pass; a refused
 //! request gets `429` with `Retry-After` and (unless `exposeHeaders: false`)
 //! the `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` headers.
-//! Counting is local to this process: cluster-wide limits need the Redis
-//! store, which this build does not have yet.
+//! Without shared storage (or with `clusterizable: false`) counting is local
+//! to this process, exact across its workers. With Redis configured and
+//! `clusterizable: true` (the default), windows are aligned on the wall clock
+//! and counted across every replica through the store (see `crate::store`):
+//! decisions stay local and never wait on Redis; a replica may let through
+//! the few requests other replicas made within the last sync interval.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -91,24 +95,28 @@ pub struct RateLimit {
     expose: bool,
     /// (key value, window index) → counter; shared by every worker of this process.
     counters: Mutex<HashMap<(String, usize), Counter>>,
+    /// Cluster-wide counters and this policy's key prefix, when counting through Redis.
+    cluster: Option<(Arc<crate::store::Counters>, String)>,
 }
 
 /// Keys kept before expired windows are swept.
 const SWEEP_AT: usize = 100_000;
 
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// A decision: `Ok((remaining, reset))`, or `Err((limit, retry_after))`.
+type Decision = Result<(u64, Duration), (u64, Duration)>;
+
 impl RateLimit {
     pub(super) fn from_config(
         config: serde_yaml_ng::Value,
-        redis_configured: bool,
+        ctx: super::Context<'_>,
     ) -> Result<Self, PolicyError> {
         let c: Config = parse(config)?;
         if c.rate_limits.is_empty() {
             return Err(PolicyError::Config("rateLimits is empty".into()));
-        }
-        if c.clusterizable && redis_configured {
-            return Err(PolicyError::Config(
-                "clusterizable limits shared through Redis are not available in this build yet; set clusterizable: false to count per gateway".into(),
-            ));
         }
         let mut windows = Vec::new();
         for w in &c.rate_limits {
@@ -122,11 +130,26 @@ impl RateLimit {
                 Duration::from_millis(w.time_period_in_milliseconds),
             ));
         }
+        let key = key(c.key_selector.as_deref())?;
+        let cluster = (c.clusterizable && ctx.shared_storage).then(|| {
+            let shape: Vec<String> = windows
+                .iter()
+                .map(|(m, p)| format!("{m}/{}", p.as_millis()))
+                .collect();
+            let prefix = format!(
+                "{}:rl:{}:{}:{key:?}",
+                crate::store::KEY_PREFIX,
+                ctx.api,
+                shape.join(",")
+            );
+            (crate::store::counters(), prefix)
+        });
         Ok(Self {
             windows,
-            key: key(c.key_selector.as_deref())?,
+            key,
             expose: c.expose_headers,
             counters: Mutex::new(HashMap::new()),
+            cluster,
         })
     }
 
@@ -143,29 +166,23 @@ impl RateLimit {
                 .unwrap_or_default(),
         }
     }
-}
 
-impl Policy for RateLimit {
-    fn name(&self) -> &'static str {
-        "rate-limiting"
-    }
-
-    fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
-        let key = self.key_of(request);
+    /// This process's decision: windows start at a key's first request.
+    fn local(&self, key: &str) -> Decision {
         let now = Instant::now();
         let Ok(mut counters) = self.counters.lock() else {
-            return Verdict::Continue;
+            return Ok((u64::MAX, Duration::ZERO));
         };
         if counters.len() > SWEEP_AT {
             let longest = self.windows.iter().map(|(_, d)| *d).max().unwrap_or_default();
             counters.retain(|_, c| now.duration_since(c.window_start) < longest);
         }
-        // First check every window, then count: a refused request uses none of them.
+        // Check every window first, then count: a refused request uses none of them.
         let mut refused: Option<(u64, Duration)> = None;
         let mut remaining = u64::MAX;
         let mut reset = Duration::ZERO;
         for (i, (max, period)) in self.windows.iter().enumerate() {
-            let counter = counters.entry((key.clone(), i)).or_insert(Counter {
+            let counter = counters.entry((key.to_string(), i)).or_insert(Counter {
                 window_start: now,
                 count: 0,
             });
@@ -183,40 +200,99 @@ impl Policy for RateLimit {
                 reset = left;
             }
         }
-        if let Some((max, left)) = refused {
-            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-            let mut headers = vec![("retry-after".to_string(), secs.to_string())];
-            if self.expose {
-                headers.push(("ratelimit-limit".into(), max.to_string()));
-                headers.push(("ratelimit-remaining".into(), "0".into()));
-                headers.push(("ratelimit-reset".into(), secs.to_string()));
-            }
-            return Verdict::Respond(Response {
-                status: 429,
-                headers,
-                body: "429 Too Many Requests\n".into(),
-            });
+        if let Some(r) = refused {
+            return Err(r);
         }
         for i in 0..self.windows.len() {
-            if let Some(counter) = counters.get_mut(&(key.clone(), i)) {
+            if let Some(counter) = counters.get_mut(&(key.to_string(), i)) {
                 counter.count += 1;
             }
         }
-        drop(counters);
-        if self.expose {
-            let (max, _) = self.windows[0];
-            request
-                .response_add
-                .push(("ratelimit-limit".into(), max.to_string()));
-            request
-                .response_add
-                .push(("ratelimit-remaining".into(), remaining.to_string()));
-            request.response_add.push((
-                "ratelimit-reset".into(),
-                (reset.as_secs() + u64::from(reset.subsec_nanos() > 0)).to_string(),
-            ));
+        Ok((remaining, reset))
+    }
+
+    /// The cluster's decision: windows aligned on the wall clock, counted through the store.
+    fn cluster(&self, counters: &crate::store::Counters, prefix: &str, key: &str) -> Decision {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let Ok(mut slots) = counters.slots.lock() else {
+            return Ok((u64::MAX, Duration::ZERO));
+        };
+        let mut names = Vec::with_capacity(self.windows.len());
+        let mut remaining = u64::MAX;
+        let mut reset = Duration::ZERO;
+        let mut refused: Option<(u64, Duration)> = None;
+        for (i, (max, period)) in self.windows.iter().enumerate() {
+            let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
+            let left = Duration::from_millis(period_ms - now_ms % period_ms);
+            let name = format!("{prefix}:{i}:{}:{key}", now_ms / period_ms);
+            let slot = slots.entry(name.clone()).or_default();
+            slot.ttl = *period;
+            slot.used = Some(Instant::now());
+            let count = slot.global + slot.pending;
+            if count >= *max {
+                refused = Some(refused.map_or((*max, left), |(m, l)| (m, l.max(left))));
+            } else if max - count - 1 < remaining {
+                remaining = max - count - 1;
+                reset = left;
+            }
+            names.push(name);
         }
-        Verdict::Continue
+        if let Some(r) = refused {
+            return Err(r);
+        }
+        for name in names {
+            if let Some(slot) = slots.get_mut(&name) {
+                slot.pending += 1;
+            }
+        }
+        Ok((remaining, reset))
+    }
+}
+
+impl Policy for RateLimit {
+    fn name(&self) -> &'static str {
+        "rate-limiting"
+    }
+
+    fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
+        let key = self.key_of(request);
+        let decision = match &self.cluster {
+            Some((counters, prefix)) => self.cluster(counters, prefix, &key),
+            None => self.local(&key),
+        };
+        match decision {
+            Ok((remaining, reset)) => {
+                if self.expose {
+                    let (max, _) = self.windows[0];
+                    request
+                        .response_add
+                        .push(("ratelimit-limit".into(), max.to_string()));
+                    request
+                        .response_add
+                        .push(("ratelimit-remaining".into(), remaining.to_string()));
+                    request
+                        .response_add
+                        .push(("ratelimit-reset".into(), whole_seconds(reset).to_string()));
+                }
+                Verdict::Continue
+            }
+            Err((max, left)) => {
+                let secs = whole_seconds(left);
+                let mut headers = vec![("retry-after".to_string(), secs.to_string())];
+                if self.expose {
+                    headers.push(("ratelimit-limit".into(), max.to_string()));
+                    headers.push(("ratelimit-remaining".into(), "0".into()));
+                    headers.push(("ratelimit-reset".into(), secs.to_string()));
+                }
+                Verdict::Respond(Response {
+                    status: 429,
+                    headers,
+                    body: "429 Too Many Requests\n".into(),
+                })
+            }
+        }
     }
 }
 

@@ -678,3 +678,95 @@ pub fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A `redis-server` in a namespace with an ACL user, no persistence; killed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    conf: PathBuf,
+    ns: PathBuf,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl RedisServer {
+    /// Starts Redis on `addr` in `ns`, with user `user` / `password` and the default user disabled.
+    pub fn start(
+        ns: &NetNs,
+        dir: &Path,
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<Self> {
+        let conf = dir.join(format!("redis-{}.conf", addr.port()));
+        fs::write(
+            &conf,
+            format!(
+                "port {}\nbind {}\nsave \"\"\nappendonly no\ndaemonize no\nprotected-mode no\ndir {}\nuser default off\nuser {user} on >{password} ~portcullis:* &* +@all\n",
+                addr.port(),
+                addr.ip(),
+                dir.display()
+            ),
+        )?;
+        let mut server = Self {
+            child: None,
+            conf,
+            ns: ns.path(),
+            addr,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns.display()))
+            .arg("--")
+            .arg("redis-server")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server (installed by cargo xtask test)")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ns = fs::File::open(&self.ns)?;
+        let addr = self.addr;
+        let ready = thread::spawn(move || -> anyhow::Result<()> {
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&ns),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )?;
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+                if Instant::now() > deadline {
+                    bail!("redis-server not listening on {addr} after 10 s");
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            Ok(())
+        });
+        ready
+            .join()
+            .map_err(|_| anyhow::anyhow!("readiness thread panicked"))?
+    }
+
+    /// Kills the server (data is lost, as with a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again after [`RedisServer::kill`].
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
