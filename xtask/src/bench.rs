@@ -84,9 +84,15 @@ fn parse_latency(text: &str) -> Option<f64> {
 }
 
 fn wrk(ns: &NetNs, url: &str, connections: usize) -> anyhow::Result<Run> {
+    wrk_with(ns, url, connections, None)
+}
+
+fn wrk_with(ns: &NetNs, url: &str, connections: usize, header: Option<&str>) -> anyhow::Result<Run> {
     let threads = 2.min(connections);
-    let script =
-        format!("ulimit -n $(ulimit -Hn); exec wrk -t{threads} -c{connections} -d{DURATION} --latency {url}");
+    let header = header.map(|h| format!("-H '{h}' ")).unwrap_or_default();
+    let script = format!(
+        "ulimit -n $(ulimit -Hn); exec wrk -t{threads} -c{connections} -d{DURATION} --latency {header}{url}"
+    );
     let out = ns.command("sh").args(["-c", &script]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -319,6 +325,7 @@ spec:
             );
         }
     }
+    let policies = policy_runs(&ns, &dir, &bin)?;
     // Give the workers' pool sweep (every 2 s) time to let go of the burst.
     std::thread::sleep(Duration::from_secs(5));
     let rss = idle_rss(&ns, gateway.0.id(), "127.0.0.1:8080".parse()?, 10_000)?;
@@ -327,6 +334,22 @@ spec:
         "workers per proxy: {WORKERS}; wrk 2 threads, {DURATION} per run; upstream nginx (1 worker) on the same loopback"
     );
     print!("{table}");
+    println!();
+    println!("| workload (128 B, 50 conns) | req/s | p50 / p99 ms | vs no policies |");
+    println!("| --- | ---: | --- | ---: |");
+    let (plain, with) = policies;
+    println!(
+        "| portcullis, no policies | {:.0} | {:.2}/{:.2} | 1.00× |",
+        plain.rps, plain.p50_ms, plain.p99_ms
+    );
+    println!(
+        "| portcullis, client-id enforcement + cluster rate limiting (Redis) + header injection | {:.0} | {:.2}/{:.2} | {:.2}× (p99 {:.2}×) |",
+        with.rps,
+        with.p50_ms,
+        with.p99_ms,
+        with.rps / plain.rps,
+        with.p99_ms / plain.p99_ms
+    );
     println!(
         "portcullis RSS with 10000 idle keep-alive connections, after the runs above: {:.1} MiB (idle before opening them: {:.1} MiB)",
         rss.1, rss.0
@@ -390,4 +413,112 @@ fn raise_nofile(want: u64) -> anyhow::Result<()> {
     }
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising the open-file limit")?;
     Ok(())
+}
+
+/// The same small-body workload on the gateway without and with a policy chain:
+/// client-id enforcement, rate limiting counted through Redis, header injection.
+#[expect(clippy::too_many_lines, reason = "mostly the configuration, written out")]
+fn policy_runs(ns: &NetNs, dir: &TempDir, bin: &Path) -> anyhow::Result<(Run, Run)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let redis_conf = dir.write(
+        "redis.conf",
+        &format!(
+            "port 6390\nbind 127.0.0.1\nsave \"\"\nappendonly no\nprotected-mode no\ndir {}\nuser default off\nuser gateway on >bench-pw ~portcullis:* &* +@all\n",
+            dir.0.display()
+        ),
+    )?;
+    let log = dir.0.join("redis.log");
+    let mut redis = spawn(
+        ns,
+        "redis-server",
+        "redis-server",
+        &[&redis_conf.to_string_lossy()],
+        &log,
+    )?;
+    wait_port(ns, "127.0.0.1:6390".parse()?, &mut redis, &log)?;
+    let conf = dir.0.join("portcullis-policies");
+    std::fs::create_dir_all(&conf)?;
+    let pw = conf.join("redis.password");
+    std::fs::write(&pw, "bench-pw")?;
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::write(
+        conf.join("bench.yaml"),
+        format!(
+            "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Configuration
+metadata:
+  name: proxy
+spec:
+  sharedStorage:
+    redis:
+      address: 127.0.0.1:6390
+      username: gateway
+      password: ${{file:redis.password}}
+  proxy:
+    workers: {WORKERS}
+    admin: 127.0.0.1:9903
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: bench
+spec:
+  address: http://127.0.0.1:8083/
+  services:
+    up:
+      address: http://{UPSTREAM}/
+  policies:
+    - policyRef:
+        name: client-id-enforcement-flex
+    - policyRef:
+        name: rate-limiting-flex
+      config:
+        rateLimits:
+          - maximumRequests: 1000000000
+            timePeriodInMilliseconds: 60000
+        keySelector: \"#[attributes.headers['authorization']]\"
+    - policyRef:
+        name: header-injection-flex
+      config:
+        inboundHeaders:
+          - key: x-gateway
+            value: portcullis
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Contract
+metadata:
+  name: bench-client
+spec:
+  clientId: bench
+  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
+  apis: [bench]
+"
+        ),
+    )?;
+    let log = dir.0.join("portcullis-policies.log");
+    let mut gateway = spawn(
+        ns,
+        "portcullis (policies)",
+        &bin.to_string_lossy(),
+        &["run", "--config", &conf.to_string_lossy()],
+        &log,
+    )?;
+    wait_port(ns, "127.0.0.1:8083".parse()?, &mut gateway, &log)?;
+    // bench:password
+    let auth = "Authorization: Basic YmVuY2g6cGFzc3dvcmQ=";
+    let _ = wrk_with(ns, "http://127.0.0.1:8083/small", 50, Some(auth))?;
+    let plain = wrk(ns, "http://127.0.0.1:8080/small", 50)?;
+    let with = wrk_with(ns, "http://127.0.0.1:8083/small", 50, Some(auth))?;
+    if with.errors > 0 {
+        bail!(
+            "the policy run had {} non-2xx responses: the chain refused the benchmark's requests",
+            with.errors
+        );
+    }
+    println!(
+        "xtask: policies: {:.0} req/s (p99 {:.2} ms) against {:.0} req/s (p99 {:.2} ms) without",
+        with.rps, with.p99_ms, plain.rps, plain.p99_ms
+    );
+    drop((gateway, redis));
+    Ok((plain, with))
 }
