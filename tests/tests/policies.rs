@@ -436,3 +436,110 @@ fn rate_limiting_counts_across_workers_and_answers_429() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn jwt_validation_with_test_vectors() -> anyhow::Result<()> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let ns = NetNs::new("jw")?;
+    let dir = TempDir::new("jwc")?;
+    let key = rcgen::KeyPair::generate()?;
+    let rogue = rcgen::KeyPair::generate()?;
+    dir.write("idp.pub.pem", &key.public_key_pem())?;
+    let jwt = "    - policyRef:
+        name: jwt-validation-flex
+      config:
+        signingMethod: es
+        signingKeyLength: 256
+        jwtKeyOrigin: text
+        keyFile: idp.pub.pem
+        validateAudClaim: true
+        supportedAudiences: \"orders-api, other-api\"
+        supportedIssuers: \"https://idp.test\"
+        mandatoryExpClaim: true
+        validateCustomClaim: true
+        mandatoryCustomClaims:
+          - key: scope
+            value: orders
+";
+    let pem = dir.0.join("idp.pub.pem");
+    std::fs::set_permissions(&pem, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    dir.write(
+        "gateway.yaml",
+        &format!("{SETTINGS}{}", api("orders", "orders", jwt)),
+    )?;
+    let gw = GatewayProcess::start(&ns, &dir.0, "127.0.0.1:9901".parse()?)?;
+    let s = Scene { ns, dir, up, gw };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = |exp: u64, aud: &str, scope: &str| serde_json::json!({"sub": "alice", "iss": "https://idp.test", "aud": aud, "exp": exp, "scope": scope});
+    let es = |claims: &serde_json::Value, signer: &rcgen::KeyPair| -> anyhow::Result<String> {
+        Ok(encode(
+            &Header::new(Algorithm::ES256),
+            claims,
+            &EncodingKey::from_ec_pem(signer.serialize_pem().as_bytes())?,
+        )?)
+    };
+    let b64 = |v: &serde_json::Value| base64_url(&v.to_string());
+    let status = |token: Option<&str>| -> anyhow::Result<String> {
+        let header = token.map(|t| format!("Authorization: Bearer {t}"));
+        let headers: Vec<&str> = header.iter().map(String::as_str).collect();
+        get(&s, "/orders/hello", &headers).map(|(h, _)| h)
+    };
+    let good = claims(now + 300, "orders-api", "orders");
+    ensure!(
+        status(Some(&es(&good, &key)?))?.starts_with("http/1.1 200"),
+        "a valid token passes"
+    );
+    let none = status(None)?;
+    ensure!(
+        none.starts_with("http/1.1 401") && none.contains("www-authenticate: bearer"),
+        "{none}"
+    );
+    let vectors = [
+        ("expired", es(&claims(now - 10, "orders-api", "orders"), &key)?),
+        (
+            "wrong audience",
+            es(&claims(now + 300, "billing-api", "orders"), &key)?,
+        ),
+        (
+            "custom claim",
+            es(&claims(now + 300, "orders-api", "admin"), &key)?,
+        ),
+        ("another key", es(&good, &rogue)?),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(&serde_json::json!({"alg": "none", "typ": "JWT"})),
+                b64(&good)
+            ),
+        ),
+        (
+            "key confusion: HS256 with the public key as secret",
+            encode(
+                &Header::new(Algorithm::HS256),
+                &good,
+                &EncodingKey::from_secret(key.public_key_pem().as_bytes()),
+            )?,
+        ),
+        ("garbage", "not.a.token".to_string()),
+    ];
+    for (what, token) in &vectors {
+        let head = status(Some(token))?;
+        ensure!(
+            head.starts_with("http/1.1 401") && head.contains("invalid_token"),
+            "{what}: {head}"
+        );
+    }
+    ensure!(s.up.requests() == 1, "only the valid token reached the upstream");
+    Ok(())
+}
+
+fn base64_url(text: &str) -> String {
+    base64_encode(text)
+        .trim_end_matches('=')
+        .replace('+', "-")
+        .replace('/', "_")
+}

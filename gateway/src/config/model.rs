@@ -31,6 +31,8 @@ pub struct Config {
     pub contracts: Vec<ContractConfig>,
     /// Problems that do not stop the configuration from loading.
     pub warnings: Vec<ConfigError>,
+    /// The directory relative file references resolve against.
+    pub dir: PathBuf,
 }
 
 /// Gatekeeper level (see DESIGN.md, Gatekeeper).
@@ -694,6 +696,7 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         gateway,
         contracts: Vec::new(),
         warnings: Vec::new(),
+        dir: base.to_path_buf(),
     };
 
     // Named Service resources first, so ApiInstances can refer to them.
@@ -1031,6 +1034,7 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
             api: &route.api,
             contracts: &out.contracts,
             shared_storage: out.gateway.redis.is_some(),
+            base,
         };
         for spec in &route.policies {
             match crate::policy::build(&spec.name, &spec.config, ctx) {

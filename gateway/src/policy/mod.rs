@@ -22,6 +22,7 @@ mod client_id;
 mod cors;
 mod headers;
 mod ip_filter;
+mod jwt;
 mod rate_limit;
 mod timeout;
 
@@ -189,7 +190,7 @@ pub enum PolicyError {
 }
 
 /// Policy names this build knows, with the source gateway's `-flex` spellings.
-pub const AVAILABLE: [&str; 8] = [
+pub const AVAILABLE: [&str; 9] = [
     "header-injection",
     "header-removal",
     "ip-allowlist",
@@ -198,6 +199,7 @@ pub const AVAILABLE: [&str; 8] = [
     "response-timeout",
     "client-id-enforcement",
     "rate-limiting",
+    "jwt-validation",
 ];
 
 /// What a policy may need besides its own configuration.
@@ -209,6 +211,8 @@ pub struct Context<'a> {
     pub contracts: &'a [crate::config::ContractConfig],
     /// Whether Redis shared storage is configured.
     pub shared_storage: bool,
+    /// Directory relative file names resolve against (the configuration's).
+    pub base: &'a std::path::Path,
 }
 
 /// Builds the policy `name` from its configuration.
@@ -234,6 +238,7 @@ pub fn build(
             config, ctx,
         )?)),
         "rate-limiting" => Ok(Arc::new(rate_limit::RateLimit::from_config(config, ctx)?)),
+        "jwt-validation" => Ok(Arc::new(jwt::JwtValidation::from_config(config, ctx.base)?)),
         _ => Err(PolicyError::Unknown {
             name: name.to_string(),
             available: AVAILABLE.join(", "),

@@ -129,6 +129,7 @@ impl Generation {
                     api: &route.api,
                     contracts: &config.contracts,
                     shared_storage: config.gateway.redis.is_some(),
+                    base: &config.dir,
                 };
                 match crate::policy::build(&spec.name, &spec.config, ctx) {
                     Ok(p) => policies.push(p),

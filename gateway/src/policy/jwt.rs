@@ -1,0 +1,302 @@
+//! `jwt-validation`: a signed token is required; its signature, time claims,
+//! audience, issuer and custom claims are checked before the upstream is asked.
+//!
+//! The algorithm family comes from the configuration (`signingMethod`), never
+//! from the token: a token whose header names another algorithm (`none`, or
+//! HS256 made with an RSA public key as the secret) is refused.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::{Policy, PolicyError, RequestView, Response, Verdict, parse};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CustomClaim {
+    key: String,
+    value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the source gateway's configuration has these flags"
+)]
+struct Config {
+    #[serde(default = "bearer")]
+    jwt_origin: String,
+    #[serde(default)]
+    jwt_expression: Option<String>,
+    signing_method: String,
+    #[serde(default = "bits256")]
+    signing_key_length: u16,
+    #[serde(default = "text")]
+    jwt_key_origin: String,
+    /// PEM public key (rsa, es, eddsa).
+    #[serde(default)]
+    text_key: Option<String>,
+    /// Portcullis extension: a file holding the PEM public key, or the HMAC secret (mode 0600).
+    #[serde(default)]
+    key_file: Option<String>,
+    #[serde(default)]
+    validate_aud_claim: bool,
+    #[serde(default)]
+    supported_audiences: Option<String>,
+    #[serde(default = "yes")]
+    mandatory_exp_claim: bool,
+    #[serde(default)]
+    mandatory_nbf_claim: bool,
+    /// Portcullis extension: accepted `iss` values, comma-separated.
+    #[serde(default)]
+    supported_issuers: Option<String>,
+    #[serde(default)]
+    validate_custom_claim: bool,
+    #[serde(default)]
+    mandatory_custom_claims: Vec<CustomClaim>,
+    #[serde(default = "yes")]
+    skip_client_id_validation: bool,
+}
+
+fn bearer() -> String {
+    "httpBearerAuthenticationHeader".into()
+}
+
+fn bits256() -> u16 {
+    256
+}
+
+fn text() -> String {
+    "text".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Validates JWTs on every request.
+pub struct JwtValidation {
+    header: Option<String>,
+    key: DecodingKey,
+    validation: Validation,
+    claims: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for JwtValidation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtValidation")
+            .field("algorithms", &self.validation.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+fn csv(text: Option<&String>) -> Vec<String> {
+    text.map(|t| {
+        t.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+impl JwtValidation {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one check per configuration field, in field order"
+    )]
+    pub(super) fn from_config(config: serde_yaml_ng::Value, base: &Path) -> Result<Self, PolicyError> {
+        let c: Config = parse(config)?;
+        let bad = |m: String| PolicyError::Config(m);
+        let header = match c.jwt_origin.as_str() {
+            "httpBearerAuthenticationHeader" => None,
+            "customExpression" => {
+                let expr = c.jwt_expression.as_deref().unwrap_or("");
+                let name = expr
+                    .trim()
+                    .strip_prefix("#[attributes.headers['")
+                    .and_then(|r| r.strip_suffix("']]"))
+                    .filter(|n| !n.is_empty() && !n.contains(['\'', '[', ']']))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "jwtExpression `{expr}`: only #[attributes.headers['NAME']] is supported"
+                        ))
+                    })?;
+                Some(name.to_ascii_lowercase())
+            }
+            other => {
+                return Err(bad(format!(
+                    "jwtOrigin `{other}` is not httpBearerAuthenticationHeader or customExpression"
+                )));
+            }
+        };
+        if c.jwt_key_origin != "text" {
+            return Err(bad("jwtKeyOrigin: only `text` (textKey or keyFile) is available in this build; JWKS URLs are not yet".into()));
+        }
+        if !c.skip_client_id_validation {
+            return Err(bad("client id validation from a claim is not available in this build yet; keep skipClientIdValidation: true".into()));
+        }
+        let alg = match (c.signing_method.as_str(), c.signing_key_length) {
+            ("rsa", 256) => Algorithm::RS256,
+            ("rsa", 384) => Algorithm::RS384,
+            ("rsa", 512) => Algorithm::RS512,
+            ("es", 256) => Algorithm::ES256,
+            ("es", 384) => Algorithm::ES384,
+            ("eddsa", _) => Algorithm::EdDSA,
+            ("hmac", 256) => Algorithm::HS256,
+            ("hmac", 384) => Algorithm::HS384,
+            ("hmac", 512) => Algorithm::HS512,
+            (m, l) => {
+                return Err(bad(format!(
+                    "signingMethod `{m}` with signingKeyLength {l} is not supported"
+                )));
+            }
+        };
+        let material: Vec<u8> = match (&c.text_key, &c.key_file) {
+            (Some(_), Some(_)) => return Err(bad("give textKey or keyFile, not both".into())),
+            (Some(_), None)
+                if alg == Algorithm::HS256 || alg == Algorithm::HS384 || alg == Algorithm::HS512 =>
+            {
+                return Err(bad(
+                    "an HMAC secret is never written inline; put it in a file (mode 0600) and use keyFile"
+                        .into(),
+                ));
+            }
+            (Some(t), None) => t.as_bytes().to_vec(),
+            (None, Some(f)) => {
+                let path = Path::new(f);
+                let path = if path.is_absolute() {
+                    path.to_path_buf()
+                } else {
+                    base.join(path)
+                };
+                crate::config::secret::read_private(&path)
+                    .map_err(|e| bad(e.to_string()))?
+                    .expose()
+                    .to_vec()
+            }
+            (None, None) => return Err(bad("textKey or keyFile is required".into())),
+        };
+        let key = match alg {
+            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => DecodingKey::from_rsa_pem(&material),
+            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&material),
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(&material),
+            _ => Ok(DecodingKey::from_secret(material.trim_ascii_end())),
+        }
+        .map_err(|e| {
+            bad(format!(
+                "the key does not fit signingMethod {}: {e}",
+                c.signing_method
+            ))
+        })?;
+        let mut validation = Validation::new(alg);
+        validation.leeway = 0;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = Vec::new();
+        if c.mandatory_exp_claim {
+            required.push("exp");
+        }
+        if c.mandatory_nbf_claim {
+            required.push("nbf");
+        }
+        let audiences = csv(c.supported_audiences.as_ref());
+        if c.validate_aud_claim {
+            if audiences.is_empty() {
+                return Err(bad("validateAudClaim needs supportedAudiences".into()));
+            }
+            validation.set_audience(&audiences);
+            required.push("aud");
+        } else {
+            validation.validate_aud = false;
+        }
+        let issuers = csv(c.supported_issuers.as_ref());
+        if !issuers.is_empty() {
+            validation.set_issuer(&issuers);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        let claims = if c.validate_custom_claim {
+            c.mandatory_custom_claims
+                .into_iter()
+                .map(|c| (c.key, c.value))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            header,
+            key,
+            validation,
+            claims,
+        })
+    }
+}
+
+fn refuse(why: &str) -> Verdict {
+    Verdict::Respond(Response {
+        status: 401,
+        headers: vec![(
+            "www-authenticate".into(),
+            format!("Bearer error=\"invalid_token\", error_description=\"{why}\""),
+        )],
+        body: "401 Unauthorized\n".into(),
+    })
+}
+
+impl Policy for JwtValidation {
+    fn name(&self) -> &'static str {
+        "jwt-validation"
+    }
+
+    fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
+        let head = request.head;
+        let raw = match &self.header {
+            Some(name) => head.header(name),
+            None => head
+                .header("authorization")
+                .and_then(|v| v.strip_prefix(b"Bearer ").or_else(|| v.strip_prefix(b"bearer "))),
+        };
+        let Some(token) = raw.and_then(|t| std::str::from_utf8(t).ok()).map(str::trim) else {
+            return Verdict::Respond(Response {
+                status: 401,
+                headers: vec![("www-authenticate".into(), "Bearer".into())],
+                body: "401 Unauthorized\n".into(),
+            });
+        };
+        let claims = match jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(
+            token,
+            &self.key,
+            &self.validation,
+        ) {
+            Ok(data) => data.claims,
+            Err(e) => {
+                use jsonwebtoken::errors::ErrorKind;
+                let why = match e.kind() {
+                    ErrorKind::ExpiredSignature => "expired",
+                    ErrorKind::ImmatureSignature => "not yet valid",
+                    ErrorKind::InvalidAudience => "audience not accepted",
+                    ErrorKind::InvalidIssuer => "issuer not accepted",
+                    ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
+                    ErrorKind::InvalidAlgorithm => "algorithm not accepted",
+                    _ => "invalid token",
+                };
+                return refuse(why);
+            }
+        };
+        for (key, want) in &self.claims {
+            let ok = match claims.get(key) {
+                Some(serde_json::Value::String(s)) => s == want,
+                Some(other) => serde_json::from_str::<serde_json::Value>(want).is_ok_and(|w| w == *other),
+                None => false,
+            };
+            if !ok {
+                return refuse("a custom claim does not match");
+            }
+        }
+        Verdict::Continue
+    }
+}
