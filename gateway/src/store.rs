@@ -48,6 +48,14 @@ pub struct Counters {
     pub slots: Mutex<HashMap<String, Slot>>,
 }
 
+/// Whether the last attempt to reach Redis succeeded (false until the first does).
+static HEALTHY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether Redis answered the store thread's last reconciliation.
+pub fn healthy() -> bool {
+    HEALTHY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn registry() -> &'static Mutex<Vec<Weak<Counters>>> {
     static REGISTRY: OnceLock<Mutex<Vec<Weak<Counters>>>> = OnceLock::new();
     REGISTRY.get_or_init(|| Mutex::new(Vec::new()))
@@ -152,6 +160,7 @@ async fn sync_forever(client: redis::Client, address: String) {
                     conn = Some(c);
                 }
                 Err(e) => {
+                    HEALTHY.store(false, std::sync::atomic::Ordering::Relaxed);
                     warn("cannot reach Redis", &e);
                     continue;
                 }
@@ -208,8 +217,11 @@ async fn sync_forever(client: redis::Client, address: String) {
             }
         }
         if let Some(e) = failed {
+            HEALTHY.store(false, std::sync::atomic::Ordering::Relaxed);
             warn("Redis failed", &e);
             conn = None;
+        } else {
+            HEALTHY.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

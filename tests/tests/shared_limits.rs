@@ -47,6 +47,24 @@ spec:
           - maximumRequests: {LIMIT}
             timePeriodInMilliseconds: 600000
         keySelector: \"#[attributes.headers['x-client']]\"
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: strict
+spec:
+  address: http://127.0.0.1:{listen}/strict
+  services:
+    up:
+      address: http://127.0.0.1:9000/
+  policies:
+    - policyRef:
+        name: rate-limiting-flex
+      config:
+        rateLimits:
+          - maximumRequests: 1000
+            timePeriodInMilliseconds: 600000
+        redisFailMode: closed
 "
         ),
     )?;
@@ -112,6 +130,19 @@ fn two_replicas_enforce_one_limit_and_survive_redis_restarts() -> anyhow::Result
         "{}",
         a.log_text()
     );
+    // A limit configured to fail closed refuses while Redis is down.
+    let strict = |port: u16| -> anyhow::Result<Option<u16>> {
+        let raw = request(
+            &ns,
+            format!("127.0.0.1:{port}").parse()?,
+            b"GET /strict/hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )?;
+        Ok(status_of(&raw))
+    };
+    ensure!(
+        strict(8080)? == Some(503),
+        "redisFailMode: closed must refuse while Redis is down"
+    );
     // Redis back (empty, as after a crash): the replicas reconnect without a restart
     // and share a limit again.
     redis.restart()?;
@@ -125,6 +156,7 @@ fn two_replicas_enforce_one_limit_and_survive_redis_restarts() -> anyhow::Result
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    ensure!(strict(8081)? == Some(200), "and pass again once Redis is back");
     let (ok, seen) = allowed(&ns, "carol", 60, Duration::from_millis(20))?;
     eprintln!("carol after the Redis restart: {ok} of 60 allowed");
     ensure!(

@@ -35,6 +35,20 @@ struct Config {
     expose_headers: bool,
     #[serde(default = "yes")]
     clusterizable: bool,
+    /// Portcullis extension: what a cluster-wide limit does while Redis is unreachable.
+    #[serde(default)]
+    redis_fail_mode: Option<String>,
+}
+
+/// What a cluster-wide limit does while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailMode {
+    /// Each replica counts on its own (the default).
+    Local,
+    /// Requests pass uncounted.
+    Open,
+    /// Requests are refused with 503.
+    Closed,
 }
 
 fn yes() -> bool {
@@ -97,6 +111,7 @@ pub struct RateLimit {
     counters: Mutex<HashMap<(String, usize), Counter>>,
     /// Cluster-wide counters and this policy's key prefix, when counting through Redis.
     cluster: Option<(Arc<crate::store::Counters>, String)>,
+    fail_mode: FailMode,
 }
 
 /// Keys kept before expired windows are swept.
@@ -131,6 +146,16 @@ impl RateLimit {
             ));
         }
         let key = key(c.key_selector.as_deref())?;
+        let fail_mode = match c.redis_fail_mode.as_deref() {
+            None | Some("local") => FailMode::Local,
+            Some("open") => FailMode::Open,
+            Some("closed") => FailMode::Closed,
+            Some(other) => {
+                return Err(PolicyError::Config(format!(
+                    "redisFailMode `{other}` is not local, open or closed"
+                )));
+            }
+        };
         let cluster = (c.clusterizable && ctx.shared_storage).then(|| {
             let shape: Vec<String> = windows
                 .iter()
@@ -150,6 +175,7 @@ impl RateLimit {
             expose: c.expose_headers,
             counters: Mutex::new(HashMap::new()),
             cluster,
+            fail_mode,
         })
     }
 
@@ -259,6 +285,16 @@ impl Policy for RateLimit {
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         let key = self.key_of(request);
         let decision = match &self.cluster {
+            Some(_) if !crate::store::healthy() && self.fail_mode == FailMode::Open => {
+                return Verdict::Continue;
+            }
+            Some(_) if !crate::store::healthy() && self.fail_mode == FailMode::Closed => {
+                return Verdict::Respond(Response {
+                    status: 503,
+                    headers: vec![("retry-after".into(), "5".into())],
+                    body: "503 Service Unavailable\n".into(),
+                });
+            }
             Some((counters, prefix)) => self.cluster(counters, prefix, &key),
             None => self.local(&key),
         };
