@@ -543,3 +543,63 @@ fn base64_url(text: &str) -> String {
         .replace('+', "-")
         .replace('/', "_")
 }
+
+#[test]
+fn sla_tiers_limit_each_client_by_its_contract() -> anyhow::Result<()> {
+    let sla = "    - policyRef:
+        name: rate-limiting-sla-based-flex
+      config:
+        clientIdExpression: \"#[attributes.headers['client_id']]\"
+        clientSecretExpression: \"#[attributes.headers['client_secret']]\"
+        clusterizable: false
+        tiers:
+          - name: gold
+            rateLimits:
+              - maximumRequests: 5
+                timePeriodInMilliseconds: 60000
+          - name: silver
+            rateLimits:
+              - maximumRequests: 2
+                timePeriodInMilliseconds: 60000
+";
+    let contract = |id: &str, tier: &str| {
+        format!(
+            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: Contract\nmetadata:\n  name: {id}\nspec:\n  clientId: {id}\n  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\n  slaTier: {tier}\n  apis: [orders]\n---\n"
+        )
+    };
+    let s = scene(&format!(
+        "{}{}{}",
+        api("orders", "orders", sla),
+        contract("goldapp", "gold"),
+        contract("silverapp", "silver")
+    ))?;
+    let run = |id: &str, n: usize| -> anyhow::Result<Vec<String>> {
+        (0..n)
+            .map(|_| {
+                get(
+                    &s,
+                    "/orders/hello",
+                    &[&format!("client_id: {id}"), "client_secret: password"],
+                )
+                .map(|(h, _)| h[9..12].to_string())
+            })
+            .collect()
+    };
+    ensure!(
+        run("goldapp", 7)? == ["200", "200", "200", "200", "200", "429", "429"],
+        "gold tier"
+    );
+    ensure!(
+        run("silverapp", 4)? == ["200", "200", "429", "429"],
+        "silver tier"
+    );
+    let (head, _) = get(
+        &s,
+        "/orders/hello",
+        &["client_id: goldapp", "client_secret: wrong"],
+    )?;
+    ensure!(head.starts_with("http/1.1 401"), "{head}");
+    let (head, _) = get(&s, "/orders/hello", &[])?;
+    ensure!(head.starts_with("http/1.1 401"), "{head}");
+    Ok(())
+}

@@ -128,7 +128,7 @@ impl ClientIdEnforcement {
         Ok(Self { from, clients })
     }
 
-    fn credentials(&self, request: &RequestView<'_>) -> (Option<String>, Option<String>) {
+    pub(super) fn credentials(&self, request: &RequestView<'_>) -> (Option<String>, Option<String>) {
         let head = request.head;
         let text = |name: &str| {
             head.header(name)

@@ -24,6 +24,7 @@ mod headers;
 mod ip_filter;
 mod jwt;
 mod rate_limit;
+mod sla;
 mod timeout;
 
 use std::fmt;
@@ -190,7 +191,7 @@ pub enum PolicyError {
 }
 
 /// Policy names this build knows, with the source gateway's `-flex` spellings.
-pub const AVAILABLE: [&str; 9] = [
+pub const AVAILABLE: [&str; 10] = [
     "header-injection",
     "header-removal",
     "ip-allowlist",
@@ -200,6 +201,7 @@ pub const AVAILABLE: [&str; 9] = [
     "client-id-enforcement",
     "rate-limiting",
     "jwt-validation",
+    "rate-limiting-sla-based",
 ];
 
 /// What a policy may need besides its own configuration.
@@ -239,6 +241,7 @@ pub fn build(
         )?)),
         "rate-limiting" => Ok(Arc::new(rate_limit::RateLimit::from_config(config, ctx)?)),
         "jwt-validation" => Ok(Arc::new(jwt::JwtValidation::from_config(config, ctx.base)?)),
+        "rate-limiting-sla-based" => Ok(Arc::new(sla::SlaRateLimit::from_config(config, ctx)?)),
         _ => Err(PolicyError::Unknown {
             name: name.to_string(),
             available: AVAILABLE.join(", "),

@@ -284,6 +284,34 @@ impl Policy for RateLimit {
 
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         let key = self.key_of(request);
+        self.check(request, &key)
+    }
+}
+
+impl RateLimit {
+    /// A limiter with these windows for one SLA tier, keyed by client id.
+    pub(super) fn for_tier(
+        windows: Vec<(u64, Duration)>,
+        tier: &str,
+        ctx: super::Context<'_>,
+        expose: bool,
+    ) -> Self {
+        let cluster = ctx.shared_storage.then(|| {
+            let prefix = format!("{}:sla:{}:{tier}", crate::store::KEY_PREFIX, ctx.api);
+            (crate::store::counters(), prefix)
+        });
+        Self {
+            windows,
+            key: Key::Api,
+            expose,
+            counters: Mutex::new(HashMap::new()),
+            cluster,
+            fail_mode: FailMode::Local,
+        }
+    }
+
+    /// Counts a request under `key` and decides.
+    pub(super) fn check(&self, request: &mut RequestView<'_>, key: &str) -> Verdict {
         let decision = match &self.cluster {
             Some(_) if !crate::store::healthy() && self.fail_mode == FailMode::Open => {
                 return Verdict::Continue;
@@ -295,8 +323,8 @@ impl Policy for RateLimit {
                     body: "503 Service Unavailable\n".into(),
                 });
             }
-            Some((counters, prefix)) => self.cluster(counters, prefix, &key),
-            None => self.local(&key),
+            Some((counters, prefix)) => self.cluster(counters, prefix, key),
+            None => self.local(key),
         };
         match decision {
             Ok((remaining, reset)) => {
