@@ -603,3 +603,46 @@ fn sla_tiers_limit_each_client_by_its_contract() -> anyhow::Result<()> {
     ensure!(head.starts_with("http/1.1 401"), "{head}");
     Ok(())
 }
+
+#[test]
+fn rate_limits_keyed_by_the_authenticated_client() -> anyhow::Result<()> {
+    let chain = "    - policyRef:
+        name: client-id-enforcement-flex
+    - policyRef:
+        name: rate-limiting-flex
+      config:
+        rateLimits:
+          - maximumRequests: 2
+            timePeriodInMilliseconds: 60000
+        keySelector: \"#[authentication.clientId]\"
+        clusterizable: false
+";
+    let contract = |id: &str| {
+        format!(
+            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: Contract\nmetadata:\n  name: {id}\nspec:\n  clientId: {id}\n  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\n  apis: [orders]\n---\n"
+        )
+    };
+    let s = scene(&format!(
+        "{}{}{}",
+        api("orders", "orders", chain),
+        contract("one"),
+        contract("two")
+    ))?;
+    let basic = |id: &str| {
+        format!(
+            "Authorization: Basic {}",
+            base64_encode(&format!("{id}:password"))
+        )
+    };
+    let run = |id: &str| -> anyhow::Result<Vec<String>> {
+        (0..3)
+            .map(|_| get(&s, "/orders/hello", &[&basic(id)]).map(|(h, _)| h[9..12].to_string()))
+            .collect()
+    };
+    ensure!(run("one")? == ["200", "200", "429"], "client one");
+    ensure!(
+        run("two")? == ["200", "200", "429"],
+        "client two has its own budget"
+    );
+    Ok(())
+}

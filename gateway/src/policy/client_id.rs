@@ -214,6 +214,11 @@ impl Policy for ClientIdEnforcement {
         if !client.allowed {
             return Verdict::Deny(Denial::Forbidden("no contract for this API"));
         }
+        request.client_id = Some(id);
         Verdict::Continue
+    }
+
+    fn needs_contracts(&self) -> bool {
+        true
     }
 }

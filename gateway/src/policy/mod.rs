@@ -106,6 +106,8 @@ pub struct RequestView<'a> {
     pub edits: HeaderEdits,
     /// Headers to add to the response the client gets (e.g. rate-limit state).
     pub response_add: Vec<(String, String)>,
+    /// The authenticated client application, once a policy has established it.
+    pub client_id: Option<String>,
 }
 
 /// One configured step of an API instance.
@@ -123,6 +125,12 @@ pub trait Policy: Send + Sync + fmt::Debug {
     /// Runs when the upstream's response head arrives, before it is sent to
     /// the client; only header edits are possible here.
     fn on_response(&self, _request: &Head, _response: &Head, _edits: &mut HeaderEdits) {}
+
+    /// Whether the policy cannot run before contracts are loaded (the
+    /// Gatekeeper keeps such a route closed until they are).
+    fn needs_contracts(&self) -> bool {
+        false
+    }
 
     /// A response timeout tighter than the service's, if the policy sets one.
     fn response_timeout(&self) -> Option<std::time::Duration> {
@@ -165,6 +173,11 @@ impl Chain {
             policy.on_response(request, response, &mut edits);
         }
         edits
+    }
+
+    /// Whether any policy of the chain needs contracts.
+    pub fn needs_contracts(&self) -> bool {
+        self.policies.iter().any(|p| p.needs_contracts())
     }
 
     /// The tightest response timeout any policy sets.

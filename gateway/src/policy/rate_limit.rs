@@ -68,6 +68,8 @@ enum Key {
     Path,
     /// Per method.
     Method,
+    /// Per client application (set by client-id enforcement earlier in the chain).
+    ClientId,
 }
 
 fn key(selector: Option<&str>) -> Result<Key, PolicyError> {
@@ -82,6 +84,7 @@ fn key(selector: Option<&str>) -> Result<Key, PolicyError> {
         "attributes.remoteAddress" => Ok(Key::ClientAddress),
         "attributes.requestPath" => Ok(Key::Path),
         "attributes.method" => Ok(Key::Method),
+        "authentication.clientId" => Ok(Key::ClientId),
         _ => inner
             .strip_prefix("attributes.headers['")
             .and_then(|r| r.strip_suffix("']"))
@@ -89,7 +92,7 @@ fn key(selector: Option<&str>) -> Result<Key, PolicyError> {
             .map(|n| Key::Header(n.to_ascii_lowercase()))
             .ok_or_else(|| {
                 PolicyError::Config(format!(
-                    "keySelector `{selector}`: supported are #[attributes.remoteAddress], #[attributes.requestPath], #[attributes.method] and #[attributes.headers['NAME']]"
+                    "keySelector `{selector}`: supported are #[attributes.remoteAddress], #[attributes.requestPath], #[attributes.method], #[attributes.headers['NAME']] and #[authentication.clientId]"
                 ))
             }),
     }
@@ -185,6 +188,7 @@ impl RateLimit {
             Key::ClientAddress => request.client.to_string(),
             Key::Path => request.head.path().to_string(),
             Key::Method => request.head.method().to_string(),
+            Key::ClientId => request.client_id.clone().unwrap_or_default(),
             Key::Header(name) => request
                 .head
                 .header(name)

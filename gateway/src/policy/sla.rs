@@ -158,6 +158,10 @@ impl Policy for SlaRateLimit {
         "rate-limiting-sla-based"
     }
 
+    fn needs_contracts(&self) -> bool {
+        true
+    }
+
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         let verdict = self.auth.on_request(request);
         if verdict != Verdict::Continue {

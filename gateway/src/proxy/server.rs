@@ -431,6 +431,7 @@ impl Client<'_> {
             head,
             edits: HeaderEdits::default(),
             response_add: Vec::new(),
+            client_id: None,
         };
         let verdict = self.chain.on_request(&mut view);
         self.edits = view.edits;
