@@ -646,3 +646,33 @@ fn rate_limits_keyed_by_the_authenticated_client() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn ip_lists_behind_a_trusted_proxy_use_forwarded_for() -> anyhow::Result<()> {
+    let list = "    - policyRef:
+        name: ip-allowlist-flex
+      config:
+        ips: [203.0.113.0/24]
+        ipExpression: \"#[attributes.headers['x-forwarded-for']]\"
+        trustedHops: 1
+";
+    let s = scene(&api("orders", "orders", list))?;
+    let status = |xff: Option<&str>| -> anyhow::Result<String> {
+        let h = xff.map(|x| format!("X-Forwarded-For: {x}"));
+        let headers: Vec<&str> = h.iter().map(String::as_str).collect();
+        get(&s, "/orders/hello", &headers).map(|(head, _)| head[9..12].to_string())
+    };
+    ensure!(
+        status(Some("203.0.113.7"))? == "200",
+        "the entry the trusted proxy appended is in the list"
+    );
+    ensure!(
+        status(Some("203.0.113.7, 198.51.100.9"))? == "403",
+        "a spoofed leftmost entry is not trusted"
+    );
+    ensure!(
+        status(None)? == "403",
+        "no forwarded address: the allowlist cannot admit"
+    );
+    Ok(())
+}

@@ -1,4 +1,11 @@
 //! `ip-allowlist` and `ip-blocklist`: the client address against CIDR lists (v4 and v6).
+//!
+//! The client address is the connection's, or — behind trusted proxies — an
+//! entry of `X-Forwarded-For` (`ipExpression`) counted from the right:
+//! `trustedHops: 1` takes the last entry, which the nearest proxy appended.
+//! Entries further left are written by the client and never trusted.
+
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -11,6 +18,9 @@ struct Config {
     ips: Vec<String>,
     #[serde(default)]
     ip_expression: Option<String>,
+    /// Portcullis extension: proxies in front of the gateway that append to the header.
+    #[serde(default)]
+    trusted_hops: Option<usize>,
 }
 
 /// Allows only (or refuses) clients whose address is in the list.
@@ -18,16 +28,38 @@ struct Config {
 pub struct IpFilter {
     allow: bool,
     nets: Vec<IpNet>,
+    /// Header holding forwarded addresses, and how many trusted hops append to it.
+    forwarded: Option<(String, usize)>,
 }
 
 impl IpFilter {
     pub(super) fn from_config(config: serde_yaml_ng::Value, allow: bool) -> Result<Self, PolicyError> {
         let c: Config = parse(config)?;
-        if c.ip_expression.is_some() {
-            return Err(PolicyError::Config(
-                "ipExpression is not supported: the client address is the connection's".into(),
-            ));
-        }
+        let forwarded = match c.ip_expression.as_deref() {
+            None => {
+                if c.trusted_hops.is_some() {
+                    return Err(PolicyError::Config("trustedHops needs ipExpression".into()));
+                }
+                None
+            }
+            Some(expr) => {
+                let name = expr
+                    .trim()
+                    .strip_prefix("#[attributes.headers['")
+                    .and_then(|r| r.strip_suffix("']]"))
+                    .filter(|n| !n.is_empty() && !n.contains(['\'', '[', ']']))
+                    .ok_or_else(|| {
+                        PolicyError::Config(format!(
+                            "ipExpression `{expr}`: only #[attributes.headers['NAME']] is supported"
+                        ))
+                    })?;
+                let hops = c.trusted_hops.unwrap_or(1);
+                if hops == 0 {
+                    return Err(PolicyError::Config("trustedHops must be at least 1".into()));
+                }
+                Some((name.to_ascii_lowercase(), hops))
+            }
+        };
         if c.ips.is_empty() {
             return Err(PolicyError::Config("ips is empty".into()));
         }
@@ -36,12 +68,31 @@ impl IpFilter {
             .iter()
             .map(|text| {
                 text.parse::<IpNet>()
-                    .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
                     .map(|n| n.trunc())
                     .map_err(|_| PolicyError::Config(format!("`{text}` is not an IP address or CIDR")))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { allow, nets })
+        Ok(Self {
+            allow,
+            nets,
+            forwarded,
+        })
+    }
+
+    /// The address judged: the connection's, or the trusted forwarded entry.
+    fn client(&self, request: &RequestView<'_>) -> Option<IpAddr> {
+        let Some((header, hops)) = &self.forwarded else {
+            return Some(request.client);
+        };
+        let all: Vec<&[u8]> = request
+            .head
+            .headers()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(header.as_bytes()))
+            .flat_map(|(_, v)| v.split(|b| *b == b','))
+            .collect();
+        let entry = all.len().checked_sub(*hops).map(|i| all[i])?;
+        std::str::from_utf8(entry).ok()?.trim().parse().ok()
     }
 }
 
@@ -55,9 +106,17 @@ impl Policy for IpFilter {
     }
 
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
-        let client = match request.client {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(request.client, std::net::IpAddr::V4),
-            std::net::IpAddr::V4(v4) => std::net::IpAddr::V4(v4),
+        let Some(client) = self.client(request) else {
+            // No trustworthy address: an allowlist cannot admit it, a blocklist cannot refuse it.
+            return if self.allow {
+                Verdict::Deny(Denial::Forbidden("client address unknown"))
+            } else {
+                Verdict::Continue
+            };
+        };
+        let client = match client {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, IpAddr::V4),
+            IpAddr::V4(v4) => IpAddr::V4(v4),
         };
         let listed = self.nets.iter().any(|n| n.contains(&client));
         if listed == self.allow {
