@@ -676,3 +676,49 @@ fn ip_lists_behind_a_trusted_proxy_use_forwarded_for() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn spike_control_queues_then_refuses() -> anyhow::Result<()> {
+    let spike = "    - policyRef:
+        name: spike-control-flex
+      config:
+        maximumRequests: 2
+        timePeriodInMilliseconds: 500
+        delayTimeInMillis: 300
+        delayAttempts: 3
+        queuingLimit: 2
+";
+    let s = scene(&api("orders", "orders", spike))?;
+    let started = std::time::Instant::now();
+    let results: Vec<(String, Duration)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..5)
+            .map(|_| {
+                let s = &s;
+                scope.spawn(move || {
+                    let t = std::time::Instant::now();
+                    get(s, "/orders/hello", &[]).map(|(h, _)| (h[9..12].to_string(), t.elapsed()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().ok())
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let ok = results.iter().filter(|(st, _)| st == "200").count();
+    let refused = results.iter().filter(|(st, _)| st == "429").count();
+    ensure!(
+        ok == 4 && refused == 1,
+        "2 at once, 2 after waiting in the queue, 1 refused: {results:?}"
+    );
+    let waited = results
+        .iter()
+        .filter(|(st, d)| st == "200" && *d >= Duration::from_millis(250))
+        .count();
+    ensure!(
+        waited >= 2,
+        "two requests were delayed, not refused: {results:?} ({:?} total)",
+        started.elapsed()
+    );
+    Ok(())
+}

@@ -25,6 +25,7 @@ mod ip_filter;
 mod jwt;
 mod rate_limit;
 mod sla;
+mod spike;
 mod timeout;
 
 use std::fmt;
@@ -34,7 +35,7 @@ use std::sync::Arc;
 use crate::proxy::http::Head;
 
 /// What a request phase decides.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Go on with the next policy, then the upstream.
     Continue,
@@ -42,7 +43,27 @@ pub enum Verdict {
     Respond(Response),
     /// Refuse the request.
     Deny(Denial),
+    /// Decide later: the chain awaits this on the connection's task (a delay,
+    /// or work moved off the worker), then treats its result as the verdict.
+    Later(Deferred),
 }
+
+/// A verdict still being worked out.
+pub struct Deferred(pub std::pin::Pin<Box<dyn std::future::Future<Output = Verdict>>>);
+
+impl fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Deferred")
+    }
+}
+
+impl PartialEq for Deferred {
+    fn eq(&self, _: &Self) -> bool {
+        false
+    }
+}
+
+impl Eq for Deferred {}
 
 /// A response a policy answers with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,9 +177,12 @@ impl Chain {
     }
 
     /// Runs every request phase until one does not continue.
-    pub fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
+    pub async fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         for policy in &self.policies {
-            let verdict = policy.on_request(request);
+            let mut verdict = policy.on_request(request);
+            while let Verdict::Later(deferred) = verdict {
+                verdict = deferred.0.await;
+            }
             if verdict != Verdict::Continue {
                 return verdict;
             }
@@ -204,7 +228,7 @@ pub enum PolicyError {
 }
 
 /// Policy names this build knows, with the source gateway's `-flex` spellings.
-pub const AVAILABLE: [&str; 10] = [
+pub const AVAILABLE: [&str; 11] = [
     "header-injection",
     "header-removal",
     "ip-allowlist",
@@ -215,6 +239,7 @@ pub const AVAILABLE: [&str; 10] = [
     "rate-limiting",
     "jwt-validation",
     "rate-limiting-sla-based",
+    "spike-control",
 ];
 
 /// What a policy may need besides its own configuration.
@@ -255,6 +280,7 @@ pub fn build(
         "rate-limiting" => Ok(Arc::new(rate_limit::RateLimit::from_config(config, ctx)?)),
         "jwt-validation" => Ok(Arc::new(jwt::JwtValidation::from_config(config, ctx.base)?)),
         "rate-limiting-sla-based" => Ok(Arc::new(sla::SlaRateLimit::from_config(config, ctx)?)),
+        "spike-control" => Ok(Arc::new(spike::SpikeControl::from_config(config)?)),
         _ => Err(PolicyError::Unknown {
             name: name.to_string(),
             available: AVAILABLE.join(", "),

@@ -377,7 +377,7 @@ impl Client<'_> {
             return !close;
         };
         self.chain = generation.chains.get(&route.api).cloned().unwrap_or_default();
-        if let Some((status, bytes, reason)) = self.request_policies(&head) {
+        if let Some((status, bytes, reason)) = self.request_policies(&head).await {
             record.bytes_out = bytes.len() as u64;
             let _ = self.write(bytes, generation.settings.timeouts.idle).await;
             record.status = status;
@@ -425,7 +425,7 @@ impl Client<'_> {
 
     /// Runs the request phase of the routed API's policies; an answer to send
     /// instead of forwarding (status, bytes, reason) if one of them ends the exchange.
-    fn request_policies(&mut self, head: &Head) -> Option<(u16, Vec<u8>, &'static str)> {
+    async fn request_policies(&mut self, head: &Head) -> Option<(u16, Vec<u8>, &'static str)> {
         let mut view = RequestView {
             client: self.peer.ip(),
             head,
@@ -433,11 +433,12 @@ impl Client<'_> {
             response_add: Vec::new(),
             client_id: None,
         };
-        let verdict = self.chain.on_request(&mut view);
+        let chain = self.chain.clone();
+        let verdict = chain.on_request(&mut view).await;
         self.edits = view.edits;
         self.response_add = view.response_add;
         let (status, headers, body, reason) = match verdict {
-            Verdict::Continue => return None,
+            Verdict::Continue | Verdict::Later(_) => return None,
             Verdict::Respond(r) => (r.status, r.headers, r.body, "policy_response"),
             Verdict::Deny(d) => (
                 d.status(),
