@@ -722,3 +722,56 @@ fn spike_control_queues_then_refuses() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn basic_authentication_from_a_hash_file() -> anyhow::Result<()> {
+    let ns = NetNs::new("ba")?;
+    let dir = TempDir::new("bac")?;
+    let users = format!(
+        "# user:hash\nalice:{}\nbob:sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\n",
+        bcrypt::hash("alice-pw", 4)?
+    );
+    let file = dir.write("users.txt", &users)?;
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let policy = "    - policyRef:\n        name: http-basic-authentication-flex\n      config:\n        credentialsFile: users.txt\n";
+    let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    dir.write(
+        "gateway.yaml",
+        &format!("{SETTINGS}{}", api("orders", "orders", policy)),
+    )?;
+    let gw = GatewayProcess::start(&ns, &dir.0, "127.0.0.1:9901".parse()?)?;
+    let s = Scene { ns, dir, up, gw };
+    let basic =
+        |user: &str, pw: &str| format!("Authorization: Basic {}", base64_encode(&format!("{user}:{pw}")));
+    let status = |headers: &[&str]| get(&s, "/orders/hello", headers).map(|(h, _)| h);
+    for _ in 0..2 {
+        // The second time, alice's verification comes from the cache.
+        ensure!(status(&[&basic("alice", "alice-pw")])?.starts_with("http/1.1 200"));
+    }
+    ensure!(status(&[&basic("bob", "password")])?.starts_with("http/1.1 200"));
+    for (user, pw) in [("alice", "wrong"), ("bob", "wrong"), ("carol", "x")] {
+        let head = status(&[&basic(user, pw)])?;
+        ensure!(
+            head.starts_with("http/1.1 401") && head.contains("www-authenticate: basic"),
+            "{user}: {head}"
+        );
+    }
+    ensure!(status(&[])?.starts_with("http/1.1 401"));
+    // Loose permissions on the credentials file stop a reload.
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    s.gw.reload()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !s.gw.log_text().contains("reload rejected") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "a loose credentials file must reject the reload"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        s.gw.log_text().contains("(mode 0644); run `chmod 600"),
+        "{}",
+        s.gw.log_text()
+    );
+    Ok(())
+}

@@ -18,6 +18,7 @@
 //! type would forbid; per-request state lives in [`RequestView`] and the
 //! edit lists instead.
 
+mod basic_auth;
 mod client_id;
 mod cors;
 mod headers;
@@ -228,7 +229,7 @@ pub enum PolicyError {
 }
 
 /// Policy names this build knows, with the source gateway's `-flex` spellings.
-pub const AVAILABLE: [&str; 11] = [
+pub const AVAILABLE: [&str; 12] = [
     "header-injection",
     "header-removal",
     "ip-allowlist",
@@ -240,6 +241,7 @@ pub const AVAILABLE: [&str; 11] = [
     "jwt-validation",
     "rate-limiting-sla-based",
     "spike-control",
+    "http-basic-authentication",
 ];
 
 /// What a policy may need besides its own configuration.
@@ -281,6 +283,7 @@ pub fn build(
         "jwt-validation" => Ok(Arc::new(jwt::JwtValidation::from_config(config, ctx.base)?)),
         "rate-limiting-sla-based" => Ok(Arc::new(sla::SlaRateLimit::from_config(config, ctx)?)),
         "spike-control" => Ok(Arc::new(spike::SpikeControl::from_config(config)?)),
+        "http-basic-authentication" => Ok(Arc::new(basic_auth::BasicAuth::from_config(config, ctx.base)?)),
         _ => Err(PolicyError::Unknown {
             name: name.to_string(),
             available: AVAILABLE.join(", "),
