@@ -313,7 +313,7 @@ fn client_id_enforcement_against_contracts() -> anyhow::Result<()> {
         )
     };
     let resources = format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}",
         api("orders", "orders", enforce),
         api("custom", "custom", custom),
         contract(
@@ -330,6 +330,12 @@ fn client_id_enforcement_against_contracts() -> anyhow::Result<()> {
                 "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
             ),
             "custom"
+        ),
+        contract(
+            "hashed",
+            "hashed",
+            &format!("clientSecretHash: \"{}\"", bcrypt::hash("hashed-pw", 4)?),
+            "orders"
         ),
     );
     let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
@@ -357,6 +363,11 @@ fn client_id_enforcement_against_contracts() -> anyhow::Result<()> {
         status("/custom/hello?client_secret=password", &["client_id: partner"])?.starts_with("http/1.1 200")
     );
     ensure!(status("/custom/hello?client_secret=nope", &["client_id: partner"])?.starts_with("http/1.1 401"));
+    // A contract keeping a bcrypt hash: verified off the workers, then remembered.
+    for _ in 0..2 {
+        ensure!(status("/orders/hello", &[&basic("hashed", "hashed-pw")])?.starts_with("http/1.1 200"));
+    }
+    ensure!(status("/orders/hello", &[&basic("hashed", "nope")])?.starts_with("http/1.1 401"));
     std::thread::sleep(Duration::from_millis(200));
     let log = s.gw.log_text();
     ensure!(

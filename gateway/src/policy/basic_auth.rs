@@ -38,12 +38,65 @@ const VERIFIERS: usize = 2;
 /// (user, SHA-256 of the password) → when a slow hash last accepted it.
 type Verified = HashMap<(String, [u8; 32]), Instant>;
 
+/// Verifies argon2/bcrypt hashes off the workers, a few at a time, remembering successes.
+#[derive(Debug)]
+pub(super) struct SlowCheck {
+    verified: Arc<Mutex<Verified>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl SlowCheck {
+    pub(super) fn new() -> Self {
+        Self {
+            verified: Arc::new(Mutex::new(HashMap::new())),
+            permits: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
+        }
+    }
+
+    /// `ok` if `password` matches `hash` for `user`, else 401: at once when remembered, later otherwise.
+    pub(super) fn check(&self, user: String, password: Vec<u8>, hash: String, ok: Verdict) -> Verdict {
+        let key = (user, digest(&password));
+        if self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).copied())
+            .is_some_and(|t| t.elapsed() < REMEMBER)
+        {
+            return ok;
+        }
+        let (verified, permits) = (self.verified.clone(), self.permits.clone());
+        Verdict::Later(Deferred(Box::pin(async move {
+            let Ok(Ok(_permit)) = tokio::time::timeout(Duration::from_secs(2), permits.acquire_owned()).await
+            else {
+                return Verdict::Respond(Response {
+                    status: 503,
+                    headers: vec![("retry-after".into(), "1".into())],
+                    body: "503 Service Unavailable\n".into(),
+                });
+            };
+            let good = tokio::task::spawn_blocking(move || verify_slow(&password, &hash))
+                .await
+                .unwrap_or(false);
+            if !good {
+                return unauthorized();
+            }
+            if let Ok(mut m) = verified.lock() {
+                if m.len() > 100_000 {
+                    m.retain(|_, t| t.elapsed() < REMEMBER);
+                }
+                m.insert(key, Instant::now());
+            }
+            ok
+        })))
+    }
+}
+
 /// Requires `Authorization: Basic` credentials that match the file.
 #[derive(Debug)]
 pub struct BasicAuth {
     users: HashMap<String, String>,
-    verified: Arc<Mutex<Verified>>,
-    permits: Arc<tokio::sync::Semaphore>,
+    slow: SlowCheck,
 }
 
 fn digest(text: &[u8]) -> [u8; 32] {
@@ -57,7 +110,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn unauthorized() -> Verdict {
+pub(super) fn unauthorized() -> Verdict {
     Verdict::Respond(Response {
         status: 401,
         headers: vec![(
@@ -140,8 +193,7 @@ impl BasicAuth {
         }
         Ok(Self {
             users,
-            verified: Arc::new(Mutex::new(HashMap::new())),
-            permits: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
+            slow: SlowCheck::new(),
         })
     }
 }
@@ -179,40 +231,7 @@ impl Policy for BasicAuth {
                 unauthorized()
             };
         }
-        let key = (user, digest(&password));
-        if self
-            .verified
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&key).copied())
-            .is_some_and(|t| t.elapsed() < REMEMBER)
-        {
-            return Verdict::Continue;
-        }
-        let (verified, permits) = (self.verified.clone(), self.permits.clone());
-        Verdict::Later(Deferred(Box::pin(async move {
-            let Ok(Ok(_permit)) = tokio::time::timeout(Duration::from_secs(2), permits.acquire_owned()).await
-            else {
-                return Verdict::Respond(Response {
-                    status: 503,
-                    headers: vec![("retry-after".into(), "1".into())],
-                    body: "503 Service Unavailable\n".into(),
-                });
-            };
-            let ok = tokio::task::spawn_blocking(move || verify_slow(&password, &hash))
-                .await
-                .unwrap_or(false);
-            if !ok {
-                return unauthorized();
-            }
-            if let Ok(mut m) = verified.lock() {
-                if m.len() > 100_000 {
-                    m.retain(|_, t| t.elapsed() < REMEMBER);
-                }
-                m.insert(key, Instant::now());
-            }
-            Verdict::Continue
-        })))
+        self.slow.check(user, password, hash, Verdict::Continue)
     }
 }
 

@@ -65,6 +65,8 @@ fn source(expr: &str) -> Result<Source, PolicyError> {
 #[derive(Debug)]
 struct Client {
     digest: Option<[u8; 32]>,
+    /// An argon2 or bcrypt hash, checked off the workers.
+    slow_hash: Option<String>,
     allowed: bool,
 }
 
@@ -73,6 +75,7 @@ struct Client {
 pub struct ClientIdEnforcement {
     from: Option<(Source, Option<Source>)>,
     clients: HashMap<String, Client>,
+    slow: super::basic_auth::SlowCheck,
 }
 
 fn hex32(text: &str) -> Option<[u8; 32]> {
@@ -107,25 +110,27 @@ impl ClientIdEnforcement {
         };
         let mut clients = HashMap::new();
         for contract in ctx.contracts {
-            let digest = match &contract.secret {
-                Some(ClientSecret::Sha256(h) | ClientSecret::Hash(h)) if h.starts_with("sha256:") => hex32(h),
-                Some(ClientSecret::Hash(_)) if contract.apis.iter().any(|a| a == ctx.api) => {
-                    return Err(PolicyError::Config(format!(
-                        "contract `{}` keeps its secret as an argon2/bcrypt hash, which this build does not verify yet; give clientSecret or a sha256: hash",
-                        contract.name
-                    )));
+            let (digest, slow_hash) = match &contract.secret {
+                Some(ClientSecret::Sha256(h) | ClientSecret::Hash(h)) if h.starts_with("sha256:") => {
+                    (hex32(h), None)
                 }
-                _ => None,
+                Some(ClientSecret::Hash(h)) => (None, Some(h.clone())),
+                _ => (None, None),
             };
             clients.insert(
                 contract.client_id.clone(),
                 Client {
                     digest,
+                    slow_hash,
                     allowed: contract.apis.iter().any(|a| a == ctx.api),
                 },
             );
         }
-        Ok(Self { from, clients })
+        Ok(Self {
+            from,
+            clients,
+            slow: super::basic_auth::SlowCheck::new(),
+        })
     }
 
     pub(super) fn credentials(&self, request: &RequestView<'_>) -> (Option<String>, Option<String>) {
@@ -201,7 +206,7 @@ impl Policy for ClientIdEnforcement {
             return unauthorized();
         };
         if let Some(expected) = &client.digest {
-            let Some(secret) = secret else {
+            let Some(secret) = secret.as_ref() else {
                 return unauthorized();
             };
             let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
@@ -211,11 +216,22 @@ impl Policy for ClientIdEnforcement {
                 return unauthorized();
             }
         }
-        if !client.allowed {
-            return Verdict::Deny(Denial::Forbidden("no contract for this API"));
+        let outcome = if client.allowed {
+            Verdict::Continue
+        } else {
+            Verdict::Deny(Denial::Forbidden("no contract for this API"))
+        };
+        if let Some(hash) = &client.slow_hash {
+            let Some(secret) = secret else {
+                return unauthorized();
+            };
+            request.client_id = Some(id.clone());
+            return self.slow.check(id, secret.into_bytes(), hash.clone(), outcome);
         }
-        request.client_id = Some(id);
-        Verdict::Continue
+        if client.allowed {
+            request.client_id = Some(id);
+        }
+        outcome
     }
 
     fn needs_contracts(&self) -> bool {
