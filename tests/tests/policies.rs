@@ -786,3 +786,58 @@ fn basic_authentication_from_a_hash_file() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn jwt_client_id_claim_must_have_a_contract() -> anyhow::Result<()> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let key = rcgen::KeyPair::generate()?;
+    let jwt = "    - policyRef:
+        name: jwt-validation-flex
+      config:
+        signingMethod: es
+        signingKeyLength: 256
+        textKey: |
+__PEM__
+        skipClientIdValidation: false
+        clientIdExpression: \"#[vars.claimSet.azp]\"
+";
+    let mut pem = String::new();
+    for line in key.public_key_pem().lines() {
+        pem.push_str("          ");
+        pem.push_str(line);
+        pem.push('\n');
+    }
+    let jwt = jwt.replace("__PEM__\n", &pem);
+    let contract = "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: Contract\nmetadata:\n  name: mobile\nspec:\n  clientId: mobile\n  apis: [orders]\n---\n";
+    let s = scene(&format!("{}{contract}", api("orders", "orders", &jwt)))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let token = |azp: Option<&str>| -> anyhow::Result<String> {
+        let mut claims = serde_json::json!({"sub": "alice", "exp": now + 300});
+        if let Some(a) = azp {
+            claims["azp"] = serde_json::Value::String(a.into());
+        }
+        Ok(encode(
+            &Header::new(Algorithm::ES256),
+            &claims,
+            &EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())?,
+        )?)
+    };
+    let status = |t: &str| {
+        get(&s, "/orders/hello", &[&format!("Authorization: Bearer {t}")]).map(|(h, _)| h[9..12].to_string())
+    };
+    ensure!(
+        status(&token(Some("mobile"))?)? == "200",
+        "a client with a contract passes"
+    );
+    ensure!(
+        status(&token(Some("stranger"))?)? == "403",
+        "a client without a contract for this API is refused"
+    );
+    ensure!(
+        status(&token(None)?)? == "401",
+        "a token without the client id claim is refused"
+    );
+    Ok(())
+}

@@ -59,6 +59,9 @@ struct Config {
     mandatory_custom_claims: Vec<CustomClaim>,
     #[serde(default = "yes")]
     skip_client_id_validation: bool,
+    /// The claim naming the client application: `#[vars.claimSet.NAME]`.
+    #[serde(default)]
+    client_id_expression: Option<String>,
 }
 
 fn bearer() -> String {
@@ -83,6 +86,8 @@ pub struct JwtValidation {
     key: DecodingKey,
     validation: Validation,
     claims: Vec<(String, String)>,
+    /// The client-id claim, and the client ids with a contract for this API.
+    clients: Option<(String, std::collections::HashSet<String>)>,
 }
 
 impl std::fmt::Debug for JwtValidation {
@@ -108,7 +113,11 @@ impl JwtValidation {
         clippy::too_many_lines,
         reason = "one check per configuration field, in field order"
     )]
-    pub(super) fn from_config(config: serde_yaml_ng::Value, base: &Path) -> Result<Self, PolicyError> {
+    pub(super) fn from_config(
+        config: serde_yaml_ng::Value,
+        ctx: super::Context<'_>,
+    ) -> Result<Self, PolicyError> {
+        let base: &Path = ctx.base;
         let c: Config = parse(config)?;
         let bad = |m: String| PolicyError::Config(m);
         let header = match c.jwt_origin.as_str() {
@@ -136,9 +145,31 @@ impl JwtValidation {
         if c.jwt_key_origin != "text" {
             return Err(bad("jwtKeyOrigin: only `text` (textKey or keyFile) is available in this build; JWKS URLs are not yet".into()));
         }
-        if !c.skip_client_id_validation {
-            return Err(bad("client id validation from a claim is not available in this build yet; keep skipClientIdValidation: true".into()));
-        }
+        let clients = if c.skip_client_id_validation {
+            None
+        } else {
+            let expr = c
+                .client_id_expression
+                .as_deref()
+                .unwrap_or("#[vars.claimSet.client_id]");
+            let claim = expr
+                .trim()
+                .strip_prefix("#[vars.claimSet.")
+                .and_then(|r| r.strip_suffix(']'))
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "clientIdExpression `{expr}`: only #[vars.claimSet.NAME] is supported"
+                    ))
+                })?;
+            let ids = ctx
+                .contracts
+                .iter()
+                .filter(|k| k.apis.iter().any(|a| a == ctx.api))
+                .map(|k| k.client_id.clone())
+                .collect();
+            Some((claim.to_string(), ids))
+        };
         let alg = match (c.signing_method.as_str(), c.signing_key_length) {
             ("rsa", 256) => Algorithm::RS256,
             ("rsa", 384) => Algorithm::RS384,
@@ -232,6 +263,7 @@ impl JwtValidation {
             key,
             validation,
             claims,
+            clients,
         })
     }
 }
@@ -250,6 +282,10 @@ fn refuse(why: &str) -> Verdict {
 impl Policy for JwtValidation {
     fn name(&self) -> &'static str {
         "jwt-validation"
+    }
+
+    fn needs_contracts(&self) -> bool {
+        self.clients.is_some()
     }
 
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
@@ -296,6 +332,15 @@ impl Policy for JwtValidation {
             if !ok {
                 return refuse("a custom claim does not match");
             }
+        }
+        if let Some((claim, ids)) = &self.clients {
+            let Some(id) = claims.get(claim).and_then(serde_json::Value::as_str) else {
+                return refuse("the client id claim is missing");
+            };
+            if !ids.contains(id) {
+                return Verdict::Deny(super::Denial::Forbidden("no contract for this API"));
+            }
+            request.client_id = Some(id.to_string());
         }
         Verdict::Continue
     }

@@ -280,7 +280,7 @@ pub fn build(
             config, ctx,
         )?)),
         "rate-limiting" => Ok(Arc::new(rate_limit::RateLimit::from_config(config, ctx)?)),
-        "jwt-validation" => Ok(Arc::new(jwt::JwtValidation::from_config(config, ctx.base)?)),
+        "jwt-validation" => Ok(Arc::new(jwt::JwtValidation::from_config(config, ctx)?)),
         "rate-limiting-sla-based" => Ok(Arc::new(sla::SlaRateLimit::from_config(config, ctx)?)),
         "spike-control" => Ok(Arc::new(spike::SpikeControl::from_config(config)?)),
         "http-basic-authentication" => Ok(Arc::new(basic_auth::BasicAuth::from_config(config, ctx.base)?)),
