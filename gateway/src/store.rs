@@ -6,7 +6,9 @@
 //! counter and reads back the cluster total. If Redis is unreachable,
 //! counting goes on locally (each replica enforces the limit on its own
 //! share), a warning is logged, and the increments are flushed once Redis is
-//! back. Keys are namespaced `portcullis:`.
+//! back. Keys are namespaced `portcullis:<cluster>:`, the cluster being the
+//! Configuration's `metadata.name`, so several gateway clusters can share one
+//! Redis without sharing limits.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};

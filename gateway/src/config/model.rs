@@ -60,6 +60,8 @@ pub struct GatewaySettings {
     pub gate_level: GateLevel,
     /// Whether a policy edit closes the route until it is applied.
     pub block_edit: bool,
+    /// Name of this gateway cluster (the Configuration's `metadata.name`): shared-storage keys are namespaced by it.
+    pub cluster: String,
 }
 
 impl Default for GatewaySettings {
@@ -70,6 +72,7 @@ impl Default for GatewaySettings {
             redis: None,
             gate_level: GateLevel::Flexible,
             block_edit: true,
+            cluster: "default".into(),
         }
     }
 }
@@ -589,6 +592,7 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
     let mut bindings = Vec::new();
     let mut configuration: Option<(Doc, raw::ConfigurationSpec)> = None;
     let mut contracts = Vec::new();
+    let mut cluster_name = String::from("default");
 
     for ((file, text), index) in files.iter().zip(&indexes) {
         // `None` marks a document to skip: empty (a trailing `---`) or already reported.
@@ -652,6 +656,7 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
                             let at = first.at("metadata");
                             c.push(&doc.at("kind"), format!("a second Configuration; the first is at {}:{}", at.file, at.line));
                         } else {
+                            cluster_name.clone_from(&t.metadata.name);
                             configuration = Some((doc, t.spec));
                         }
                     }
@@ -689,6 +694,8 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
         }
         None => (ProxySettings::default(), GatewaySettings::default()),
     };
+    let mut gateway = gateway;
+    gateway.cluster = cluster_name;
     let mut out = Config {
         listeners: Vec::new(),
         services: Vec::new(),
@@ -1035,6 +1042,7 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
             contracts: &out.contracts,
             shared_storage: out.gateway.redis.is_some(),
             base,
+            cluster: &out.gateway.cluster,
         };
         for spec in &route.policies {
             match crate::policy::build(&spec.name, &spec.config, ctx) {

@@ -255,6 +255,8 @@ pub struct Context<'a> {
     pub shared_storage: bool,
     /// Directory relative file names resolve against (the configuration's).
     pub base: &'a std::path::Path,
+    /// Gateway cluster name: shared-storage keys are namespaced by it.
+    pub cluster: &'a str,
 }
 
 /// Builds the policy `name` from its configuration.

@@ -165,8 +165,9 @@ impl RateLimit {
                 .map(|(m, p)| format!("{m}/{}", p.as_millis()))
                 .collect();
             let prefix = format!(
-                "{}:rl:{}:{}:{key:?}",
+                "{}:{}:rl:{}:{}:{key:?}",
                 crate::store::KEY_PREFIX,
+                ctx.cluster,
                 ctx.api,
                 shape.join(",")
             );
@@ -301,7 +302,12 @@ impl RateLimit {
         expose: bool,
     ) -> Self {
         let cluster = ctx.shared_storage.then(|| {
-            let prefix = format!("{}:sla:{}:{tier}", crate::store::KEY_PREFIX, ctx.api);
+            let prefix = format!(
+                "{}:{}:sla:{}:{tier}",
+                crate::store::KEY_PREFIX,
+                ctx.cluster,
+                ctx.api
+            );
             (crate::store::counters(), prefix)
         });
         Self {

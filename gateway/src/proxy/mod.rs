@@ -130,6 +130,7 @@ impl Generation {
                     contracts: &config.contracts,
                     shared_storage: config.gateway.redis.is_some(),
                     base: &config.dir,
+                    cluster: &config.gateway.cluster,
                 };
                 match crate::policy::build(&spec.name, &spec.config, ctx) {
                     Ok(p) => policies.push(p),
