@@ -91,11 +91,6 @@ fn url(cfg: &RedisConfig) -> Result<String, StoreError> {
         address: cfg.address.clone(),
         reason: reason.to_string(),
     };
-    if cfg.tls.is_some() {
-        return Err(err(
-            "TLS to Redis is not available in this build yet; remove sharedStorage.redis.tls",
-        ));
-    }
     let password = match &cfg.password {
         Some(p) => Some(
             std::str::from_utf8(p.expose())
@@ -110,7 +105,8 @@ fn url(cfg: &RedisConfig) -> Result<String, StoreError> {
         (Some(u), None) => format!("{}@", percent(u)),
         (None, None) => String::new(),
     };
-    Ok(format!("redis://{auth}{}/{}", cfg.address, cfg.db))
+    let scheme = if cfg.tls.is_some() { "rediss" } else { "redis" };
+    Ok(format!("{scheme}://{auth}{}/{}", cfg.address, cfg.db))
 }
 
 const SCRIPT: &str = "local v = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -119,10 +115,33 @@ return v";
 
 /// Starts the store thread for `cfg`: it reconciles every registered counter set.
 pub fn start(cfg: &RedisConfig) -> Result<(), StoreError> {
-    let client = redis::Client::open(url(cfg)?).map_err(|e| StoreError::Settings {
+    let settings = |reason: String| StoreError::Settings {
         address: cfg.address.clone(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let client = match &cfg.tls {
+        None => redis::Client::open(url(cfg)?).map_err(|e| settings(e.to_string()))?,
+        Some(ca) => {
+            // rustls needs a process-wide provider; the gateway uses ring everywhere.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let root_cert = match ca {
+                Some(crate::config::Pem::File(path)) => Some(
+                    std::fs::read(path)
+                        .map_err(|e| settings(format!("cannot read {}: {e}", path.display())))?,
+                ),
+                Some(crate::config::Pem::Inline(text)) => Some(text.clone().into_bytes()),
+                None => None,
+            };
+            redis::Client::build_with_tls(
+                url(cfg)?,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert,
+                },
+            )
+            .map_err(|e| settings(e.to_string()))?
+        }
+    };
     let address = cfg.address.clone();
     std::thread::Builder::new()
         .name("store".into())
@@ -242,6 +261,11 @@ mod tests {
             tls: None,
         };
         assert_eq!(url(&cfg).unwrap(), "redis://gw@10.0.0.1:6379/3");
+        let tls = RedisConfig {
+            tls: Some(None),
+            ..cfg
+        };
+        assert_eq!(url(&tls).unwrap(), "rediss://gw@10.0.0.1:6379/3");
         assert_eq!(percent("p@ss:w/rd"), "p%40ss%3Aw%2Frd");
     }
 }

@@ -169,3 +169,55 @@ fn two_replicas_enforce_one_limit_and_survive_redis_restarts() -> anyhow::Result
     );
     Ok(())
 }
+
+#[test]
+fn shared_storage_over_tls() -> anyhow::Result<()> {
+    let ns = NetNs::new("rt")?;
+    let dir = TempDir::new("rtc")?;
+    let pki = portcullis_tests::http::Pki::new(&dir.0, "redis-ca")?;
+    let cert = pki.issue("redis", &["127.0.0.1"], false)?;
+    let _redis = RedisServer::start_tls(
+        &ns,
+        &dir.0,
+        "127.0.0.1:6390".parse()?,
+        "gateway",
+        "r3dis-pw",
+        &cert,
+    )?;
+    let _up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    config(&dir, 8080, 9901)?;
+    let text = std::fs::read_to_string(dir.0.join("gateway.yaml"))?.replace(
+        "      password: ${file:redis.password}\n",
+        &format!(
+            "      password: ${{file:redis.password}}\n      tls:\n        trustedCA: ${{file:{}}}\n",
+            pki.ca.display()
+        ),
+    );
+    dir.write("gateway.yaml", &text)?;
+    let gw = GatewayProcess::start(&ns, &dir.0, "127.0.0.1:9901".parse()?)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.log_text().contains("shared storage connected") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no TLS connection to Redis: {}",
+            gw.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut ok = 0;
+    for _ in 0..25 {
+        let raw = request(
+            &ns,
+            "127.0.0.1:8080".parse()?,
+            b"GET /orders/hello HTTP/1.1\r\nHost: a\r\nx-client: dave\r\nConnection: close\r\n\r\n",
+        )?;
+        ok += u64::from(status_of(&raw) == Some(200));
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    ensure!(
+        ok == LIMIT,
+        "{ok} allowed with the limit counted through Redis over TLS"
+    );
+    ensure!(!gw.log_text().contains("cannot reach Redis"), "{}", gw.log_text());
+    Ok(())
+}

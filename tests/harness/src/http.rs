@@ -698,12 +698,43 @@ impl RedisServer {
         user: &str,
         password: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with(ns, dir, addr, user, password, None)
+    }
+
+    /// Like [`RedisServer::start`], accepting only TLS with this certificate.
+    pub fn start_tls(
+        ns: &NetNs,
+        dir: &Path,
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        cert: &Issued,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(ns, dir, addr, user, password, Some(cert))
+    }
+
+    fn start_with(
+        ns: &NetNs,
+        dir: &Path,
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        tls: Option<&Issued>,
+    ) -> anyhow::Result<Self> {
         let conf = dir.join(format!("redis-{}.conf", addr.port()));
+        let ports = match tls {
+            None => format!("port {}\n", addr.port()),
+            Some(cert) => format!(
+                "port 0\ntls-port {}\ntls-cert-file {}\ntls-key-file {}\ntls-auth-clients no\n",
+                addr.port(),
+                cert.crt.display(),
+                cert.key.display()
+            ),
+        };
         fs::write(
             &conf,
             format!(
-                "port {}\nbind {}\nsave \"\"\nappendonly no\ndaemonize no\nprotected-mode no\ndir {}\nuser default off\nuser {user} on >{password} ~portcullis:* &* +@all\n",
-                addr.port(),
+                "{ports}bind {}\nsave \"\"\nappendonly no\ndaemonize no\nprotected-mode no\ndir {}\nuser default off\nuser {user} on >{password} ~portcullis:* &* +@all\n",
                 addr.ip(),
                 dir.display()
             ),
