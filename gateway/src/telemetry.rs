@@ -160,7 +160,7 @@ impl AccessRecord<'_> {
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
             duration_ms = %ms(self.duration),
-            upstream_ms = upstream_ms.as_deref().unwrap_or("-"),
+            upstream_ms = %upstream_ms.as_deref().unwrap_or("-"),
             upstream = upstream.as_deref().unwrap_or("-"),
             error = self.error.unwrap_or("-"),
         );
