@@ -23,6 +23,19 @@ struct Proc(Child, &'static str);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // SIGTERM first: an nginx master killed outright leaves its workers
+        // behind, orphaned and still listening.
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
