@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use portcullis_tests::NetNs;
-use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, curl};
+use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, curl};
 
 const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
 kind: Configuration
@@ -18,20 +18,13 @@ spec:
 ---
 ";
 
+/// An API at `/{path}` on :8080, to the upstream on :9000, with these policies.
 fn api(name: &str, path: &str, policies: &str) -> String {
-    format!(
-        "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: {name}
-spec:
-  address: http://127.0.0.1:8080/{path}
-  services:
-    up:
-      address: http://127.0.0.1:9000/
-  policies:
-{policies}---
-"
+    api_instance(
+        name,
+        &format!("http://127.0.0.1:8080/{path}"),
+        "http://127.0.0.1:9000/",
+        &format!("  policies:\n{policies}"),
     )
 }
 
@@ -297,8 +290,7 @@ fn response_timeout_gives_504() -> anyhow::Result<()> {
 fn client_id_enforcement_against_contracts() -> anyhow::Result<()> {
     let ns = NetNs::new("ci")?;
     let dir = TempDir::new("cic")?;
-    let secret = dir.write("mobile.secret", "s3cret-mobile")?;
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    dir.write_private("mobile.secret", "s3cret-mobile")?;
     let enforce = "    - policyRef:\n        name: client-id-enforcement-flex\n";
     let custom = "    - policyRef:
         name: client-id-enforcement-flex
@@ -455,7 +447,7 @@ fn jwt_validation_with_test_vectors() -> anyhow::Result<()> {
     let dir = TempDir::new("jwc")?;
     let key = rcgen::KeyPair::generate()?;
     let rogue = rcgen::KeyPair::generate()?;
-    dir.write("idp.pub.pem", &key.public_key_pem())?;
+    dir.write_private("idp.pub.pem", &key.public_key_pem())?;
     let jwt = "    - policyRef:
         name: jwt-validation-flex
       config:
@@ -472,8 +464,6 @@ fn jwt_validation_with_test_vectors() -> anyhow::Result<()> {
           - key: scope
             value: orders
 ";
-    let pem = dir.0.join("idp.pub.pem");
-    std::fs::set_permissions(&pem, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
     dir.write(
         "gateway.yaml",
@@ -742,8 +732,7 @@ fn basic_authentication_from_a_hash_file() -> anyhow::Result<()> {
         "# user:hash\nalice:{}\nbob:sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\n",
         bcrypt::hash("alice-pw", 4)?
     );
-    let file = dir.write("users.txt", &users)?;
-    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let file = dir.write_private("users.txt", &users)?;
     let policy = "    - policyRef:\n        name: http-basic-authentication-flex\n      config:\n        credentialsFile: users.txt\n";
     let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
     dir.write(

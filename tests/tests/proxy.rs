@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use portcullis_tests::NetNs;
 use portcullis_tests::http::{
-    GatewayProcess, Pki, TempDir, Upstream, connect, curl, pattern, read_response, request, request_open,
-    status_of, upstream_tls,
+    GatewayProcess, Pki, TempDir, Upstream, api_instance as api, connect, curl, pattern, read_response,
+    request, request_open, status_of, upstream_tls,
 };
 
 const GW: &str = "127.0.0.1:8080";
@@ -20,22 +20,6 @@ const GIB: u64 = 1 << 30;
 
 fn gw() -> SocketAddr {
     GW.parse().unwrap()
-}
-
-fn api(name: &str, address: &str, upstream: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: {name}
-spec:
-  address: {address}
-  services:
-    up:
-      address: {upstream}
-{extra}---
-"
-    )
 }
 
 const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1

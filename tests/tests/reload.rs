@@ -8,25 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
 use portcullis_tests::NetNs;
-use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, connect, read_response, request, status_of};
+use portcullis_tests::http::{
+    GatewayProcess, TempDir, Upstream, api_instance, connect, read_response, request, status_of,
+};
 
 const ADMIN: &str = "127.0.0.1:9901";
-
-fn api(name: &str, address: &str, upstream: &str) -> String {
-    format!(
-        "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: {name}
-spec:
-  address: {address}
-  services:
-    up:
-      address: {upstream}
----
-"
-    )
-}
 
 const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
 kind: Configuration
@@ -196,6 +182,10 @@ fn hundred_reloads_under_load_fail_no_request() -> anyhow::Result<()> {
     let reloaded = s.gw.log_text().matches("configuration reloaded").count();
     ensure!(reloaded >= 100, "only {reloaded} reloads logged");
     Ok(())
+}
+
+fn api(name: &str, address: &str, upstream: &str) -> String {
+    api_instance(name, address, upstream, "")
 }
 
 fn tail(log: &str) -> String {

@@ -1,7 +1,6 @@
 //! Two gateway replicas share one rate limit through a real redis-server,
 //! and keep serving (counting locally) while Redis is down.
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use anyhow::ensure;
@@ -11,8 +10,7 @@ use portcullis_tests::http::{GatewayProcess, RedisServer, TempDir, Upstream, req
 const LIMIT: u64 = 20;
 
 fn config(dir: &TempDir, listen: u16, admin: u16) -> anyhow::Result<()> {
-    let pw = dir.write("redis.password", "r3dis-pw")?;
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600))?;
+    dir.write_private("redis.password", "r3dis-pw")?;
     dir.write(
         "gateway.yaml",
         &format!(

@@ -1814,6 +1814,33 @@ fn secret_value(
     }
 }
 
+/// `minversion` and `maxversion` of a TLS policy, defaulting to 1.2 and 1.3.
+fn versions(
+    doc: &Doc,
+    min: Option<&String>,
+    max: Option<&String>,
+    c: &mut Collector,
+) -> (TlsVersion, TlsVersion) {
+    let min = version(doc, "spec.config.minversion", min, TlsVersion::V12, c);
+    let max = version(doc, "spec.config.maxversion", max, TlsVersion::V13, c);
+    if min > max {
+        c.push(
+            &doc.at("spec.config.minversion"),
+            "minversion is above maxversion",
+        );
+    }
+    (min, max)
+}
+
+/// `trustedCA` of a TLS policy.
+fn trusted_ca(doc: &Doc, text: Option<&String>, base: &Path, c: &mut Collector) -> Option<Pem> {
+    text.and_then(|t| {
+        pem(t, base)
+            .map_err(|e| c.push(&doc.at("spec.config.trustedCA"), e))
+            .ok()
+    })
+}
+
 fn version(doc: &Doc, field: &str, v: Option<&String>, default: TlsVersion, c: &mut Collector) -> TlsVersion {
     match v.map(String::as_str) {
         None => default,
@@ -1878,37 +1905,14 @@ fn inbound_tls(
         // Each failed pair is already reported.
         return None;
     }
-    let client_ca = cfg.trusted_ca.as_ref().and_then(|t| {
-        pem(t, base)
-            .map_err(|e| c.push(&doc.at("spec.config.trustedCA"), e))
-            .ok()
-    });
+    let client_ca = trusted_ca(doc, cfg.trusted_ca.as_ref(), base, c);
     if cfg.require_client_certificate && client_ca.is_none() {
         c.push(
             &doc.at("spec.config.requireClientCertificate"),
             "requiring client certificates needs trustedCA to verify them against",
         );
     }
-    let min = version(
-        doc,
-        "spec.config.minversion",
-        cfg.minversion.as_ref(),
-        TlsVersion::V12,
-        c,
-    );
-    let max = version(
-        doc,
-        "spec.config.maxversion",
-        cfg.maxversion.as_ref(),
-        TlsVersion::V13,
-        c,
-    );
-    if min > max {
-        c.push(
-            &doc.at("spec.config.minversion"),
-            "minversion is above maxversion",
-        );
-    }
+    let (min, max) = versions(doc, cfg.minversion.as_ref(), cfg.maxversion.as_ref(), c);
     Some(InboundTls {
         certs,
         client_ca,
@@ -1937,25 +1941,8 @@ fn outbound_tls(
         .certificate
         .as_ref()
         .and_then(|r| cert_pair(doc, "spec.config.certificate", r, base, c));
-    let ca = cfg.trusted_ca.as_ref().and_then(|t| {
-        pem(t, base)
-            .map_err(|e| c.push(&doc.at("spec.config.trustedCA"), e))
-            .ok()
-    });
-    let min = version(
-        doc,
-        "spec.config.minversion",
-        cfg.minversion.as_ref(),
-        TlsVersion::V12,
-        c,
-    );
-    let max = version(
-        doc,
-        "spec.config.maxversion",
-        cfg.maxversion.as_ref(),
-        TlsVersion::V13,
-        c,
-    );
+    let ca = trusted_ca(doc, cfg.trusted_ca.as_ref(), base, c);
+    let (min, max) = versions(doc, cfg.minversion.as_ref(), cfg.maxversion.as_ref(), c);
     if let Some(sni) = &cfg.sni
         && (check_host_pattern(sni).is_err() || sni.starts_with("*."))
     {

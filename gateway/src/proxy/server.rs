@@ -961,9 +961,6 @@ impl Client<'_> {
             endpoint: endpoint.to_string(),
             source: e,
         };
-        let timeout_err = || ProxyError::UpstreamTimeout {
-            endpoint: endpoint.to_string(),
-        };
         // The head goes out with whatever body bytes already arrived behind it.
         let mut pending = out;
         match framing {
@@ -999,15 +996,13 @@ impl Client<'_> {
                     if remaining == 0 {
                         break;
                     }
-                    up_buf.reserve(BODY_CHUNK);
-                    match timeout(up_wait, up.read(up_buf)).await {
-                        Ok((Ok(0), _)) => {
-                            return Err((sent, upstream_io(io::ErrorKind::UnexpectedEof.into())));
-                        }
-                        Ok((Ok(_), b)) => up_buf = b,
-                        Ok((Err(e), _)) => return Err((sent, upstream_io(e))),
-                        Err(_) => return Err((sent, timeout_err())),
+                    let (b, n) = read_upstream(up, up_buf, up_wait, endpoint)
+                        .await
+                        .map_err(|e| (sent, e))?;
+                    if n == 0 {
+                        return Err((sent, upstream_io(io::ErrorKind::UnexpectedEof.into())));
                     }
+                    up_buf = b;
                 }
                 Ok((
                     sent,
@@ -1039,15 +1034,13 @@ impl Client<'_> {
                     if dec.is_done() {
                         break;
                     }
-                    up_buf.reserve(BODY_CHUNK);
-                    match timeout(up_wait, up.read(up_buf)).await {
-                        Ok((Ok(0), _)) => {
-                            return Err((sent, upstream_io(io::ErrorKind::UnexpectedEof.into())));
-                        }
-                        Ok((Ok(_), b)) => up_buf = b,
-                        Ok((Err(e), _)) => return Err((sent, upstream_io(e))),
-                        Err(_) => return Err((sent, timeout_err())),
+                    let (b, n) = read_upstream(up, up_buf, up_wait, endpoint)
+                        .await
+                        .map_err(|e| (sent, e))?;
+                    if n == 0 {
+                        return Err((sent, upstream_io(io::ErrorKind::UnexpectedEof.into())));
                     }
+                    up_buf = b;
                 }
                 Ok((
                     sent,
@@ -1074,13 +1067,13 @@ impl Client<'_> {
                         b.clear();
                         pending = b;
                     }
-                    up_buf.reserve(BODY_CHUNK);
-                    match timeout(up_wait, up.read(up_buf)).await {
-                        Ok((Ok(0), _)) => break,
-                        Ok((Ok(_), b)) => up_buf = b,
-                        Ok((Err(e), _)) => return Err((sent, upstream_io(e))),
-                        Err(_) => return Err((sent, timeout_err())),
+                    let (b, n) = read_upstream(up, up_buf, up_wait, endpoint)
+                        .await
+                        .map_err(|e| (sent, e))?;
+                    if n == 0 {
+                        break;
                     }
+                    up_buf = b;
                 }
                 if rechunk {
                     sent += 5;
@@ -1091,6 +1084,26 @@ impl Client<'_> {
                 Ok((sent, client_keep, false, Vec::new()))
             }
         }
+    }
+}
+
+/// Reads more of an upstream response into `buf`; `(buf, 0)` at the end of the stream.
+async fn read_upstream(
+    up: &mut Conn,
+    mut buf: Vec<u8>,
+    wait: Duration,
+    endpoint: &str,
+) -> Result<(Vec<u8>, usize), ProxyError> {
+    buf.reserve(BODY_CHUNK);
+    match timeout(wait, up.read(buf)).await {
+        Ok((Ok(n), b)) => Ok((b, n)),
+        Ok((Err(e), _)) => Err(ProxyError::UpstreamIo {
+            endpoint: endpoint.to_string(),
+            source: e,
+        }),
+        Err(_) => Err(ProxyError::UpstreamTimeout {
+            endpoint: endpoint.to_string(),
+        }),
     }
 }
 

@@ -644,6 +644,24 @@ pub fn curl(ns: &NetNs, args: &[&str]) -> anyhow::Result<(i32, String, String)> 
     ))
 }
 
+/// An `ApiInstance` resource (and its `---`): `address` routed to `upstream`,
+/// with `extra` appended to its spec (indented two spaces, newline-terminated).
+pub fn api_instance(name: &str, address: &str, upstream: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: {name}
+spec:
+  address: {address}
+  services:
+    up:
+      address: {upstream}
+{extra}---
+"
+    )
+}
+
 /// A temporary directory removed on drop.
 #[derive(Debug)]
 pub struct TempDir(pub PathBuf);
@@ -660,6 +678,13 @@ impl TempDir {
     pub fn write(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
         let path = self.0.join(name);
         fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Writes `name` with `text`, readable only by its owner (mode 0600), as secrets must be.
+    pub fn write_private(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let path = self.write(name, text)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
         Ok(path)
     }
 }
