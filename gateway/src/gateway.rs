@@ -2,14 +2,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigSet, Signal};
-use portcullis::config::{self, ConfigErrors};
+use portcullis::config::{self, ConfigErrors, GateLevel, Source as _};
+use portcullis::gatekeeper::{self, Gate, Gates, Reason, State};
 use portcullis::proxy::{self, Generation, Shared, admin, io};
+use portcullis::store::cache::{Cache, Snapshot};
 use portcullis::telemetry::Metrics;
 
 /// Output format of `portcullis check`.
@@ -29,7 +31,7 @@ fn located(e: &config::ConfigError) -> serde_json::Value {
 pub fn check(dir: &Path, format: Format) -> anyhow::Result<()> {
     let loaded = config::load_dir(dir).and_then(|c| {
         let warnings = c.warnings.clone();
-        Generation::build(c, None).map(|g| (g, warnings))
+        Generation::build_checked(c).map(|g| (g, warnings))
     });
     match (loaded, format) {
         (Ok((generation, warnings)), Format::Text) => {
@@ -116,23 +118,176 @@ fn report(dir: &Path, errors: &ConfigErrors) -> anyhow::Error {
     anyhow::anyhow!("{} configuration error(s) in {}", errors.0.len(), dir.display())
 }
 
-fn load(dir: &Path) -> anyhow::Result<Generation> {
-    let config = config::load_dir(dir).map_err(|e| report(dir, &e))?;
+/// `(file name, contents)` of every resource file read from the source.
+type Files = Vec<(String, String)>;
+
+/// What `portcullis run` needs besides the configuration it reads.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The configuration directory (the configuration source).
+    pub config: PathBuf,
+    /// Where the last-known-good cache lives.
+    pub state_dir: PathBuf,
+    /// Key file of the cache; `None`: the systemd credential, or no cache.
+    pub cache_key: Option<PathBuf>,
+}
+
+/// Resource files of `dir`; the outer error means the source itself cannot be
+/// read (unreachable), the inner one that what it holds is not usable.
+fn read_source(dir: &Path) -> Result<Result<Files, ConfigErrors>, std::io::Error> {
+    std::fs::read_dir(dir)?;
+    Ok(config::DirSource(dir.to_path_buf())
+        .files()
+        .map_err(|e| ConfigErrors(vec![e])))
+}
+
+fn load(dir: &Path, files: Files, previous: Option<&Generation>) -> Result<Generation, ConfigErrors> {
+    let config = config::load(&config::MemSource {
+        files,
+        base: dir.to_path_buf(),
+    })?;
     for w in &config.warnings {
         tracing::warn!(warning = %w, "configuration");
     }
-    Generation::build(config, None).map_err(|e| report(dir, &e))
+    Generation::build(config, previous)
+}
+
+fn open_cache(options: &RunOptions) -> Option<Cache> {
+    match Cache::open(&options.state_dir, options.cache_key.as_deref()) {
+        Ok(Some(cache)) => Some(cache),
+        Ok(None) => {
+            tracing::info!(
+                "no cache key (--cache-key or the credential `portcullis-cache-key`): the last-known-good cache is off"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the last-known-good cache is off");
+            None
+        }
+    }
+}
+
+/// What to serve when the source cannot be read at start: the cache, gated
+/// under `strict`; or nothing at all until the source is back.
+fn from_cache(dir: &Path, cache: Option<&Cache>) -> Generation {
+    let snapshot = match cache.map(|c| c.load(dir)) {
+        Some(Ok(Some(snapshot))) => Some(snapshot),
+        Some(Ok(None)) => {
+            tracing::warn!("no last-known-good cache has been written yet");
+            None
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "last-known-good cache not used");
+            None
+        }
+        None => None,
+    };
+    if let Some(snapshot) = snapshot {
+        let written = snapshot.written_unix;
+        match load(dir, snapshot.files, None) {
+            Ok(generation) => {
+                let level = generation.config.gateway.gate_level;
+                tracing::warn!(
+                    written_unix = written,
+                    ?level,
+                    "applying the last-known-good cache"
+                );
+                if level != GateLevel::Strict {
+                    return generation;
+                }
+                let mut gates = generation.gates.clone();
+                gates.close_all(
+                    Reason::SourceUnreachable,
+                    "strict: 503 until the configuration source can be read again",
+                );
+                return generation.with_gates(gates);
+            }
+            Err(errors) => tracing::error!(
+                errors = %errors,
+                "the cached configuration no longer loads; treating the cache as absent"
+            ),
+        }
+    }
+    tracing::warn!("nothing to serve until the configuration source can be read");
+    match Generation::build(config::Config::empty(dir), None) {
+        Ok(g) => g,
+        Err(e) => unreachable!("a configuration without listeners or services has nothing to fail: {e}"),
+    }
+}
+
+/// Writes the cache when everything in `generation` is applied and open.
+fn remember(cache: Option<&Cache>, dir: &Path, files: Files, generation: &Generation) {
+    let Some(cache) = cache else { return };
+    let closed = generation.gates.sorted().into_iter().find(|(_, g)| !g.is_open());
+    if let Some((api, _)) = closed {
+        tracing::info!(
+            api,
+            "last-known-good cache kept: a gate is closed in this configuration"
+        );
+        return;
+    }
+    if !generation.policy_errors.is_empty() {
+        tracing::info!("last-known-good cache kept: a policy failed in this configuration");
+        return;
+    }
+    if let Err(e) = cache.store(&Snapshot::new(dir, files)) {
+        tracing::error!(error = %e, "writing the last-known-good cache failed; the previous one stays");
+    }
+}
+
+fn log_policy_errors(generation: &Generation) {
+    let disabled = generation.config.gateway.gate_level == GateLevel::Disabled;
+    for e in &generation.policy_errors {
+        if disabled {
+            tracing::error!(error = %e, "policy failed to build; the Gatekeeper is disabled, so its API instance is served WITHOUT it");
+        } else {
+            tracing::error!(error = %e, "policy failed to build; its API instance answers 503 until the policy is fixed or removed");
+        }
+    }
+}
+
+fn log_gates(old: &Gates, new: &Gates) {
+    for (api, _, gate) in new.changes(old) {
+        match gate.reason {
+            None => tracing::info!(api, "gate open"),
+            Some(reason) => tracing::warn!(
+                api,
+                state = gate.state.label(),
+                reason = reason.label(),
+                detail = %gate.detail,
+                "gate closed: requests get 503"
+            ),
+        }
+    }
 }
 
 /// Applies a log level (`error` … `trace`) unless `RUST_LOG` overrides it.
 pub type SetLevel = Box<dyn Fn(&str)>;
 
 /// Runs the gateway until SIGINT or SIGTERM; SIGHUP or a change in `dir` reloads.
-pub fn run(dir: &Path, set_level: &SetLevel) -> anyhow::Result<()> {
+pub fn run(options: &RunOptions, set_level: &SetLevel) -> anyhow::Result<()> {
     if let Err(why) = io::probe() {
         bail!("{why}");
     }
-    let generation = load(dir)?;
+    let dir = options.config.as_path();
+    let cache = open_cache(options);
+    let (generation, source_files) = match read_source(dir) {
+        Ok(files) => {
+            let files = files.map_err(|e| report(dir, &e))?;
+            let generation = load(dir, files.clone(), None).map_err(|e| report(dir, &e))?;
+            (generation, Some(files))
+        }
+        Err(e) => {
+            tracing::warn!(config = %dir.display(), error = %e, "configuration source unreachable");
+            (from_cache(dir, cache.as_ref()), None)
+        }
+    };
+    log_policy_errors(&generation);
+    log_gates(&Gates::default(), &generation.gates);
+    if let Some(files) = source_files.clone() {
+        remember(cache.as_ref(), dir, files, &generation);
+    }
     set_level(&generation.config.gateway.log_level);
     if let Some(redis) = &generation.config.gateway.redis {
         portcullis::store::start(redis)?;
@@ -183,12 +338,12 @@ pub fn run(dir: &Path, set_level: &SetLevel) -> anyhow::Result<()> {
             .context("spawning the admin thread")?;
         tracing::info!(addr = %settings.admin.map(|a| a.to_string()).unwrap_or_default(), "admin endpoints /healthz /readyz /metrics");
     }
-    watch(dir)?;
+    watch(dir, source_files.is_some())?;
     tracing::info!(workers, config = %dir.display(), "portcullis running");
     loop {
         match signals.wait().context("waiting for signals")? {
             Signal::SIGHUP => {
-                reload(dir, &shared, &mut handles);
+                reload(dir, &shared, &mut handles, cache.as_ref());
                 set_level(&shared.current().config.gateway.log_level);
             }
             signal => {
@@ -255,8 +410,71 @@ impl Handles {
     }
 }
 
+/// With `block_edit`, gates (`applying`) every API instance whose policy
+/// configuration `config` edits; returns them.
+fn engage_edits(shared: &Shared, current: &Generation, config: &config::Config) -> Vec<String> {
+    let gk = &config.gateway;
+    if !gk.block_edit || gk.gate_level == GateLevel::Disabled {
+        return Vec::new();
+    }
+    let engaged = gatekeeper::edited(&current.config, config);
+    if !engaged.is_empty() {
+        let mut gates = current.gates.clone();
+        for api in &engaged {
+            let gate = Gate::closed(
+                State::Applying,
+                Reason::PolicyEdit,
+                "applying an edited policy configuration",
+            );
+            gates.insert(api, gate);
+        }
+        shared.publish(current.with_gates(gates));
+        tracing::info!(apis = ?engaged, "gate applying: policy configuration edited");
+    }
+    engaged
+}
+
+/// Binds listeners a reload adds, once per worker, keeping duplicates in `handles`.
+fn bind_added(
+    added: &[SocketAddr],
+    workers: usize,
+    handles: &mut Handles,
+) -> anyhow::Result<Vec<Vec<proxy::NewListener>>> {
+    let mut bound = Vec::new();
+    for _ in 0..workers {
+        bound.push(proxy::bind_all(added)?);
+    }
+    for sockets in &bound {
+        handles.keep(sockets)?;
+    }
+    Ok(bound)
+}
+
+/// The source's files and the configuration they make; `Ok(None)` when the
+/// source cannot be read (logged: what is applied stays in force).
+fn read_config(dir: &Path) -> Result<Option<(Files, config::Config)>, ConfigErrors> {
+    let files = match read_source(dir) {
+        Ok(files) => files?,
+        Err(e) => {
+            tracing::warn!(config = %dir.display(), error = %e, "configuration source unreachable; what is applied stays in force");
+            return Ok(None);
+        }
+    };
+    let config = config::load(&config::MemSource {
+        files: files.clone(),
+        base: dir.to_path_buf(),
+    })?;
+    for w in &config.warnings {
+        tracing::warn!(warning = %w, "configuration");
+    }
+    Ok(Some((files, config)))
+}
+
 /// Re-reads `dir`; applies it only if all of it is valid, else keeps what runs.
-fn reload(dir: &Path, shared: &Shared, handles: &mut Handles) {
+/// A policy that fails is not a reason to keep the old one: its API instance
+/// is gated. With `block_edit`, an API instance whose policy configuration
+/// changed is gated (`applying`) until the new configuration is in force.
+fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cache>) {
     let started = Instant::now();
     let rejected = |errors: &ConfigErrors| {
         for e in &errors.0 {
@@ -267,8 +485,9 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles) {
             "reload rejected: the running configuration stays in force; fix the errors above"
         );
     };
-    let config = match config::load_dir(dir) {
-        Ok(c) => c,
+    let (files, config) = match read_config(dir) {
+        Ok(Some(read)) => read,
+        Ok(None) => return,
         Err(e) => return rejected(&e),
     };
     let current = shared.current();
@@ -281,9 +500,19 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles) {
             "workers, admin and maxConnections take effect at the next start; the running values stay"
         );
     }
+    let engaged = engage_edits(shared, &current, &config);
+    // A change that is not applied leaves the gates as they were.
+    let reopen = || {
+        if !engaged.is_empty() {
+            shared.publish(current.with_gates(current.gates.clone()));
+        }
+    };
     let generation = match Generation::build(config, Some(&current)) {
         Ok(g) => g,
-        Err(e) => return rejected(&e),
+        Err(e) => {
+            reopen();
+            return rejected(&e);
+        }
     };
     let added: Vec<SocketAddr> = generation
         .listeners
@@ -297,22 +526,14 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles) {
         .filter(|a| !generation.listeners.contains_key(a))
         .copied()
         .collect();
-    let mut bound = Vec::new();
-    for _ in 0..fixed.workers {
-        match proxy::bind_all(&added) {
-            Ok(sockets) => bound.push(sockets),
-            Err(e) => {
-                tracing::error!(error = %e, "reload rejected: the running configuration stays in force");
-                return;
-            }
-        }
-    }
-    for sockets in &bound {
-        if let Err(e) = handles.keep(sockets) {
-            tracing::error!(error = %e, "reload rejected");
+    let bound = match bind_added(&added, fixed.workers, handles) {
+        Ok(bound) => bound,
+        Err(e) => {
+            reopen();
+            tracing::error!(error = %e, "reload rejected: the running configuration stays in force");
             return;
         }
-    }
+    };
     let (listeners, routes) = (
         generation.listeners.len(),
         generation
@@ -322,7 +543,10 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles) {
             .map(|l| l.routes.len())
             .sum::<usize>(),
     );
+    log_policy_errors(&generation);
+    log_gates(&current.gates, &generation.gates);
     shared.publish(generation);
+    remember(cache, dir, files, &shared.current());
     if let Ok(senders) = shared.new_listeners.lock() {
         for (sender, sockets) in senders.iter().zip(bound) {
             for socket in sockets {
@@ -343,45 +567,86 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles) {
     );
 }
 
+/// How long a burst of changes may go on before the reload starts anyway.
+const SETTLE_MAX: Duration = Duration::from_millis(100);
+/// Quiet time that ends a burst of changes.
+const SETTLE_QUIET: Duration = Duration::from_millis(1);
+
 /// Watches `dir` with inotify and asks for a reload (SIGHUP to this process)
-/// once a burst of changes has settled.
-fn watch(dir: &Path) -> anyhow::Result<()> {
-    use inotify::{Inotify, WatchMask};
-    let mut inotify = Inotify::init().context("inotify_init")?;
+/// once a burst of changes has settled. While `dir` cannot be read (the
+/// source is unreachable) it is polled every second, and its return reloads.
+fn watch(dir: &Path, reachable: bool) -> anyhow::Result<()> {
+    use inotify::{EventMask, Inotify, WatchMask};
     let mask = WatchMask::CLOSE_WRITE
         | WatchMask::MOVED_TO
         | WatchMask::MOVED_FROM
         | WatchMask::DELETE
-        | WatchMask::CREATE;
-    inotify
-        .watches()
-        .add(dir, mask)
-        .with_context(|| format!("watching {}", dir.display()))?;
+        | WatchMask::CREATE
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF;
+    let dir = dir.to_path_buf();
+    let reload = || {
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGHUP);
+    };
     std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
+            let mut reachable = reachable;
             let mut buffer = [0u8; 4096];
             loop {
-                let relevant = match inotify.read_events_blocking(&mut buffer) {
-                    Ok(events) => events.into_iter().any(|e| {
-                        e.name.map(Path::new).is_some_and(|n| {
-                            let hidden = n.to_str().is_none_or(|n| n.starts_with('.'));
-                            let yaml = n.extension().is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"));
-                            yaml && !hidden
-                        })
-                    }),
+                let mut inotify = match Inotify::init() {
+                    Ok(i) => i,
                     Err(e) => {
-                        tracing::error!(error = %e, "watching the configuration directory failed; reload with SIGHUP");
+                        tracing::error!(error = %e, "inotify_init failed; reload with SIGHUP");
                         return;
                     }
                 };
-                if !relevant {
+                if inotify.watches().add(&dir, mask).is_err() || !dir.is_dir() {
+                    if reachable {
+                        tracing::warn!(config = %dir.display(), "configuration source unreachable; checking every second");
+                        reachable = false;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
                     continue;
                 }
-                // Let an editor or deploy tool finish writing, then take the rest of the burst too.
-                std::thread::sleep(Duration::from_millis(100));
-                while inotify.read_events(&mut buffer).is_ok_and(|e| e.into_iter().next().is_some()) {}
-                let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGHUP);
+                if !reachable {
+                    tracing::info!(config = %dir.display(), "configuration source readable again");
+                    reachable = true;
+                    reload();
+                }
+                loop {
+                    let (relevant, gone) = match inotify.read_events_blocking(&mut buffer) {
+                        Ok(events) => events.fold((false, false), |(relevant, gone), e| {
+                            let lost = e.mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED);
+                            let yaml = e.name.map(Path::new).is_some_and(|n| {
+                                let hidden = n.to_str().is_none_or(|n| n.starts_with('.'));
+                                let ext = n.extension().is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"));
+                                ext && !hidden
+                            });
+                            (relevant || yaml, gone || lost)
+                        }),
+                        Err(e) => {
+                            tracing::error!(error = %e, "watching the configuration directory failed; reload with SIGHUP");
+                            return;
+                        }
+                    };
+                    if gone {
+                        break;
+                    }
+                    if !relevant {
+                        continue;
+                    }
+                    // Take the rest of a burst (a deploy writing several files) before reloading.
+                    let started = Instant::now();
+                    loop {
+                        std::thread::sleep(SETTLE_QUIET);
+                        let more = inotify.read_events(&mut buffer).is_ok_and(|mut e| e.next().is_some());
+                        if !more || started.elapsed() > SETTLE_MAX {
+                            break;
+                        }
+                    }
+                    reload();
+                }
             }
         })
         .context("spawning the configuration watcher")?;

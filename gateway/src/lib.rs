@@ -3,11 +3,13 @@
 //! terminates HTTP/1.1 and TLS and forwards to upstream services.
 //!
 //! A request's path reads from the module names: [`config`] says what is
-//! served, [`tls`] holds the certificates, [`proxy`] accepts, routes and
-//! forwards, [`telemetry`] records it. [`xdp`] is the only module that touches
+//! served, [`tls`] holds the certificates, [`proxy`] accepts and routes,
+//! [`gatekeeper`] says whether the route is open, [`policy`] applies its
+//! policies, the proxy forwards, [`telemetry`] records it. [`xdp`] is the only module that touches
 //! the kernel's BPF side.
 
 pub mod config;
+pub mod gatekeeper;
 pub mod policy;
 pub mod proxy;
 pub mod store;

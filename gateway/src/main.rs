@@ -30,6 +30,13 @@ enum Command {
         /// Directory of YAML resources (ApiInstance, Service, PolicyBinding, Configuration).
         #[arg(long, env = "PORTCULLIS_CONFIG", default_value = "/etc/portcullis/conf.d")]
         config: std::path::PathBuf,
+        /// Directory for the last-known-good cache.
+        #[arg(long, env = "PORTCULLIS_STATE_DIR", default_value = "/var/lib/portcullis")]
+        state_dir: std::path::PathBuf,
+        /// Key file of the last-known-good cache (`portcullis secret keygen`); without it,
+        /// the systemd credential `portcullis-cache-key`; without either, no cache.
+        #[arg(long, env = "PORTCULLIS_CACHE_KEY")]
+        cache_key: Option<std::path::PathBuf>,
     },
     /// Validate a configuration directory, TLS files included, without running.
     Check {
@@ -255,7 +262,18 @@ fn main() -> ExitCode {
 fn run(cli: Cli, set_level: &gateway::SetLevel) -> anyhow::Result<()> {
     let instance = Instance::new(&cli.instance)?;
     match cli.command {
-        Command::Run { config } => gateway::run(&config, set_level)?,
+        Command::Run {
+            config,
+            state_dir,
+            cache_key,
+        } => {
+            let options = gateway::RunOptions {
+                config,
+                state_dir,
+                cache_key,
+            };
+            gateway::run(&options, set_level)?;
+        }
         Command::Check { dir, format } => gateway::check(&dir, format)?,
         Command::Secret(SecretCommand::Keygen { out }) => gateway::keygen(&out)?,
         Command::Secret(SecretCommand::Encrypt { key_file }) => gateway::encrypt(&key_file)?,

@@ -42,6 +42,15 @@ pub struct HandshakeLabels {
     pub result: String,
 }
 
+/// Labels of a request the Gatekeeper answered.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GateLabels {
+    /// API instance.
+    pub api: String,
+    /// Why its gate is closed (`policy_failed`, `contracts_missing`, ...).
+    pub reason: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -62,6 +71,10 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Inbound TLS handshakes by result.
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// Requests answered 503 by the Gatekeeper, by API and reason.
+    pub gate_rejections: Family<GateLabels, Counter>,
+    /// 1 while an API instance's gate is open, 0 while it is blocked or applying.
+    pub gate_open: Family<ApiLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -72,6 +85,8 @@ impl Default for Metrics {
         let upstream_errors = Family::<UpstreamLabels, Counter>::default();
         let open_connections = Gauge::default();
         let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
+        let gate_rejections = Family::<GateLabels, Counter>::default();
+        let gate_open = Family::<ApiLabels, Gauge>::default();
         registry.register(
             "requests",
             "Requests answered, by API instance and status",
@@ -97,6 +112,16 @@ impl Default for Metrics {
             "Inbound TLS handshakes, by result",
             tls_handshakes.clone(),
         );
+        registry.register(
+            "gate_rejections",
+            "Requests answered 503 by the Gatekeeper, by API instance and reason",
+            gate_rejections.clone(),
+        );
+        registry.register(
+            "gate_open",
+            "1 while the API instance's gate is open, 0 while it is blocked or applying",
+            gate_open.clone(),
+        );
         Self {
             registry,
             requests,
@@ -104,6 +129,8 @@ impl Default for Metrics {
             upstream_errors,
             open_connections,
             tls_handshakes,
+            gate_rejections,
+            gate_open,
         }
     }
 }

@@ -95,7 +95,7 @@ fn errors_of(path: &Path, fx: &Fixtures) -> Vec<String> {
         files: vec![(name, text)],
         base: fx.dir.clone(),
     };
-    let result = config::load(&source).and_then(|c| Generation::build(c, None).map(drop));
+    let result = config::load(&source).and_then(|c| Generation::build_checked(c).map(drop));
     match result {
         Ok(()) => Vec::new(),
         Err(errors) => errors

@@ -757,14 +757,16 @@ fn basic_authentication_from_a_hash_file() -> anyhow::Result<()> {
         );
     }
     ensure!(status(&[])?.starts_with("http/1.1 401"));
-    // Loose permissions on the credentials file stop a reload.
+    // Loose permissions on the credentials file fail the policy: the API is
+    // gated (503) until the file is fixed, never served without its check.
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     s.gw.reload()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !s.gw.log_text().contains("reload rejected") {
+    while !s.gw.log_text().contains("answers 503 until the policy is fixed") {
         ensure!(
             std::time::Instant::now() < deadline,
-            "a loose credentials file must reject the reload"
+            "a loose credentials file must fail the policy: {}",
+            s.gw.log_text()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -773,6 +775,21 @@ fn basic_authentication_from_a_hash_file() -> anyhow::Result<()> {
         "{}",
         s.gw.log_text()
     );
+    let head = status(&[&basic("alice", "alice-pw")])?;
+    ensure!(
+        head.starts_with("http/1.1 503") && head.contains("retry-after:"),
+        "{head}"
+    );
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    s.gw.reload()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !status(&[&basic("alice", "alice-pw")])?.starts_with("http/1.1 200") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "fixed file must reopen the gate"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(())
 }
 

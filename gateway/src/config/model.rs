@@ -35,6 +35,21 @@ pub struct Config {
     pub dir: PathBuf,
 }
 
+impl Config {
+    /// Nothing to serve: what runs while the configuration source cannot be read and no cache can stand in.
+    pub fn empty(dir: &Path) -> Self {
+        Self {
+            listeners: Vec::new(),
+            services: Vec::new(),
+            proxy: ProxySettings::default(),
+            gateway: GatewaySettings::default(),
+            contracts: Vec::new(),
+            warnings: Vec::new(),
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
 /// Gatekeeper level (see DESIGN.md, Gatekeeper).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GateLevel {
@@ -1034,24 +1049,6 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
     }
     separate_certificates(&out, &mut c);
     contracts_into(&contracts, &api_names, base, &mut out, &mut c);
-    // Policies are built once here, with the contracts they may need, so a
-    // policy that cannot run fails the load.
-    for route in out.listeners.iter().flat_map(|l| &l.routes) {
-        let ctx = crate::policy::Context {
-            api: &route.api,
-            contracts: &out.contracts,
-            shared_storage: out.gateway.redis.is_some(),
-            base,
-            cluster: &out.gateway.cluster,
-        };
-        for spec in &route.policies {
-            match crate::policy::build(&spec.name, &spec.config, ctx) {
-                Ok(_) => {}
-                Err(e @ crate::policy::PolicyError::Config(_)) => c.push(&spec.origin, e.to_string()),
-                Err(e) => c.push(&spec.name_at, e.to_string()),
-            }
-        }
-    }
     let used: std::collections::HashSet<usize> = out
         .listeners
         .iter()

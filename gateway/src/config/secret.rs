@@ -192,20 +192,7 @@ impl SecretKey {
 
     /// Encrypts `plain` into the `${encrypted:v1:...}` form.
     pub fn encrypt(&self, plain: &[u8]) -> Result<String, SecretError> {
-        let mut nonce = [0u8; 12];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| SecretError::Malformed)?;
-        let mut sealed = Zeroizing::new(plain.to_vec());
-        self.0
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(AAD_V1),
-                &mut *sealed,
-            )
-            .map_err(|_| SecretError::Malformed)?;
-        let mut blob = nonce.to_vec();
-        blob.extend_from_slice(&sealed);
+        let blob = self.seal(plain, AAD_V1)?;
         Ok(format!(
             "{ENCRYPTED_V1}{}}}",
             base64::engine::general_purpose::STANDARD.encode(blob)
@@ -222,6 +209,26 @@ impl SecretKey {
         let blob = base64::engine::general_purpose::STANDARD
             .decode(body)
             .map_err(|_| SecretError::Malformed)?;
+        self.open(&blob, AAD_V1).map(Secret)
+    }
+
+    /// Encrypts and authenticates `plain` bound to `aad`: random 96-bit nonce, then ciphertext and tag.
+    pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>, SecretError> {
+        let mut nonce = [0u8; 12];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| SecretError::Malformed)?;
+        let mut sealed = Zeroizing::new(plain.to_vec());
+        self.0
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut *sealed)
+            .map_err(|_| SecretError::Malformed)?;
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&sealed);
+        Ok(blob)
+    }
+
+    /// Opens what [`SecretKey::seal`] made with the same `aad`; fails if anything was altered.
+    pub fn open(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, SecretError> {
         if blob.len() < 12 + 16 {
             return Err(SecretError::Malformed);
         }
@@ -230,9 +237,9 @@ impl SecretKey {
         let mut buf = Zeroizing::new(sealed.to_vec());
         let plain = self
             .0
-            .open_in_place(nonce, Aad::from(AAD_V1), &mut buf)
+            .open_in_place(nonce, Aad::from(aad), &mut buf)
             .map_err(|_| SecretError::Decrypt)?;
-        Ok(Secret(Zeroizing::new(plain.to_vec())))
+        Ok(Zeroizing::new(plain.to_vec()))
     }
 }
 

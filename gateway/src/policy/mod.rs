@@ -9,8 +9,9 @@
 //! ```
 //!
 //! A chain is built from configuration when it is loaded: a policy whose
-//! configuration is invalid fails the load with a located error, so a route
-//! never runs with a policy missing. Policies never see bodies and never log
+//! configuration is invalid is reported with a located error and keeps its
+//! API instance gated (see [`crate::gatekeeper`]), so a route never runs with
+//! a policy missing. Policies never see bodies and never log
 //! credentials.
 //!
 //! Deviation from STYLE.md: no associated per-policy context type. The chain

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rustls::ServerConfig;
 
 use crate::config::{Config, ConfigError, ConfigErrors, ProxySettings};
+use crate::gatekeeper::{self, Gates};
 use crate::telemetry::{LocalMetrics, Metrics};
 use route::Router;
 use upstream::{Pool, Upstream};
@@ -58,11 +59,17 @@ pub struct Generation {
     /// Policy chains by API instance name.
     pub chains: HashMap<String, Arc<crate::policy::Chain>>,
     /// The configuration it was built from.
-    pub config: Config,
+    pub config: Arc<Config>,
+    /// Every API instance's gate.
+    pub gates: Gates,
+    /// Policies that failed to build, located; their API instances are gated.
+    pub policy_errors: Vec<ConfigError>,
 }
 
 impl Generation {
-    /// Builds a generation from a validated config, loading all TLS material.
+    /// Builds a generation from a validated config, loading all TLS material
+    /// and building every policy chain. A policy that fails does not fail the
+    /// build: its API instance's gate stays closed (see [`gatekeeper`]).
     /// Services whose configuration and TLS files are unchanged from `previous`
     /// are carried over, with their health state and pooled connections.
     pub fn build(config: Config, previous: Option<&Generation>) -> Result<Self, ConfigErrors> {
@@ -121,23 +128,9 @@ impl Generation {
             };
             upstreams.push(Arc::new(Upstream::new(s.clone(), tls, names, fingerprint)));
         }
-        let mut chains = HashMap::new();
-        for route in config.listeners.iter().flat_map(|l| &l.routes) {
-            let mut policies = Vec::new();
-            for spec in &route.policies {
-                let ctx = crate::policy::Context {
-                    api: &route.api,
-                    contracts: &config.contracts,
-                    shared_storage: config.gateway.redis.is_some(),
-                    base: &config.dir,
-                    cluster: &config.gateway.cluster,
-                };
-                match crate::policy::build(&spec.name, &spec.config, ctx) {
-                    Ok(p) => policies.push(p),
-                    Err(e) => errors.push(spec.origin.error(e.to_string())),
-                }
-            }
-            chains.insert(route.api.clone(), Arc::new(crate::policy::Chain::new(policies)));
+        let (chains, mut gates, policy_errors) = build_chains(&config);
+        if let Some(previous) = previous {
+            gates.carry_since(&previous.gates);
         }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
@@ -147,9 +140,94 @@ impl Generation {
             upstreams,
             settings: config.proxy.clone(),
             chains,
-            config,
+            config: Arc::new(config),
+            gates,
+            policy_errors,
         })
     }
+
+    /// Like [`Generation::build`], but a policy that fails is an error too:
+    /// what `portcullis check` and CI want to know before deploying.
+    pub fn build_checked(config: Config) -> Result<Self, ConfigErrors> {
+        let generation = Self::build(config, None)?;
+        if generation.policy_errors.is_empty() {
+            Ok(generation)
+        } else {
+            let mut errors = generation.policy_errors;
+            errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// The same generation with other gates: how a gate closes while an edit is applied.
+    #[must_use]
+    pub fn with_gates(&self, gates: Gates) -> Self {
+        Self {
+            listeners: self.listeners.clone(),
+            upstreams: self.upstreams.clone(),
+            settings: self.settings.clone(),
+            chains: self.chains.clone(),
+            config: self.config.clone(),
+            gates,
+            policy_errors: self.policy_errors.clone(),
+        }
+    }
+
+    /// Whether every API instance on the listener at `addr` is gated, so the
+    /// NIC may answer for the whole listener.
+    pub fn listener_gated(&self, addr: &SocketAddr) -> bool {
+        self.config
+            .listeners
+            .iter()
+            .find(|l| l.addr == *addr)
+            .is_none_or(|l| self.gates.all_closed(l.routes.iter().map(|r| r.api.as_str())))
+    }
+}
+
+/// Every API instance's policy chain and gate, and the policies that failed.
+fn build_chains(
+    config: &Config,
+) -> (
+    HashMap<String, Arc<crate::policy::Chain>>,
+    Gates,
+    Vec<ConfigError>,
+) {
+    let mut chains = HashMap::new();
+    let mut gates = Gates::default();
+    let mut policy_errors = Vec::new();
+    for route in config.listeners.iter().flat_map(|l| &l.routes) {
+        let mut policies = Vec::new();
+        let mut failures = Vec::new();
+        for spec in &route.policies {
+            let ctx = crate::policy::Context {
+                api: &route.api,
+                contracts: &config.contracts,
+                shared_storage: config.gateway.redis.is_some(),
+                base: &config.dir,
+                cluster: &config.gateway.cluster,
+            };
+            match crate::policy::build(&spec.name, &spec.config, ctx) {
+                Ok(p) => policies.push(p),
+                Err(e) => {
+                    failures.push(format!("{}: {e}", spec.name));
+                    let at = match e {
+                        crate::policy::PolicyError::Config(_) => &spec.origin,
+                        _ => &spec.name_at,
+                    };
+                    policy_errors.push(at.error(e.to_string()));
+                }
+            }
+        }
+        let chain = crate::policy::Chain::new(policies);
+        let built = gatekeeper::Built {
+            failures: &failures,
+            needs_contracts: chain.needs_contracts(),
+            has_contracts: config.contracts.iter().any(|c| c.apis.contains(&route.api)),
+        };
+        gates.insert(&route.api, gatekeeper::decide(config.gateway.gate_level, built));
+        chains.insert(route.api.clone(), Arc::new(chain));
+    }
+    (chains, gates, policy_errors)
 }
 
 /// Sockets a worker starts accepting on after a reload added their listener.
@@ -177,6 +255,7 @@ pub struct Shared {
 impl Shared {
     /// Shared state starting with `generation`.
     pub fn new(generation: Generation, metrics: Arc<Metrics>) -> Self {
+        gauge_gates(&metrics, None, &generation.gates);
         Self {
             startup: generation.settings.clone(),
             current: RwLock::new(Arc::new(generation)),
@@ -205,11 +284,29 @@ impl Shared {
     /// Puts `generation` in force for every request that starts from now on.
     pub fn publish(&self, generation: Generation) {
         let generation = Arc::new(generation);
-        match self.current.write() {
-            Ok(mut g) => *g = generation,
-            Err(p) => *p.into_inner() = generation,
-        }
+        let previous = match self.current.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, generation.clone()),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), generation.clone()),
+        };
         self.version.fetch_add(1, Ordering::Release);
+        gauge_gates(&self.metrics, Some(&previous.gates), &generation.gates);
+    }
+}
+
+/// Sets the `gate_open` gauge of every API instance, dropping those gone since `previous`.
+fn gauge_gates(metrics: &Metrics, previous: Option<&Gates>, gates: &Gates) {
+    use crate::telemetry::ApiLabels;
+    for (api, _) in previous.map(Gates::sorted).unwrap_or_default() {
+        if gates.get(api).is_none() {
+            metrics.gate_open.remove(&ApiLabels { api: api.to_owned() });
+        }
+    }
+    for (api, gate) in gates.sorted() {
+        let labels = ApiLabels { api: api.to_owned() };
+        metrics
+            .gate_open
+            .get_or_create(&labels)
+            .set(i64::from(gate.is_open()));
     }
 }
 

@@ -17,7 +17,7 @@ use super::upstream::Upstream;
 use super::{Generation, ListenerRt, Shared, Worker};
 use crate::config::{HostHeader, RouteConfig, XffMode};
 use crate::policy::{Chain, HeaderEdits, RequestView, Verdict};
-use crate::telemetry::{AccessRecord, HandshakeLabels, UpstreamLabels};
+use crate::telemetry::{AccessRecord, GateLabels, HandshakeLabels, UpstreamLabels};
 
 /// Read buffer of a new upstream connection; it stays with the connection in the pool.
 const UPSTREAM_BUF: usize = 32 * 1024;
@@ -376,6 +376,22 @@ impl Client<'_> {
             record.finish(worker, None, started);
             return !close;
         };
+        if let Some(gate) = generation.gates.get(&route.api)
+            && !gate.is_open()
+        {
+            let reason = gate.reason.map_or("gated", |r| r.label());
+            let labels = GateLabels {
+                api: route.api.clone(),
+                reason: reason.to_owned(),
+            };
+            worker.shared.metrics.gate_rejections.get_or_create(&labels).inc();
+            let close = !head.keep_alive || head.framing != Framing::Empty;
+            record.status = 503;
+            record.bytes_out = self.send_error(503, close).await;
+            record.error = Some(reason);
+            record.finish(worker, Some(route), started);
+            return !close;
+        }
         self.chain = generation.chains.get(&route.api).cloned().unwrap_or_default();
         if let Some((status, bytes, reason)) = self.request_policies(&head).await {
             record.bytes_out = bytes.len() as u64;

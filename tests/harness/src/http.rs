@@ -442,7 +442,19 @@ impl GatewayProcess {
         admin: SocketAddr,
         envs: &[(&str, &Path)],
     ) -> anyhow::Result<Self> {
-        let log = dir.join("gateway.log");
+        Self::start_log(ns, bin, dir, admin, envs, &dir.join("gateway.log"))
+    }
+
+    /// Like [`GatewayProcess::start_env`], logging to `log` instead of the configuration directory.
+    pub fn start_log(
+        ns: &NetNs,
+        bin: &Path,
+        dir: &Path,
+        admin: SocketAddr,
+        envs: &[(&str, &Path)],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = log.to_path_buf();
         let file = fs::File::create(&log)?;
         let child = ns
             .command(bin)

@@ -1,4 +1,5 @@
-//! Shared storage: Redis, shared by every replica of one gateway cluster.
+//! Shared storage: Redis, shared by every replica of one gateway cluster;
+//! and, in [`cache`], the local last-known-good configuration.
 //!
 //! The data path never waits on Redis. Cluster-wide counters are kept in
 //! memory and reconciled by one store thread every [`SYNC_EVERY`]: it adds
@@ -9,6 +10,8 @@
 //! back. Keys are namespaced `portcullis:<cluster>:`, the cluster being the
 //! Configuration's `metadata.name`, so several gateway clusters can share one
 //! Redis without sharing limits.
+
+pub mod cache;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};

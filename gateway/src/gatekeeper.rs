@@ -1,0 +1,299 @@
+//! Gatekeeper: whether a request for an API instance may reach its policies at all.
+//!
+//! Every API instance has a gate, decided each time a configuration is applied:
+//!
+//! ```text
+//!            policies built, needed contracts loaded
+//!   blocked ───────────────────────────────────────────► open
+//!      ▲  ▲                                               │
+//!      │  └── a policy fails, contracts gone ◄────────────┤
+//!      │                                                  │ policy edit (block_edit)
+//!      └────────────── the edit fails ◄─── applying ◄─────┘
+//!                                             └── edit applied ──► open
+//! ```
+//!
+//! A gate that is not open answers `503` with `Retry-After`. The gatekeeper
+//! says *what* each gate is; the proxy answers for it, and the `xdp` module
+//! mirrors it per listener at the NIC. Traffic that matches no API instance is
+//! not gated.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use crate::config::{Config, GateLevel, RouteConfig};
+
+/// Where an API instance's gate stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Requests get 503: a policy failed, contracts are missing, or the source is unreachable.
+    Blocked,
+    /// Requests get 503 while an edited policy configuration is put in force.
+    Applying,
+    /// Requests reach the policies.
+    Open,
+}
+
+impl State {
+    /// Lowercase name for logs, metrics and `portcullis status`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Blocked => "blocked",
+            Self::Applying => "applying",
+            Self::Open => "open",
+        }
+    }
+}
+
+/// Why a gate is not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A policy could not be built from its configuration.
+    PolicyFailed,
+    /// A policy needs contracts and none for this API instance are loaded.
+    ContractsMissing,
+    /// The configuration source cannot be read and the level is `strict`.
+    SourceUnreachable,
+    /// An edited policy configuration is being applied.
+    PolicyEdit,
+}
+
+impl Reason {
+    /// Snake-case name for logs and metric labels.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::PolicyFailed => "policy_failed",
+            Self::ContractsMissing => "contracts_missing",
+            Self::SourceUnreachable => "source_unreachable",
+            Self::PolicyEdit => "policy_edit",
+        }
+    }
+}
+
+/// One API instance's gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gate {
+    /// Where it stands.
+    pub state: State,
+    /// Why it is not open.
+    pub reason: Option<Reason>,
+    /// What an operator needs to fix (the failing policy and its error), empty when open.
+    pub detail: String,
+    /// When it entered this state.
+    pub since: SystemTime,
+}
+
+impl Gate {
+    /// An open gate.
+    pub fn open() -> Self {
+        Self {
+            state: State::Open,
+            reason: None,
+            detail: String::new(),
+            since: SystemTime::now(),
+        }
+    }
+
+    /// A gate that answers 503 for `reason`.
+    pub fn closed(state: State, reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            state,
+            reason: Some(reason),
+            detail: detail.into(),
+            since: SystemTime::now(),
+        }
+    }
+
+    /// Whether requests may reach the policies.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    fn same_as(&self, other: &Self) -> bool {
+        self.state == other.state && self.reason == other.reason
+    }
+}
+
+/// How one API instance's policies came out of building.
+#[derive(Debug, Clone, Copy)]
+pub struct Built<'a> {
+    /// `policy: error` for every policy that failed.
+    pub failures: &'a [String],
+    /// Whether a policy that did build needs contracts.
+    pub needs_contracts: bool,
+    /// Whether any contract for this API instance is loaded.
+    pub has_contracts: bool,
+}
+
+/// Decides a gate from how its policies built, at `level`.
+pub fn decide(level: GateLevel, built: Built<'_>) -> Gate {
+    if level == GateLevel::Disabled {
+        return Gate::open();
+    }
+    if !built.failures.is_empty() {
+        return Gate::closed(State::Blocked, Reason::PolicyFailed, built.failures.join("; "));
+    }
+    if built.needs_contracts && !built.has_contracts {
+        return Gate::closed(
+            State::Blocked,
+            Reason::ContractsMissing,
+            "a policy needs contracts and no Contract names this API instance yet",
+        );
+    }
+    Gate::open()
+}
+
+/// Every API instance's gate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gates(HashMap<String, Gate>);
+
+impl Gates {
+    /// Sets one API instance's gate.
+    pub fn insert(&mut self, api: &str, gate: Gate) {
+        self.0.insert(api.to_owned(), gate);
+    }
+
+    /// The gate of `api`; `None` for traffic that is not an API instance's.
+    pub fn get(&self, api: &str) -> Option<&Gate> {
+        self.0.get(api)
+    }
+
+    /// Every gate, sorted by API instance name.
+    pub fn sorted(&self) -> Vec<(&str, &Gate)> {
+        let mut all: Vec<(&str, &Gate)> = self.0.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        all.sort_by_key(|(k, _)| *k);
+        all
+    }
+
+    /// Keeps the `since` of every gate whose state and reason did not change from `previous`.
+    pub fn carry_since(&mut self, previous: &Self) {
+        for (api, gate) in &mut self.0 {
+            if let Some(old) = previous.0.get(api)
+                && old.same_as(gate)
+            {
+                gate.since = old.since;
+            }
+        }
+    }
+
+    /// Closes every gate with `reason`.
+    pub fn close_all(&mut self, reason: Reason, detail: &str) {
+        for gate in self.0.values_mut() {
+            *gate = Gate::closed(State::Blocked, reason, detail);
+        }
+    }
+
+    /// Whether every gate in `apis` is closed (an empty list counts as closed:
+    /// a listener with no API instance has nothing to open).
+    pub fn all_closed<'a>(&self, mut apis: impl Iterator<Item = &'a str>) -> bool {
+        apis.all(|api| self.0.get(api).is_none_or(|g| !g.is_open()))
+    }
+
+    /// `(api, old, new)` for every gate that changed state or reason, or appeared.
+    pub fn changes<'a>(&'a self, previous: &'a Self) -> Vec<(&'a str, Option<&'a Gate>, &'a Gate)> {
+        let mut out: Vec<_> = self
+            .0
+            .iter()
+            .filter_map(|(api, gate)| {
+                let old = previous.0.get(api);
+                (!old.is_some_and(|o| o.same_as(gate))).then_some((api.as_str(), old, gate))
+            })
+            .collect();
+        out.sort_by_key(|(api, _, _)| *api);
+        out
+    }
+}
+
+/// The policies of a route as a comparable set: name and configuration, order ignored.
+fn policy_set(route: &RouteConfig) -> Vec<(String, String)> {
+    let mut set: Vec<(String, String)> = route
+        .policies
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                serde_yaml_ng::to_string(&p.config).unwrap_or_default(),
+            )
+        })
+        .collect();
+    set.sort();
+    set
+}
+
+/// API instances present in both configurations whose policy configuration
+/// changed; a change of order alone is not an edit.
+pub fn edited(old: &Config, new: &Config) -> Vec<String> {
+    let before: HashMap<&str, Vec<(String, String)>> = old
+        .listeners
+        .iter()
+        .flat_map(|l| &l.routes)
+        .map(|r| (r.api.as_str(), policy_set(r)))
+        .collect();
+    let mut out: Vec<String> = new
+        .listeners
+        .iter()
+        .flat_map(|l| &l.routes)
+        .filter(|r| {
+            before
+                .get(r.api.as_str())
+                .is_some_and(|set| *set != policy_set(r))
+        })
+        .map(|r| r.api.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn built(failures: &[String], needs: bool, has: bool) -> Built<'_> {
+        Built {
+            failures,
+            needs_contracts: needs,
+            has_contracts: has,
+        }
+    }
+
+    #[test]
+    fn a_failed_policy_blocks_unless_the_gatekeeper_is_disabled() {
+        let failures = ["rate-limiting: bad".to_string()];
+        for level in [GateLevel::Strict, GateLevel::Flexible] {
+            let gate = decide(level, built(&failures, false, false));
+            assert_eq!(
+                (gate.state, gate.reason, gate.detail.as_str()),
+                (State::Blocked, Some(Reason::PolicyFailed), "rate-limiting: bad")
+            );
+        }
+        assert!(decide(GateLevel::Disabled, built(&failures, true, false)).is_open());
+    }
+
+    #[test]
+    fn missing_contracts_block_only_a_chain_that_needs_them() {
+        let gate = decide(GateLevel::Flexible, built(&[], true, false));
+        assert_eq!(gate.reason, Some(Reason::ContractsMissing));
+        assert!(decide(GateLevel::Flexible, built(&[], true, true)).is_open());
+        assert!(decide(GateLevel::Strict, built(&[], false, false)).is_open());
+    }
+
+    #[test]
+    fn since_is_kept_while_state_and_reason_stay() {
+        let mut old = Gates::default();
+        let mut first = Gate::open();
+        first.since = SystemTime::UNIX_EPOCH;
+        old.insert("a", first);
+        old.insert("b", Gate::open());
+        let mut new = Gates::default();
+        new.insert("a", Gate::open());
+        new.insert("b", Gate::closed(State::Blocked, Reason::PolicyFailed, "x"));
+        new.carry_since(&old);
+        assert_eq!(new.get("a").map(|g| g.since), Some(SystemTime::UNIX_EPOCH));
+        let changes = new.changes(&old);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].0, "b");
+        assert!(new.all_closed(["b"].into_iter()));
+        assert!(!new.all_closed(["a", "b"].into_iter()));
+        assert!(new.all_closed(std::iter::empty()));
+    }
+}
