@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Version of the map layout; pinned maps of another version are refused.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Most listeners one gateway instance guards; listener ids are `1..=MAX_LISTENERS`.
 pub const MAX_LISTENERS: u32 = 4096;
@@ -30,8 +30,10 @@ pub mod map_names {
     pub const CONFIG: &str = "PC_CONFIG";
     /// `PerCpuArray<Counters>`: indexed by listener id, slot 0 unattributed.
     pub const COUNTERS: &str = "PC_COUNTERS";
+    /// `Array<u64>`: the proxy's heartbeat, indexed by [`super::heartbeat_slot`].
+    pub const HEARTBEAT: &str = "PC_HEARTBEAT";
     /// Every map, for pin management.
-    pub const ALL: [&str; 5] = [LISTENERS, ACL_V4, ACL_V6, CONFIG, COUNTERS];
+    pub const ALL: [&str; 6] = [LISTENERS, ACL_V4, ACL_V6, CONFIG, COUNTERS, HEARTBEAT];
 }
 
 /// Name of the XDP program in the object file.
@@ -47,6 +49,51 @@ pub mod config_slot {
     pub const GLOBAL_DENY_LEN: u32 = 2;
     /// Number of slots.
     pub const LEN: u32 = 4;
+}
+
+/// Slots of the `PC_HEARTBEAT` array.
+pub mod heartbeat_slot {
+    /// `CLOCK_MONOTONIC` nanoseconds of the live proxy's last beat (0: never).
+    pub const BEAT: u32 = 0;
+    /// How old a beat may be before gated listeners count as unattended, ns.
+    pub const TIMEOUT: u32 = 1;
+    /// Pid of the proxy that owns the gates (informational; writers check it).
+    pub const OWNER: u32 = 2;
+    /// Number of slots.
+    pub const LEN: u32 = 4;
+}
+
+/// What XDP does for a listener when its gate is closed (see DESIGN.md, Gatekeeper).
+pub mod gate_mode {
+    /// Not gated at the NIC: only the ACLs apply (listeners managed by hand).
+    pub const NONE: u32 = 0;
+    /// Plain HTTP: answer the exchange statelessly with a SYN cookie and a canned 503.
+    pub const HTTP_503: u32 = 1;
+    /// Answer the SYN with a reset (TLS listeners: a 503 would need TLS).
+    pub const RESET: u32 = 2;
+    /// Drop the SYN.
+    pub const DROP: u32 = 3;
+}
+
+/// The canned response XDP sends on a gated `503`-mode listener.
+pub const GATE_RESPONSE: [u8; GATE_RESPONSE_LEN] = *b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 24\r\nConnection: close\r\n\r\n503 Service Unavailable\n";
+/// Length of [`GATE_RESPONSE`].
+pub const GATE_RESPONSE_LEN: usize = 156;
+/// Ones'-complement sum of [`GATE_RESPONSE`] as 16-bit big-endian words, unfolded.
+pub const GATE_RESPONSE_SUM: u32 = sum16(&GATE_RESPONSE);
+
+/// Sums bytes as big-endian 16-bit words (an odd last byte padded with zero), unfolded.
+pub const fn sum16(bytes: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += ((bytes[i] as u32) << 8) | bytes[i + 1] as u32;
+        i += 2;
+    }
+    if i < bytes.len() {
+        sum += (bytes[i] as u32) << 8;
+    }
+    sum
 }
 
 /// Bits describing one listener's (or the global) ACL state.
@@ -112,8 +159,12 @@ pub struct ListenerValue {
     pub allow_len: u32,
     /// Entries in the deny list in force (informational; XDP reads `acl`).
     pub deny_len: u32,
+    /// [`gate_mode`]: what XDP does while the gate is closed.
+    pub gate_mode: u32,
+    /// 1 while the proxy holds the gate open (some route of the listener is open).
+    pub gate_open: u32,
 }
-const _: () = assert!(core::mem::size_of::<ListenerValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ListenerValue>() == 24);
 
 /// Which list an ACL entry belongs to; packed into [`AclScope`].
 #[repr(u32)]
@@ -186,10 +237,20 @@ pub struct Counters {
     pub malformed_passed: u64,
     /// Non-first IP fragments, passed untouched (slot 0): they carry no ports.
     pub fragment_passed: u64,
-    /// Reserved for the gate verdicts; zero until the gate exists.
-    pub reserved: [u64; 2],
+    /// Gated `503` listeners: SYNs answered with a SYN-ACK carrying a cookie.
+    pub gate_syn_ack: u64,
+    /// Gated `503` listeners: requests (data with a valid cookie) answered with the canned 503 + FIN.
+    pub gate_503: u64,
+    /// Gated `reset` listeners: SYNs answered with a RST.
+    pub gate_reset: u64,
+    /// Gated `drop` listeners: SYNs dropped.
+    pub gate_drop: u64,
+    /// Gated `503` listeners: FINs acknowledged.
+    pub gate_fin_ack: u64,
+    /// Gated `503` listeners: ACKs of the XDP-held exchange absorbed (never reach the kernel).
+    pub gate_absorbed: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 64);
+const _: () = assert!(core::mem::size_of::<Counters>() == 96);
 
 impl Counters {
     /// Adds another CPU's counters to these.
@@ -200,6 +261,12 @@ impl Counters {
         self.drop_not_allowed = self.drop_not_allowed.wrapping_add(other.drop_not_allowed);
         self.malformed_passed = self.malformed_passed.wrapping_add(other.malformed_passed);
         self.fragment_passed = self.fragment_passed.wrapping_add(other.fragment_passed);
+        self.gate_syn_ack = self.gate_syn_ack.wrapping_add(other.gate_syn_ack);
+        self.gate_503 = self.gate_503.wrapping_add(other.gate_503);
+        self.gate_reset = self.gate_reset.wrapping_add(other.gate_reset);
+        self.gate_drop = self.gate_drop.wrapping_add(other.gate_drop);
+        self.gate_fin_ack = self.gate_fin_ack.wrapping_add(other.gate_fin_ack);
+        self.gate_absorbed = self.gate_absorbed.wrapping_add(other.gate_absorbed);
     }
 
     /// Every dropped packet, whatever the reason.
@@ -249,13 +316,28 @@ mod tests {
             drop_not_allowed: 4,
             malformed_passed: 5,
             fragment_passed: 6,
-            reserved: [0; 2],
+            gate_503: 7,
+            ..Counters::default()
         };
         total.accumulate(&one);
         total.accumulate(&one);
         assert_eq!(
-            (total.passed, total.fragment_passed, total.dropped()),
-            (2, 12, 18)
+            (
+                total.passed,
+                total.fragment_passed,
+                total.dropped(),
+                total.gate_503
+            ),
+            (2, 12, 18, 14)
         );
+    }
+
+    #[test]
+    fn the_canned_response_is_what_its_length_and_sum_say() {
+        let text = core::str::from_utf8(&GATE_RESPONSE).expect("ascii");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(head.starts_with("HTTP/1.1 503 ") && head.contains("\r\nRetry-After: 5"));
+        assert!(head.contains("Content-Length: 24") && body.len() == 24);
+        assert_eq!(sum16(&[0x12, 0x34, 0x56]), 0x1234 + 0x5600);
     }
 }

@@ -8,18 +8,26 @@
 //! AH) are skipped, up to [`MAX_IPV6_EXT`] of them; a longer chain, ESP, and
 //! non-first fragments carry no usable ports, so only the global deny list is
 //! applied to them (by source address) and they are otherwise passed.
+//!
+//! After the ACLs, a TCP listener whose gate is closed (the proxy says so, or
+//! its heartbeat is stale) is answered here, per its gate mode: a SYN gets a
+//! RST, or is dropped, or (`503` mode) the whole exchange is held statelessly
+//! with a SYN cookie and the request is answered with a canned 503 + FIN; see
+//! [`gate`].
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::generated as helpers,
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use portcullis_common::{
-    AclKind, AclScope, AclV4, AclV6, Counters, DEFAULT_ACL_CAPACITY, ListenerKey, ListenerValue,
-    MAX_LISTENERS, UNATTRIBUTED, acl_flags, config_slot, family, proto,
+    AclKind, AclScope, AclV4, AclV6, Counters, DEFAULT_ACL_CAPACITY, GATE_RESPONSE, GATE_RESPONSE_LEN,
+    GATE_RESPONSE_SUM, ListenerKey, ListenerValue, MAX_LISTENERS, UNATTRIBUTED, acl_flags, config_slot,
+    family, gate_mode, heartbeat_slot, proto,
 };
 
 #[map]
@@ -32,6 +40,11 @@ static PC_ACL_V6: LpmTrie<AclV6, u32> = LpmTrie::pinned(DEFAULT_ACL_CAPACITY, 0)
 static PC_CONFIG: Array<u32> = Array::pinned(config_slot::LEN, 0);
 #[map]
 static PC_COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_LISTENERS + 1, 0);
+#[map]
+static PC_HEARTBEAT: Array<u64> = Array::pinned(heartbeat_slot::LEN, 0);
+
+/// The canned 503, where `bpf_xdp_store_bytes` can read it.
+static RESPONSE: [u8; GATE_RESPONSE_LEN] = GATE_RESPONSE;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -67,11 +80,21 @@ struct Flow {
     addrs: Addrs,
     proto: u8,
     dport_be: u16,
+    /// Offset of the IP header.
+    l3: usize,
+    /// Offset of the TCP/UDP header.
+    l4: usize,
+    /// Offset just past the IP payload (its declared length).
+    end: usize,
+    /// The first 20 bytes of the TCP header (zero for UDP).
+    tcp: [u8; 20],
 }
 
 enum Verdict {
     Pass,
     Drop,
+    /// The frame was rewritten into a reply: send it back out.
+    Tx,
 }
 
 /// Entry point: attached to every interface the gateway guards.
@@ -80,6 +103,7 @@ pub fn portcullis_xdp(ctx: XdpContext) -> u32 {
     match judge(&ctx) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Tx => xdp_action::XDP_TX,
     }
 }
 
@@ -99,12 +123,12 @@ fn judge(ctx: &XdpContext) -> Verdict {
             count(UNATTRIBUTED, |c| c.fragment_passed += 1);
             Verdict::Pass
         }
-        Parsed::Flow(flow) => judge_flow(&flow),
+        Parsed::Flow(flow) => judge_flow(ctx, &flow),
     }
 }
 
 #[inline(always)]
-fn judge_flow(flow: &Flow) -> Verdict {
+fn judge_flow(ctx: &XdpContext, flow: &Flow) -> Verdict {
     let Some(listener) = find_listener(flow) else {
         return Verdict::Pass;
     };
@@ -128,6 +152,9 @@ fn judge_flow(flow: &Flow) -> Verdict {
             count(id, |c| c.drop_not_allowed += 1);
             return Verdict::Drop;
         }
+    }
+    if listener.gate_mode != gate_mode::NONE && flow.proto == proto::TCP && gated(&listener) {
+        return gate(ctx, flow, listener.gate_mode, id);
     }
     count(id, |c| c.passed += 1);
     Verdict::Pass
@@ -257,7 +284,25 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Parsed {
     if fragment_offset != 0 {
         return Parsed::NoPorts(addrs);
     }
-    parse_l4(ctx, offset + ihl * 4, ip[9], addrs)
+    let end = offset + usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    parse_l4(
+        ctx,
+        Ip {
+            l3: offset,
+            l4: offset + ihl * 4,
+            end,
+        },
+        ip[9],
+        addrs,
+    )
+}
+
+/// Where the IP header, the transport header and the IP payload's end are.
+#[derive(Clone, Copy)]
+struct Ip {
+    l3: usize,
+    l4: usize,
+    end: usize,
 }
 
 #[inline(always)]
@@ -279,6 +324,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
     };
     let mut next = ip[6];
     let mut cursor = offset + 40;
+    let end = cursor + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
     for _ in 0..MAX_IPV6_EXT {
         match next {
             // Hop-by-hop, routing, destination options: length in 8-byte units.
@@ -308,17 +354,18 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
                 next = ext[0];
                 cursor += (usize::from(ext[1]) + 2) * 4;
             }
-            _ => return parse_l4(ctx, cursor, next, addrs),
+            _ => return parse_l4(ctx, Ip { l3: offset, l4: cursor, end }, next, addrs),
         }
     }
     match next {
         0 | 43 | 44 | 50 | 51 | 60 => Parsed::NoPorts(addrs),
-        _ => parse_l4(ctx, cursor, next, addrs),
+        _ => parse_l4(ctx, Ip { l3: offset, l4: cursor, end }, next, addrs),
     }
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, offset: usize, protocol: u8, addrs: Addrs) -> Parsed {
+fn parse_l4(ctx: &XdpContext, ip: Ip, protocol: u8, addrs: Addrs) -> Parsed {
+    let offset = ip.l4;
     match protocol {
         proto::TCP => {
             let Some(tcp) = bytes::<20>(ctx, offset) else {
@@ -332,6 +379,10 @@ fn parse_l4(ctx: &XdpContext, offset: usize, protocol: u8, addrs: Addrs) -> Pars
                 addrs,
                 proto: proto::TCP,
                 dport_be: u16::from_ne_bytes([tcp[2], tcp[3]]),
+                l3: ip.l3,
+                l4: ip.l4,
+                end: ip.end,
+                tcp,
             })
         }
         proto::UDP => {
@@ -342,12 +393,315 @@ fn parse_l4(ctx: &XdpContext, offset: usize, protocol: u8, addrs: Addrs) -> Pars
                 addrs,
                 proto: proto::UDP,
                 dport_be: u16::from_ne_bytes([udp[2], udp[3]]),
+                l3: ip.l3,
+                l4: ip.l4,
+                end: ip.end,
+                tcp: [0; 20],
             })
         }
         // ESP hides its payload: no ports to judge.
         50 => Parsed::NoPorts(addrs),
         _ => Parsed::Other,
     }
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+/// Length of the canned response as TCP sequence space.
+const RESPONSE_SEQ: u32 = GATE_RESPONSE_LEN as u32;
+
+/// Whether a listener counts as gated: the proxy closed its gate, or no live
+/// proxy has beaten lately (crash, restart).
+#[inline(always)]
+fn gated(listener: &ListenerValue) -> bool {
+    if listener.gate_open == 0 {
+        return true;
+    }
+    let (Some(beat), Some(timeout)) = (
+        PC_HEARTBEAT.get(heartbeat_slot::BEAT),
+        PC_HEARTBEAT.get(heartbeat_slot::TIMEOUT),
+    ) else {
+        return true;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { helpers::bpf_ktime_get_ns() };
+    *beat == 0 || now.saturating_sub(*beat) > *timeout
+}
+
+#[inline(always)]
+fn be32(bytes: &[u8; 20], at: usize) -> u32 {
+    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// Answers a TCP packet for a gated listener.
+///
+/// `reset` and `drop` modes act on the SYN only. `503` mode holds the whole
+/// exchange without state: the SYN-ACK's sequence number is a SYN cookie
+/// made over the 4-tuple (with client sequence 0, so that any later segment
+/// can be checked from its acknowledgement number alone). A segment whose
+/// acknowledgement validates as `cookie + 1` is the handshake's ACK (absorbed)
+/// or the request (answered with the canned 503 + FIN); one that validates as
+/// `cookie + 1 + len(503) (+1)` acknowledges our answer (absorbed; a FIN gets
+/// its ACK). Nothing else is ours: it goes to the kernel, which owns any
+/// connection made before the gate closed.
+#[inline(always)]
+fn gate(ctx: &XdpContext, flow: &Flow, mode: u32, id: u32) -> Verdict {
+    let flags = flow.tcp[13];
+    let seq = be32(&flow.tcp, 4);
+    let ack = be32(&flow.tcp, 8);
+    if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+        return match mode {
+            gate_mode::HTTP_503 => match syn_cookie(flow) {
+                Some(cookie) if reply(ctx, flow, cookie, seq.wrapping_add(1), TCP_SYN | TCP_ACK, false) => {
+                    count(id, |c| c.gate_syn_ack += 1);
+                    Verdict::Tx
+                }
+                _ => Verdict::Drop,
+            },
+            gate_mode::RESET => {
+                if reply(ctx, flow, 0, seq.wrapping_add(1), TCP_RST | TCP_ACK, false) {
+                    count(id, |c| c.gate_reset += 1);
+                    Verdict::Tx
+                } else {
+                    Verdict::Drop
+                }
+            }
+            _ => {
+                count(id, |c| c.gate_drop += 1);
+                Verdict::Drop
+            }
+        };
+    }
+    if mode != gate_mode::HTTP_503 || flags & TCP_ACK == 0 || flags & (TCP_RST | TCP_SYN) != 0 {
+        count(id, |c| c.passed += 1);
+        return Verdict::Pass;
+    }
+    let header = usize::from(flow.tcp[12] >> 4) * 4;
+    let data = (flow.end.saturating_sub(flow.l4 + header) & 0xffff) as u32;
+    let fin = u32::from(flags & TCP_FIN != 0);
+    if cookie_ok(flow, ack.wrapping_sub(1)) {
+        if data > 0 {
+            let acked = seq.wrapping_add(data).wrapping_add(fin);
+            if reply(ctx, flow, ack, acked, TCP_ACK | TCP_PSH | TCP_FIN, true) {
+                count(id, |c| c.gate_503 += 1);
+                return Verdict::Tx;
+            }
+            return Verdict::Drop;
+        }
+        if fin == 1 && reply(ctx, flow, ack, seq.wrapping_add(1), TCP_ACK, false) {
+            count(id, |c| c.gate_fin_ack += 1);
+            return Verdict::Tx;
+        }
+        count(id, |c| c.gate_absorbed += 1);
+        return Verdict::Drop;
+    }
+    let answered = cookie_ok(flow, ack.wrapping_sub(1 + RESPONSE_SEQ))
+        || cookie_ok(flow, ack.wrapping_sub(2 + RESPONSE_SEQ));
+    if !answered {
+        count(id, |c| c.passed += 1);
+        return Verdict::Pass;
+    }
+    if fin == 1 {
+        let acked = seq.wrapping_add(data).wrapping_add(1);
+        if reply(ctx, flow, ack, acked, TCP_ACK, false) {
+            count(id, |c| c.gate_fin_ack += 1);
+            return Verdict::Tx;
+        }
+    }
+    count(id, |c| c.gate_absorbed += 1);
+    Verdict::Drop
+}
+
+/// IPv4 and TCP headers (client to listener) as the cookie helpers read
+/// them: the 4-tuple, client sequence `seq`, acknowledgement `ack`, no options.
+#[inline(always)]
+fn cookie_headers_v4(flow: &Flow, seq: u32, ack: u32) -> ([u8; 20], [u8; 20]) {
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[9] = proto::TCP;
+    ip[12..16].copy_from_slice(&flow.addrs.src[..4]);
+    ip[16..20].copy_from_slice(&flow.addrs.dst[..4]);
+    (ip, cookie_tcp(flow, seq, ack))
+}
+
+#[inline(always)]
+fn cookie_headers_v6(flow: &Flow, seq: u32, ack: u32) -> ([u8; 40], [u8; 20]) {
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[6] = proto::TCP;
+    ip[8..24].copy_from_slice(&flow.addrs.src);
+    ip[24..40].copy_from_slice(&flow.addrs.dst);
+    (ip, cookie_tcp(flow, seq, ack))
+}
+
+#[inline(always)]
+fn cookie_tcp(flow: &Flow, seq: u32, ack: u32) -> [u8; 20] {
+    let mut tcp = [0u8; 20];
+    tcp[..4].copy_from_slice(&flow.tcp[..4]);
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = TCP_SYN;
+    tcp
+}
+
+/// A SYN cookie for the flow's 4-tuple (client sequence 0).
+#[inline(always)]
+fn syn_cookie(flow: &Flow) -> Option<u32> {
+    // SAFETY: the helpers read fixed-size, initialised stack buffers.
+    let made = unsafe {
+        if flow.addrs.family == family::V4 {
+            let (mut ip, mut tcp) = cookie_headers_v4(flow, 0, 0);
+            helpers::bpf_tcp_raw_gen_syncookie_ipv4(ip.as_mut_ptr().cast(), tcp.as_mut_ptr().cast(), 20)
+        } else {
+            let (mut ip, mut tcp) = cookie_headers_v6(flow, 0, 0);
+            helpers::bpf_tcp_raw_gen_syncookie_ipv6(ip.as_mut_ptr().cast(), tcp.as_mut_ptr().cast(), 20)
+        }
+    };
+    (made >= 0).then_some(made as u32)
+}
+
+/// Whether `cookie` is exactly a live SYN cookie this program made for the
+/// flow's 4-tuple. The kernel's check accepts `cookie + 1..=3` too (they
+/// decode as other MSS indexes); ours are made with index 0, so `cookie - 1`
+/// must not check.
+#[inline(always)]
+fn cookie_ok(flow: &Flow, cookie: u32) -> bool {
+    cookie_checks(flow, cookie) && !cookie_checks(flow, cookie.wrapping_sub(1))
+}
+
+#[inline(always)]
+fn cookie_checks(flow: &Flow, cookie: u32) -> bool {
+    // SAFETY: the helpers read fixed-size, initialised stack buffers.
+    let checked = unsafe {
+        if flow.addrs.family == family::V4 {
+            let (mut ip, mut tcp) = cookie_headers_v4(flow, 1, cookie.wrapping_add(1));
+            helpers::bpf_tcp_raw_check_syncookie_ipv4(ip.as_mut_ptr().cast(), tcp.as_mut_ptr().cast())
+        } else {
+            let (mut ip, mut tcp) = cookie_headers_v6(flow, 1, cookie.wrapping_add(1));
+            helpers::bpf_tcp_raw_check_syncookie_ipv6(ip.as_mut_ptr().cast(), tcp.as_mut_ptr().cast())
+        }
+    };
+    checked == 0
+}
+
+/// Big-endian 16-bit words of `bytes`, summed without folding.
+#[inline(always)]
+fn words<const N: usize>(bytes: &[u8; N]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < N {
+        sum += (u32::from(bytes[i]) << 8) | u32::from(bytes[i + 1]);
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn checksum(mut sum: u32) -> [u8; 2] {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
+/// Rewrites the frame into a reply to the flow's sender: MACs, addresses and
+/// ports swapped, fresh IP and option-less TCP headers with `seq`, `ack` and
+/// `flags`, and the canned 503 as payload if `response`.
+#[inline(always)]
+fn reply(ctx: &XdpContext, flow: &Flow, seq: u32, ack: u32, flags: u8, response: bool) -> bool {
+    let Some(eth) = bytes::<12>(ctx, 0) else {
+        return false;
+    };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&eth[6..12]);
+    macs[6..].copy_from_slice(&eth[..6]);
+    let payload = if response { GATE_RESPONSE_LEN } else { 0 };
+    let payload_sum = if response { GATE_RESPONSE_SUM } else { 0 };
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&flow.tcp[2..4]);
+    tcp[2..4].copy_from_slice(&flow.tcp[0..2]);
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    let tcp_len = (20 + payload) as u32;
+    let l3 = flow.l3 & 0x3f;
+    let (ip_len, written) = if flow.addrs.family == family::V4 {
+        let mut hdr = [0u8; 40];
+        hdr[0] = 0x45;
+        hdr[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+        hdr[6] = 0x40;
+        hdr[8] = 64;
+        hdr[9] = proto::TCP;
+        hdr[12..16].copy_from_slice(&flow.addrs.dst[..4]);
+        hdr[16..20].copy_from_slice(&flow.addrs.src[..4]);
+        let mut ip = [0u8; 20];
+        ip.copy_from_slice(&hdr[..20]);
+        let ip_sum = checksum(words(&ip));
+        hdr[10..12].copy_from_slice(&ip_sum);
+        let pseudo = words(&[
+            hdr[12], hdr[13], hdr[14], hdr[15], hdr[16], hdr[17], hdr[18], hdr[19],
+        ]) + u32::from(proto::TCP)
+            + tcp_len;
+        let sum = checksum(pseudo + words(&tcp) + payload_sum);
+        tcp[16..18].copy_from_slice(&sum);
+        hdr[20..].copy_from_slice(&tcp);
+        (20, resize(ctx, l3 + 40 + payload) && store(ctx, l3, &hdr))
+    } else {
+        let mut hdr = [0u8; 60];
+        hdr[0] = 0x60;
+        hdr[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+        hdr[6] = proto::TCP;
+        hdr[7] = 64;
+        hdr[8..24].copy_from_slice(&flow.addrs.dst);
+        hdr[24..40].copy_from_slice(&flow.addrs.src);
+        let mut addrs = [0u8; 32];
+        addrs.copy_from_slice(&hdr[8..40]);
+        let pseudo = words(&addrs) + tcp_len + u32::from(proto::TCP);
+        let sum = checksum(pseudo + words(&tcp) + payload_sum);
+        tcp[16..18].copy_from_slice(&sum);
+        hdr[40..].copy_from_slice(&tcp);
+        (40, resize(ctx, l3 + 60 + payload) && store(ctx, l3, &hdr))
+    };
+    if !written || !store(ctx, 0, &macs) {
+        return false;
+    }
+    if response {
+        // SAFETY: RESPONSE is a static of GATE_RESPONSE_LEN bytes; the helper
+        // bounds-checks the frame.
+        let stored = unsafe {
+            helpers::bpf_xdp_store_bytes(
+                ctx.ctx,
+                (l3 + ip_len + 20) as u32,
+                RESPONSE.as_ptr() as *mut _,
+                GATE_RESPONSE_LEN as u32,
+            )
+        };
+        return stored == 0;
+    }
+    true
+}
+
+/// Grows or shrinks the frame to `len` bytes.
+#[inline(always)]
+fn resize(ctx: &XdpContext, len: usize) -> bool {
+    let current = ctx.data_end() - ctx.data();
+    let delta = len as i32 - current as i32;
+    // SAFETY: the helper checks the new length against the frame's room;
+    // no packet pointer is used after it.
+    delta == 0 || unsafe { helpers::bpf_xdp_adjust_tail(ctx.ctx, delta) } == 0
+}
+
+/// Writes `bytes` at `offset` into the frame.
+#[inline(always)]
+fn store<const N: usize>(ctx: &XdpContext, offset: usize, bytes: &[u8; N]) -> bool {
+    // SAFETY: `bytes` is an initialised stack buffer of N bytes; the helper
+    // bounds-checks the frame.
+    unsafe { helpers::bpf_xdp_store_bytes(ctx.ctx, offset as u32, bytes.as_ptr() as *mut _, N as u32) == 0 }
 }
 
 #[cfg(not(test))]

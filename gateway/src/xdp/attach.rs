@@ -34,6 +34,23 @@ impl Loaded {
             .map_err(|source| XdpError::Program { source })
     }
 
+    /// Runs the program once on `frame` with `BPF_PROG_TEST_RUN`: returns the
+    /// XDP action and the frame as the program left it (its reply, for `XDP_TX`).
+    pub fn test_run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), XdpError> {
+        let program = self.program()?;
+        let mut out = vec![0u8; 4096];
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let result = program
+            .test_run(options)
+            .map_err(|source| XdpError::Program { source })?;
+        out.truncate(usize::try_from(result.data_size_out).unwrap_or(0));
+        Ok((result.return_value, out))
+    }
+
     /// Runs the program on one frame `repeat` times with `BPF_PROG_TEST_RUN`:
     /// returns the XDP action and the mean time per run.
     pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration), XdpError> {

@@ -133,6 +133,10 @@ pub struct Listener {
     pub allow_len: u32,
     /// Entries in its deny list.
     pub deny_len: u32,
+    /// What XDP does while its gate is closed.
+    pub gate_mode: super::GateMode,
+    /// Whether the proxy holds its gate open.
+    pub gate_open: bool,
 }
 
 /// Handles to an instance's pinned maps.
@@ -143,6 +147,7 @@ pub struct Maps {
     pub(crate) acl_v6: LpmTrie<MapData, AclV6, u32>,
     pub(crate) config: Array<MapData, u32>,
     pub(crate) counters: PerCpuArray<MapData, Counters>,
+    pub(crate) heartbeat: Array<MapData, u64>,
 }
 
 impl fmt::Debug for Maps {
@@ -179,6 +184,7 @@ pub(crate) fn expected_layout(name: &str) -> (u32, u32) {
         map_names::ACL_V6 => (size(4 + size_of::<AclV6>()), 4),
         map_names::CONFIG => (4, 4),
         map_names::COUNTERS => (4, size(size_of::<Counters>())),
+        map_names::HEARTBEAT => (4, 8),
         _ => (0, 0),
     }
 }
@@ -243,6 +249,8 @@ impl Maps {
                 .map_err(map_err(map_names::CONFIG, "open"))?,
             counters: PerCpuArray::try_from(open_pinned(instance, map_names::COUNTERS)?)
                 .map_err(map_err(map_names::COUNTERS, "open"))?,
+            heartbeat: Array::try_from(open_pinned(instance, map_names::HEARTBEAT)?)
+                .map_err(map_err(map_names::HEARTBEAT, "open"))?,
         })
     }
 
@@ -279,6 +287,8 @@ impl Maps {
                 id: value.id,
                 allow_len: value.allow_len,
                 deny_len: value.deny_len,
+                gate_mode: super::GateMode::from_raw(value.gate_mode),
+                gate_open: value.gate_open != 0,
             });
         }
         out.sort_by_key(|l| l.addr);
@@ -317,6 +327,8 @@ impl Maps {
             acl: 0,
             allow_len: 0,
             deny_len: 0,
+            gate_mode: portcullis_common::gate_mode::NONE,
+            gate_open: 0,
         };
         self.listeners
             .insert(key, value, 0)
@@ -403,9 +415,10 @@ mod tests {
 
     #[test]
     fn map_layouts_match_the_shared_types() {
-        assert_eq!(expected_layout(map_names::LISTENERS), (24, 16));
+        assert_eq!(expected_layout(map_names::LISTENERS), (24, 24));
         assert_eq!(expected_layout(map_names::ACL_V4), (12, 4));
         assert_eq!(expected_layout(map_names::ACL_V6), (24, 4));
-        assert_eq!(expected_layout(map_names::COUNTERS), (4, 64));
+        assert_eq!(expected_layout(map_names::COUNTERS), (4, 96));
+        assert_eq!(expected_layout(map_names::HEARTBEAT), (4, 8));
     }
 }

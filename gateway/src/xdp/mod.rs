@@ -11,6 +11,7 @@
 mod acl;
 mod attach;
 mod error;
+mod gate;
 mod maps;
 
 use std::{
@@ -21,6 +22,7 @@ use std::{
 pub use acl::AclList;
 pub use attach::{AttachMode, AttachOptions, Attached, AttachedMode, Loaded, ensure_bpffs};
 pub use error::XdpError;
+pub use gate::{GateMode, Heartbeat, monotonic_ns};
 pub use maps::{Listener, ListenerAddr, Maps, Protocol};
 pub use portcullis_common::{Counters, DEFAULT_ACL_CAPACITY, UNATTRIBUTED};
 

@@ -72,6 +72,10 @@ pub struct Frame {
     pub tcp_doff: Option<u8>,
     /// IPv4 IHL override, to craft bad headers.
     pub ipv4_ihl: Option<u8>,
+    /// TCP sequence number.
+    pub seq: u32,
+    /// TCP acknowledgement number.
+    pub ack: u32,
 }
 
 impl Frame {
@@ -119,7 +123,17 @@ impl Frame {
             ipv6_ext: Vec::new(),
             tcp_doff: None,
             ipv4_ihl: None,
+            seq: 1000,
+            ack: 0,
         }
+    }
+
+    /// Sets the TCP sequence and acknowledgement numbers.
+    #[must_use]
+    pub fn seq_ack(mut self, seq: u32, ack: u32) -> Self {
+        self.seq = seq;
+        self.ack = ack;
+        self
     }
 
     /// Adds a VLAN tag (outermost first).
@@ -152,8 +166,8 @@ impl Frame {
                 let mut b = Vec::with_capacity(20 + payload.len());
                 b.extend_from_slice(&sport.to_be_bytes());
                 b.extend_from_slice(&dport.to_be_bytes());
-                b.extend_from_slice(&1000u32.to_be_bytes());
-                b.extend_from_slice(&0u32.to_be_bytes());
+                b.extend_from_slice(&self.seq.to_be_bytes());
+                b.extend_from_slice(&self.ack.to_be_bytes());
                 b.push(self.tcp_doff.unwrap_or(5) << 4);
                 b.push(*flags);
                 b.extend_from_slice(&65535u16.to_be_bytes());

@@ -1,0 +1,295 @@
+//! The Gatekeeper at the NIC on crafted frames (BPF_PROG_TEST_RUN): a gated
+//! `503` listener holds the whole exchange with a SYN cookie and answers the
+//! canned 503; `reset` and `drop` modes act on the SYN; an open gate passes
+//! only while the proxy's heartbeat is live; the ACLs still come first.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use portcullis::xdp::{AclList, Counters, GateMode, Instance, ListenerAddr, Loaded, Maps};
+use portcullis_common::GATE_RESPONSE;
+use portcullis_tests::frames::{Frame, tcp_flags};
+use portcullis_tests::{remove_pins, unique_name};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const CLIENT_SEQ: u32 = 7_000_000;
+const REQUEST: &[u8] = b"GET /orders HTTP/1.1\r\nHost: api\r\n\r\n";
+
+struct Prog {
+    name: String,
+    loaded: Loaded,
+    maps: Maps,
+}
+
+impl Prog {
+    fn new() -> Self {
+        let name = unique_name("g");
+        let instance = Instance::new(&name).expect("valid name");
+        let loaded = instance.load(1 << 12).expect("program loads and verifies");
+        let maps = instance.maps().expect("maps open");
+        Self { name, loaded, maps }
+    }
+
+    fn gated(&mut self, addr: &str, mode: GateMode) -> (ListenerAddr, u32) {
+        let listener: ListenerAddr = addr.parse().expect("listener");
+        let id = self.maps.add_listener(&listener).expect("listener added");
+        self.maps.set_gate(&listener, mode, false).expect("gate set");
+        (listener, id)
+    }
+
+    fn run(&mut self, frame: &Frame) -> (u32, Vec<u8>) {
+        self.loaded.test_run_frame(&frame.bytes()).expect("test run")
+    }
+
+    fn counters(&self, id: u32) -> Counters {
+        self.maps.counters(id).expect("counters")
+    }
+}
+
+impl Drop for Prog {
+    fn drop(&mut self) {
+        remove_pins(&self.name);
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address")
+}
+
+/// A reply as the client would parse it.
+#[derive(Debug)]
+struct Reply {
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: Vec<u8>,
+}
+
+fn sum(bytes: &[u8]) -> u32 {
+    portcullis_common::sum16(bytes)
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    u16::try_from(s).expect("folded")
+}
+
+/// Parses a reply frame sent back to `request`, checking MACs, lengths and checksums.
+fn parse(request: &[u8], frame: &[u8]) -> Reply {
+    assert_eq!(&frame[..6], &request[6..12], "destination MAC is the sender's");
+    assert_eq!(&frame[6..12], &request[..6], "source MAC is ours");
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let (src, dst, tcp, pseudo) = if ethertype == 0x0800 {
+        let ipv4 = &frame[14..34];
+        assert_eq!(ipv4[0], 0x45);
+        assert_eq!(fold(sum(ipv4)), 0xffff, "IPv4 header checksum");
+        let total = usize::from(u16::from_be_bytes([ipv4[2], ipv4[3]]));
+        assert_eq!(total + 14, frame.len(), "IPv4 total length");
+        let tcp = &frame[34..];
+        let pseudo = sum(&ipv4[12..20]) + 6 + u32::try_from(tcp.len()).expect("small");
+        let src: [u8; 4] = ipv4[12..16].try_into().expect("4");
+        let dst: [u8; 4] = ipv4[16..20].try_into().expect("4");
+        (IpAddr::from(src), IpAddr::from(dst), tcp, pseudo)
+    } else {
+        assert_eq!(ethertype, 0x86dd);
+        let ipv6 = &frame[14..54];
+        let payload = usize::from(u16::from_be_bytes([ipv6[4], ipv6[5]]));
+        assert_eq!(payload + 54, frame.len(), "IPv6 payload length");
+        assert_eq!(ipv6[6], 6, "no extension headers");
+        let tcp = &frame[54..];
+        let pseudo = sum(&ipv6[8..40]) + 6 + u32::try_from(tcp.len()).expect("small");
+        let src: [u8; 16] = ipv6[8..24].try_into().expect("16");
+        let dst: [u8; 16] = ipv6[24..40].try_into().expect("16");
+        (IpAddr::from(src), IpAddr::from(dst), tcp, pseudo)
+    };
+    assert_eq!(fold(pseudo + sum(tcp)), 0xffff, "TCP checksum");
+    assert_eq!(tcp[12] >> 4, 5, "no TCP options");
+    let be32 = |at: usize| u32::from_be_bytes(tcp[at..at + 4].try_into().expect("4"));
+    Reply {
+        src,
+        dst,
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        seq: be32(4),
+        ack: be32(8),
+        flags: tcp[13],
+        payload: tcp[20..].to_vec(),
+    }
+}
+
+/// The whole exchange of one client with a gated `503` listener.
+fn exchange(client: &str, server: &str, listener: &str) {
+    use tcp_flags::{ACK, FIN, PSH, RST, SYN};
+    let mut prog = Prog::new();
+    let (_, id) = prog.gated(listener, GateMode::Http503);
+    let (c, s) = (ip(client), ip(server));
+    let seg = |flags: u8, seq: u32, ack: u32, payload: &[u8]| {
+        Frame::tcp(c, s, 80, flags, payload.to_vec()).seq_ack(seq, ack)
+    };
+
+    let syn = Frame::syn(c, s, 80).seq_ack(CLIENT_SEQ, 0);
+    let (action, out) = prog.run(&syn);
+    assert_eq!(action, XDP_TX, "a SYN to a gated 503 listener is answered");
+    let synack = parse(&syn.bytes(), &out);
+    assert_eq!((synack.src, synack.dst), (s, c));
+    assert_eq!((synack.sport, synack.dport), (80, 40000));
+    assert_eq!(synack.flags, SYN | ACK);
+    assert_eq!(synack.ack, CLIENT_SEQ + 1);
+    assert!(synack.payload.is_empty());
+    let cookie = synack.seq;
+
+    // A retransmitted SYN gets the same answer: nothing was remembered.
+    let (action, out) = prog.run(&syn);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(parse(&syn.bytes(), &out).seq, cookie);
+
+    // The handshake's ACK is absorbed: the kernel never sees the connection.
+    let (action, _) = prog.run(&seg(ACK, CLIENT_SEQ + 1, cookie + 1, b""));
+    assert_eq!(action, XDP_DROP);
+
+    // The request is answered with the canned 503 and a FIN.
+    let request = seg(ACK | PSH, CLIENT_SEQ + 1, cookie + 1, REQUEST);
+    let (action, out) = prog.run(&request);
+    assert_eq!(action, XDP_TX);
+    let response = parse(&request.bytes(), &out);
+    assert_eq!(response.flags, ACK | PSH | FIN);
+    assert_eq!(response.seq, cookie + 1);
+    let request_len = u32::try_from(REQUEST.len()).expect("small");
+    assert_eq!(response.ack, CLIENT_SEQ + 1 + request_len);
+    assert_eq!(response.payload, GATE_RESPONSE);
+    // Retransmitted request, same answer.
+    let (action, out) = prog.run(&request);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(parse(&request.bytes(), &out).payload, GATE_RESPONSE);
+
+    // A request whose acknowledgement is not our cookie is not ours.
+    let (action, _) = prog.run(&seg(ACK | PSH, CLIENT_SEQ + 1, cookie + 2, REQUEST));
+    assert_eq!(action, XDP_PASS, "a bad cookie goes to the kernel");
+    let (action, _) = prog.run(&seg(ACK | PSH, CLIENT_SEQ + 1, cookie ^ 0x0100_0000, REQUEST));
+    assert_eq!(action, XDP_PASS);
+
+    // The client acknowledges our answer and FIN, and closes: its FIN gets its ACK.
+    let after = CLIENT_SEQ + 1 + request_len;
+    let answered = cookie + 1 + u32::try_from(GATE_RESPONSE.len()).expect("small") + 1;
+    let (action, _) = prog.run(&seg(ACK, after, answered, b""));
+    assert_eq!(action, XDP_DROP, "the ACK of our answer is absorbed");
+    let fin = seg(ACK | FIN, after, answered, b"");
+    let (action, out) = prog.run(&fin);
+    assert_eq!(action, XDP_TX);
+    let fin_ack = parse(&fin.bytes(), &out);
+    assert_eq!(
+        (fin_ack.flags, fin_ack.seq, fin_ack.ack),
+        (ACK, answered, after + 1)
+    );
+    // A FIN before any request (the client gives up) is acknowledged too.
+    let early = seg(ACK | FIN, CLIENT_SEQ + 1, cookie + 1, b"");
+    let (action, out) = prog.run(&early);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(parse(&early.bytes(), &out).ack, CLIENT_SEQ + 2);
+
+    // A reset is left to the kernel (it may own a connection from before the gate closed).
+    let (action, _) = prog.run(&seg(RST | ACK, after, answered, b""));
+    assert_eq!(action, XDP_PASS);
+
+    let counters = prog.counters(id);
+    assert_eq!(
+        (
+            counters.gate_syn_ack,
+            counters.gate_503,
+            counters.gate_fin_ack,
+            counters.gate_absorbed,
+            counters.passed
+        ),
+        (2, 2, 2, 2, 3),
+        "{counters:?}"
+    );
+}
+
+#[test]
+fn a_gated_503_listener_answers_the_whole_exchange_ipv4() {
+    exchange("10.1.2.3", "10.0.0.1", "10.0.0.1:80");
+}
+
+#[test]
+fn a_gated_503_listener_answers_the_whole_exchange_ipv6() {
+    exchange("fd00:1::3", "fd00::1", "[fd00::1]:80");
+}
+
+#[test]
+fn reset_and_drop_modes_act_on_the_syn_only() {
+    let mut prog = Prog::new();
+    let (_, tls) = prog.gated("10.0.0.1:443", GateMode::Reset);
+    let (_, quiet) = prog.gated("10.0.0.1:8443", GateMode::Drop);
+    let (c, s) = (ip("10.1.2.3"), ip("10.0.0.1"));
+    let syn = Frame::syn(c, s, 443).seq_ack(CLIENT_SEQ, 0);
+    let (action, out) = prog.run(&syn);
+    assert_eq!(action, XDP_TX);
+    let reset = parse(&syn.bytes(), &out);
+    assert_eq!(
+        (reset.flags, reset.seq, reset.ack),
+        (tcp_flags::RST | tcp_flags::ACK, 0, CLIENT_SEQ + 1)
+    );
+    let data = Frame::tcp(c, s, 443, tcp_flags::ACK, REQUEST.to_vec());
+    assert_eq!(prog.run(&data).0, XDP_PASS, "only the SYN is answered");
+    assert_eq!(prog.run(&Frame::syn(c, s, 8443)).0, XDP_DROP);
+    assert_eq!(prog.counters(tls).gate_reset, 1);
+    assert_eq!(prog.counters(tls).passed, 1);
+    assert_eq!(prog.counters(quiet).gate_drop, 1);
+}
+
+#[test]
+fn an_open_gate_passes_only_while_the_proxy_beats() {
+    let mut prog = Prog::new();
+    let (listener, id) = prog.gated("10.0.0.1:80", GateMode::Http503);
+    let syn = Frame::syn(ip("10.1.2.3"), ip("10.0.0.1"), 80);
+    prog.maps
+        .set_gate(&listener, GateMode::Http503, true)
+        .expect("open");
+    assert_eq!(prog.run(&syn).0, XDP_TX, "open, but no proxy ever beat");
+    prog.maps.beat(4242, Duration::from_secs(30)).expect("beat");
+    assert_eq!(prog.run(&syn).0, XDP_PASS, "open and attended");
+    assert!(prog.maps.heartbeat().expect("heartbeat").live());
+    prog.maps.stop_beating(1).expect("not the owner");
+    assert_eq!(prog.run(&syn).0, XDP_PASS, "only the owner stops the beat");
+    prog.maps.stop_beating(4242).expect("owner");
+    assert_eq!(prog.run(&syn).0, XDP_TX, "the proxy stopped: gated again");
+    prog.maps.beat(4242, Duration::from_nanos(1)).expect("beat");
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(prog.run(&syn).0, XDP_TX, "a stale beat counts as no proxy");
+    prog.maps.beat(4242, Duration::from_secs(30)).expect("beat");
+    prog.maps
+        .set_gate(&listener, GateMode::Http503, false)
+        .expect("close");
+    assert_eq!(prog.run(&syn).0, XDP_TX, "closed by the proxy");
+    assert_eq!(prog.counters(id).passed, 2);
+
+    // A listener with no gate mode (ACLs only) is never gated.
+    let plain: ListenerAddr = "10.0.0.1:81".parse().expect("listener");
+    prog.maps.add_listener(&plain).expect("added");
+    prog.maps.stop_beating(4242).expect("owner");
+    assert_eq!(
+        prog.run(&Frame::syn(ip("10.1.2.3"), ip("10.0.0.1"), 81)).0,
+        XDP_PASS
+    );
+}
+
+#[test]
+fn the_acls_come_before_the_gate() {
+    let mut prog = Prog::new();
+    let (listener, id) = prog.gated("10.0.0.1:80", GateMode::Http503);
+    prog.maps
+        .acl_add(&AclList::Deny(listener), "10.9.0.0/16".parse().expect("cidr"))
+        .expect("acl");
+    let denied = Frame::syn(ip("10.9.1.1"), ip("10.0.0.1"), 80);
+    assert_eq!(prog.run(&denied).0, XDP_DROP);
+    let c = prog.counters(id);
+    assert_eq!((c.drop_listener_deny, c.gate_syn_ack), (1, 0));
+}
