@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigSet, Signal};
 use portcullis::config::{self, ConfigErrors, GateLevel, Source as _};
+use portcullis::gatekeeper::nic::Nic;
 use portcullis::gatekeeper::{self, Gate, Gates, Reason, State};
 use portcullis::proxy::{self, Generation, Shared, admin, io};
 use portcullis::store::cache::{Cache, Snapshot};
@@ -130,6 +131,8 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// Key file of the cache; `None`: the systemd credential, or no cache.
     pub cache_key: Option<PathBuf>,
+    /// XDP instance whose pinned maps mirror the gates at the NIC (if it is loaded).
+    pub instance: String,
 }
 
 /// Resource files of `dir`; the outer error means the source itself cannot be
@@ -288,6 +291,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> anyhow::Result<()> {
     if let Some(files) = source_files.clone() {
         remember(cache.as_ref(), dir, files, &generation);
     }
+    let mut nic = open_nic(&options.instance, &generation);
     set_level(&generation.config.gateway.log_level);
     if let Some(redis) = &generation.config.gateway.redis {
         portcullis::store::start(redis)?;
@@ -317,6 +321,44 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(generation, Arc::new(Metrics::default())));
     let signals = stop_signals();
     signals.thread_block().context("blocking SIGINT/SIGTERM/SIGHUP")?;
+    start_workers(&shared, per_worker)?;
+    if let Some(socket) = admin_socket {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || admin::run(socket, shared, workers))
+            .context("spawning the admin thread")?;
+        tracing::info!(addr = %settings.admin.map(|a| a.to_string()).unwrap_or_default(), "admin endpoints /healthz /readyz /metrics");
+    }
+    if let Some(n) = nic.as_mut() {
+        wait_ready(&shared, workers);
+        sync_nic(n, &shared.current());
+        if let Err(e) = n.start_heartbeat() {
+            tracing::error!(error = %e, "no heartbeat: XDP keeps every listener gated");
+        }
+    }
+    watch(dir, source_files.is_some())?;
+    tracing::info!(workers, config = %dir.display(), "portcullis running");
+    loop {
+        match signals.wait().context("waiting for signals")? {
+            Signal::SIGHUP => {
+                reload(dir, &shared, &mut handles, cache.as_ref(), &mut nic);
+                set_level(&shared.current().config.gateway.log_level);
+            }
+            signal => {
+                if let Some(n) = nic.as_mut()
+                    && let Err(e) = n.stop()
+                {
+                    tracing::error!(error = %e, "closing the gates at the NIC failed; the heartbeat stops anyway");
+                }
+                drain(&shared, &mut handles, signal);
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn start_workers(shared: &Arc<Shared>, per_worker: Vec<Vec<proxy::NewListener>>) -> anyhow::Result<()> {
     for (n, sockets) in per_worker.into_iter().enumerate() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         shared
@@ -330,27 +372,58 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> anyhow::Result<()> {
             .spawn(move || proxy::run_worker(shared, sockets, rx))
             .context("spawning a worker thread")?;
     }
-    if let Some(socket) = admin_socket {
-        let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("admin".into())
-            .spawn(move || admin::run(socket, shared, workers))
-            .context("spawning the admin thread")?;
-        tracing::info!(addr = %settings.admin.map(|a| a.to_string()).unwrap_or_default(), "admin endpoints /healthz /readyz /metrics");
+    Ok(())
+}
+
+/// Waits (up to 5 s) until every worker accepts.
+fn wait_ready(shared: &Shared, workers: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shared.ready_workers.load(std::sync::atomic::Ordering::Acquire) < workers
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
     }
-    watch(dir, source_files.is_some())?;
-    tracing::info!(workers, config = %dir.display(), "portcullis running");
-    loop {
-        match signals.wait().context("waiting for signals")? {
-            Signal::SIGHUP => {
-                reload(dir, &shared, &mut handles, cache.as_ref());
-                set_level(&shared.current().config.gateway.log_level);
-            }
-            signal => {
-                drain(&shared, &mut handles, signal);
-                return Ok(());
-            }
+}
+
+/// The instance's gates at the NIC, all closed, if XDP is loaded for it.
+fn open_nic(instance: &str, generation: &Generation) -> Option<Nic> {
+    let mut nic = match Nic::open(instance, false) {
+        Ok(Some(nic)) => nic,
+        Ok(None) => {
+            tracing::info!(
+                instance,
+                "XDP is not loaded for this instance: gates are enforced by the proxy only (attach with `portcullis xdp attach`)"
+            );
+            return None;
         }
+        Err(e) => {
+            tracing::error!(instance, error = %e, "the XDP maps cannot be used: gates are enforced by the proxy only");
+            return None;
+        }
+    };
+    match nic.close_all(generation) {
+        Ok(()) => {
+            tracing::info!(instance, pins = %nic.instance().pin_dir().display(), "gates at the NIC closed until policies are applied");
+            Some(nic)
+        }
+        Err(e) => {
+            tracing::error!(instance, error = %e, "closing the gates at the NIC failed: gates are enforced by the proxy only");
+            None
+        }
+    }
+}
+
+fn sync_nic(nic: &mut Nic, generation: &Generation) {
+    if let Err(e) = nic.sync(generation) {
+        tracing::error!(error = %e, "writing the gates to the NIC failed; the proxy still answers 503 for gated routes");
+    }
+}
+
+/// Puts `generation` in force, and its gates at the NIC.
+fn publish(shared: &Shared, nic: &mut Option<Nic>, generation: Generation) {
+    shared.publish(generation);
+    if let Some(n) = nic.as_mut() {
+        sync_nic(n, &shared.current());
     }
 }
 
@@ -412,7 +485,12 @@ impl Handles {
 
 /// With `block_edit`, gates (`applying`) every API instance whose policy
 /// configuration `config` edits; returns them.
-fn engage_edits(shared: &Shared, current: &Generation, config: &config::Config) -> Vec<String> {
+fn engage_edits(
+    shared: &Shared,
+    nic: &mut Option<Nic>,
+    current: &Generation,
+    config: &config::Config,
+) -> Vec<String> {
     let gk = &config.gateway;
     if !gk.block_edit || gk.gate_level == GateLevel::Disabled {
         return Vec::new();
@@ -428,7 +506,7 @@ fn engage_edits(shared: &Shared, current: &Generation, config: &config::Config) 
             );
             gates.insert(api, gate);
         }
-        shared.publish(current.with_gates(gates));
+        publish(shared, nic, current.with_gates(gates));
         tracing::info!(apis = ?engaged, "gate applying: policy configuration edited");
     }
     engaged
@@ -474,7 +552,7 @@ fn read_config(dir: &Path) -> Result<Option<(Files, config::Config)>, ConfigErro
 /// A policy that fails is not a reason to keep the old one: its API instance
 /// is gated. With `block_edit`, an API instance whose policy configuration
 /// changed is gated (`applying`) until the new configuration is in force.
-fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cache>) {
+fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cache>, nic: &mut Option<Nic>) {
     let started = Instant::now();
     let rejected = |errors: &ConfigErrors| {
         for e in &errors.0 {
@@ -500,17 +578,17 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cac
             "workers, admin and maxConnections take effect at the next start; the running values stay"
         );
     }
-    let engaged = engage_edits(shared, &current, &config);
+    let engaged = engage_edits(shared, nic, &current, &config);
     // A change that is not applied leaves the gates as they were.
-    let reopen = || {
+    let reopen = |nic: &mut Option<Nic>| {
         if !engaged.is_empty() {
-            shared.publish(current.with_gates(current.gates.clone()));
+            publish(shared, nic, current.with_gates(current.gates.clone()));
         }
     };
     let generation = match Generation::build(config, Some(&current)) {
         Ok(g) => g,
         Err(e) => {
-            reopen();
+            reopen(nic);
             return rejected(&e);
         }
     };
@@ -529,7 +607,7 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cac
     let bound = match bind_added(&added, fixed.workers, handles) {
         Ok(bound) => bound,
         Err(e) => {
-            reopen();
+            reopen(nic);
             tracing::error!(error = %e, "reload rejected: the running configuration stays in force");
             return;
         }
@@ -545,7 +623,7 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cac
     );
     log_policy_errors(&generation);
     log_gates(&current.gates, &generation.gates);
-    shared.publish(generation);
+    publish(shared, nic, generation);
     remember(cache, dir, files, &shared.current());
     if let Ok(senders) = shared.new_listeners.lock() {
         for (sender, sockets) in senders.iter().zip(bound) {

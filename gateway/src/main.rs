@@ -7,7 +7,8 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use portcullis::xdp::{
-    AclList, AttachMode, AttachOptions, Counters, DEFAULT_INSTANCE, Instance, ListenerAddr, Maps, XdpError,
+    AclList, AttachMode, AttachOptions, Counters, DEFAULT_INSTANCE, GateMode, Instance, ListenerAddr, Maps,
+    XdpError,
 };
 use serde_json::{Value, json};
 
@@ -271,6 +272,7 @@ fn run(cli: Cli, set_level: &gateway::SetLevel) -> anyhow::Result<()> {
                 config,
                 state_dir,
                 cache_key,
+                instance: cli.instance.clone(),
             };
             gateway::run(&options, set_level)?;
         }
@@ -438,18 +440,33 @@ fn counters_json(c: &Counters) -> Value {
         "drop_not_allowed": c.drop_not_allowed,
         "malformed_passed": c.malformed_passed,
         "fragment_passed": c.fragment_passed,
+        "gate_syn_ack": c.gate_syn_ack,
+        "gate_503": c.gate_503,
+        "gate_reset": c.gate_reset,
+        "gate_drop": c.gate_drop,
+        "gate_fin_ack": c.gate_fin_ack,
+        "gate_absorbed": c.gate_absorbed,
+        "gate_failed": c.gate_failed,
     })
 }
 
 fn status(instance: &Instance) -> anyhow::Result<Value> {
     let maps: Maps = instance.maps()?;
+    let heartbeat = maps.heartbeat()?;
     let mut listeners = Vec::new();
     for listener in maps.listeners()? {
+        let gated = listener.gate_mode != GateMode::None && (!listener.gate_open || !heartbeat.live());
         listeners.push(json!({
             "listener": listener.addr.to_string(),
             "id": listener.id,
             "allow": listener.allow_len,
             "deny": listener.deny_len,
+            "gate": {
+                "mode": listener.gate_mode.label(),
+                "open": listener.gate_open,
+                "attended": heartbeat.live(),
+                "gated": gated,
+            },
             "counters": counters_json(&maps.counters(listener.id)?),
         }));
     }
@@ -459,6 +476,12 @@ fn status(instance: &Instance) -> anyhow::Result<Value> {
         "attached": instance.attached_interfaces(),
         "global_deny": maps.global_deny_len()?,
         "unattributed": counters_json(&maps.counters(portcullis::xdp::UNATTRIBUTED)?),
+        "heartbeat": {
+            "owner": heartbeat.owner,
+            "live": heartbeat.live(),
+            "age_ms": heartbeat.age.map(|a| a.as_millis()),
+            "timeout_ms": heartbeat.timeout.as_millis(),
+        },
         "listeners": listeners,
     }))
 }

@@ -254,17 +254,19 @@ fn an_open_gate_passes_only_while_the_proxy_beats() {
         .set_gate(&listener, GateMode::Http503, true)
         .expect("open");
     assert_eq!(prog.run(&syn).0, XDP_TX, "open, but no proxy ever beat");
-    prog.maps.beat(4242, Duration::from_secs(30)).expect("beat");
+    prog.maps.take_over(4242, Duration::from_secs(30)).expect("beat");
     assert_eq!(prog.run(&syn).0, XDP_PASS, "open and attended");
     assert!(prog.maps.heartbeat().expect("heartbeat").live());
+    assert!(prog.maps.beat(4242).expect("beat"), "the owner beats");
+    assert!(!prog.maps.beat(1).expect("beat"), "another proxy does not");
     prog.maps.stop_beating(1).expect("not the owner");
     assert_eq!(prog.run(&syn).0, XDP_PASS, "only the owner stops the beat");
     prog.maps.stop_beating(4242).expect("owner");
     assert_eq!(prog.run(&syn).0, XDP_TX, "the proxy stopped: gated again");
-    prog.maps.beat(4242, Duration::from_nanos(1)).expect("beat");
+    prog.maps.take_over(4242, Duration::from_nanos(1)).expect("beat");
     std::thread::sleep(Duration::from_millis(2));
     assert_eq!(prog.run(&syn).0, XDP_TX, "a stale beat counts as no proxy");
-    prog.maps.beat(4242, Duration::from_secs(30)).expect("beat");
+    prog.maps.take_over(4242, Duration::from_secs(30)).expect("beat");
     prog.maps
         .set_gate(&listener, GateMode::Http503, false)
         .expect("close");

@@ -249,8 +249,10 @@ pub struct Counters {
     pub gate_fin_ack: u64,
     /// Gated `503` listeners: ACKs of the XDP-held exchange absorbed (never reach the kernel).
     pub gate_absorbed: u64,
+    /// Gated listeners: replies that could not be written (the frame could not be resized), dropped.
+    pub gate_failed: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 96);
+const _: () = assert!(core::mem::size_of::<Counters>() == 104);
 
 impl Counters {
     /// Adds another CPU's counters to these.
@@ -267,6 +269,7 @@ impl Counters {
         self.gate_drop = self.gate_drop.wrapping_add(other.gate_drop);
         self.gate_fin_ack = self.gate_fin_ack.wrapping_add(other.gate_fin_ack);
         self.gate_absorbed = self.gate_absorbed.wrapping_add(other.gate_absorbed);
+        self.gate_failed = self.gate_failed.wrapping_add(other.gate_failed);
     }
 
     /// Every dropped packet, whatever the reason.

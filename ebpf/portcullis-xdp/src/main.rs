@@ -354,12 +354,32 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
                 next = ext[0];
                 cursor += (usize::from(ext[1]) + 2) * 4;
             }
-            _ => return parse_l4(ctx, Ip { l3: offset, l4: cursor, end }, next, addrs),
+            _ => {
+                return parse_l4(
+                    ctx,
+                    Ip {
+                        l3: offset,
+                        l4: cursor,
+                        end,
+                    },
+                    next,
+                    addrs,
+                );
+            }
         }
     }
     match next {
         0 | 43 | 44 | 50 | 51 | 60 => Parsed::NoPorts(addrs),
-        _ => parse_l4(ctx, Ip { l3: offset, l4: cursor, end }, next, addrs),
+        _ => parse_l4(
+            ctx,
+            Ip {
+                l3: offset,
+                l4: cursor,
+                end,
+            },
+            next,
+            addrs,
+        ),
     }
 }
 
@@ -459,14 +479,14 @@ fn gate(ctx: &XdpContext, flow: &Flow, mode: u32, id: u32) -> Verdict {
                     count(id, |c| c.gate_syn_ack += 1);
                     Verdict::Tx
                 }
-                _ => Verdict::Drop,
+                _ => failed(id),
             },
             gate_mode::RESET => {
                 if reply(ctx, flow, 0, seq.wrapping_add(1), TCP_RST | TCP_ACK, false) {
                     count(id, |c| c.gate_reset += 1);
                     Verdict::Tx
                 } else {
-                    Verdict::Drop
+                    failed(id)
                 }
             }
             _ => {
@@ -489,7 +509,7 @@ fn gate(ctx: &XdpContext, flow: &Flow, mode: u32, id: u32) -> Verdict {
                 count(id, |c| c.gate_503 += 1);
                 return Verdict::Tx;
             }
-            return Verdict::Drop;
+            return failed(id);
         }
         if fin == 1 && reply(ctx, flow, ack, seq.wrapping_add(1), TCP_ACK, false) {
             count(id, |c| c.gate_fin_ack += 1);
@@ -512,6 +532,13 @@ fn gate(ctx: &XdpContext, flow: &Flow, mode: u32, id: u32) -> Verdict {
         }
     }
     count(id, |c| c.gate_absorbed += 1);
+    Verdict::Drop
+}
+
+/// A reply could not be written (the frame cannot be resized): dropped and counted.
+#[inline(always)]
+fn failed(id: u32) -> Verdict {
+    count(id, |c| c.gate_failed += 1);
     Verdict::Drop
 }
 
@@ -608,16 +635,19 @@ fn checksum(mut sum: u32) -> [u8; 2] {
 }
 
 /// Rewrites the frame into a reply to the flow's sender: MACs, addresses and
-/// ports swapped, fresh IP and option-less TCP headers with `seq`, `ack` and
-/// `flags`, and the canned 503 as payload if `response`.
+/// ports swapped (VLAN tags kept), fresh IP and option-less TCP headers with
+/// `seq`, `ack` and `flags`, and the canned 503 as payload if `response`.
 #[inline(always)]
 fn reply(ctx: &XdpContext, flow: &Flow, seq: u32, ack: u32, flags: u8, response: bool) -> bool {
-    let Some(eth) = bytes::<12>(ctx, 0) else {
+    // Ethernet and up to two VLAN tags, kept before the frame is resized.
+    let Some(l2) = bytes::<22>(ctx, 0) else {
         return false;
     };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&eth[6..12]);
-    macs[6..].copy_from_slice(&eth[..6]);
+    let mut l2 = l2;
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&l2[..6]);
+    l2.copy_within(6..12, 0);
+    l2[6..12].copy_from_slice(&mac);
     let payload = if response { GATE_RESPONSE_LEN } else { 0 };
     let payload_sum = if response { GATE_RESPONSE_SUM } else { 0 };
     let mut tcp = [0u8; 20];
@@ -650,7 +680,8 @@ fn reply(ctx: &XdpContext, flow: &Flow, seq: u32, ack: u32, flags: u8, response:
         let sum = checksum(pseudo + words(&tcp) + payload_sum);
         tcp[16..18].copy_from_slice(&sum);
         hdr[20..].copy_from_slice(&tcp);
-        (20, resize(ctx, l3 + 40 + payload) && store(ctx, l3, &hdr))
+        let written = resize(ctx, l3 + 40 + payload) && store(ctx, 0, &l2) && store(ctx, l3, &hdr);
+        (20, written)
     } else {
         let mut hdr = [0u8; 60];
         hdr[0] = 0x60;
@@ -665,9 +696,10 @@ fn reply(ctx: &XdpContext, flow: &Flow, seq: u32, ack: u32, flags: u8, response:
         let sum = checksum(pseudo + words(&tcp) + payload_sum);
         tcp[16..18].copy_from_slice(&sum);
         hdr[40..].copy_from_slice(&tcp);
-        (40, resize(ctx, l3 + 60 + payload) && store(ctx, l3, &hdr))
+        let written = resize(ctx, l3 + 60 + payload) && store(ctx, 0, &l2) && store(ctx, l3, &hdr);
+        (40, written)
     };
-    if !written || !store(ctx, 0, &macs) {
+    if !written {
         return false;
     }
     if response {
@@ -686,14 +718,25 @@ fn reply(ctx: &XdpContext, flow: &Flow, seq: u32, ack: u32, flags: u8, response:
     true
 }
 
-/// Grows or shrinks the frame to `len` bytes.
+/// Makes the frame `len` bytes long: shrinks at the tail, grows at the tail
+/// where the buffer has room and otherwise into the headroom (a driver may
+/// hand over a buffer with no tailroom; XDP always has 256 bytes of headroom).
+/// Every byte is rewritten afterwards, so where it grows does not matter.
 #[inline(always)]
 fn resize(ctx: &XdpContext, len: usize) -> bool {
     let current = ctx.data_end() - ctx.data();
     let delta = len as i32 - current as i32;
-    // SAFETY: the helper checks the new length against the frame's room;
-    // no packet pointer is used after it.
-    delta == 0 || unsafe { helpers::bpf_xdp_adjust_tail(ctx.ctx, delta) } == 0
+    if delta == 0 {
+        return true;
+    }
+    // SAFETY: the helpers check the new length against the buffer; no packet
+    // pointer is used after them.
+    unsafe {
+        if helpers::bpf_xdp_adjust_tail(ctx.ctx, delta) == 0 {
+            return true;
+        }
+        delta > 0 && helpers::bpf_xdp_adjust_head(ctx.ctx, -delta) == 0
+    }
 }
 
 /// Writes `bytes` at `offset` into the frame.

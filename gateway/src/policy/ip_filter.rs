@@ -97,6 +97,12 @@ impl IpFilter {
 }
 
 impl Policy for IpFilter {
+    fn nic_acl(&self) -> Option<(bool, &[IpNet])> {
+        self.forwarded
+            .is_none()
+            .then_some((self.allow, self.nets.as_slice()))
+    }
+
     fn name(&self) -> &'static str {
         if self.allow {
             "ip-allowlist"

@@ -159,6 +159,21 @@ pub trait Policy: Send + Sync + fmt::Debug {
     fn response_timeout(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// Source addresses the NIC can judge for this policy: `(allow, nets)`
+    /// when the policy looks only at the connection's address.
+    fn nic_acl(&self) -> Option<(bool, &[ipnet::IpNet])> {
+        None
+    }
+}
+
+/// What the NIC can enforce of a chain's IP lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NicAcl {
+    /// The only sources allowed (empty: no allow list at the NIC).
+    pub allow: Vec<ipnet::IpNet>,
+    /// Sources refused.
+    pub deny: Vec<ipnet::IpNet>,
 }
 
 /// The policies of one API instance, in order.
@@ -204,6 +219,26 @@ impl Chain {
     /// Whether any policy of the chain needs contracts.
     pub fn needs_contracts(&self) -> bool {
         self.policies.iter().any(|p| p.needs_contracts())
+    }
+
+    /// The chain's IP lists that the NIC can enforce as well. Several allow
+    /// lists must all pass in the chain, which one list at the NIC cannot
+    /// say: then none is pushed and the proxy alone enforces them.
+    pub fn nic_acl(&self) -> NicAcl {
+        let mut acl = NicAcl::default();
+        let mut allow_lists = 0;
+        for (allow, nets) in self.policies.iter().filter_map(|p| p.nic_acl()) {
+            if allow {
+                allow_lists += 1;
+                acl.allow = nets.to_vec();
+            } else {
+                acl.deny.extend_from_slice(nets);
+            }
+        }
+        if allow_lists > 1 {
+            acl.allow.clear();
+        }
+        acl
     }
 
     /// The tightest response timeout any policy sets.

@@ -98,17 +98,30 @@ impl Maps {
         Ok((GateMode::from_raw(value.gate_mode), value.gate_open != 0))
     }
 
-    /// Records a beat of the proxy `owner`; gates it holds open stay open for `timeout`.
-    pub fn beat(&mut self, owner: u32, timeout: Duration) -> Result<(), XdpError> {
+    /// Makes `owner` the proxy that holds the gates, with a first beat; its
+    /// gates count as attended while its beats are younger than `timeout`.
+    pub fn take_over(&mut self, owner: u32, timeout: Duration) -> Result<(), XdpError> {
+        let _lock = self.lock()?;
         let timeout = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        let write = |maps: &mut Self, slot: u32, value: u64| {
-            maps.heartbeat
-                .set(slot, value, 0)
-                .map_err(map_err(map_names::HEARTBEAT, "beat"))
-        };
-        write(self, heartbeat_slot::TIMEOUT, timeout)?;
-        write(self, heartbeat_slot::OWNER, u64::from(owner))?;
-        write(self, heartbeat_slot::BEAT, monotonic_ns())
+        self.write_beat(heartbeat_slot::TIMEOUT, timeout)?;
+        self.write_beat(heartbeat_slot::OWNER, u64::from(owner))?;
+        self.write_beat(heartbeat_slot::BEAT, monotonic_ns())
+    }
+
+    /// Beats for `owner` if it still holds the gates; `false` once another proxy took over.
+    pub fn beat(&mut self, owner: u32) -> Result<bool, XdpError> {
+        let _lock = self.lock()?;
+        if self.heartbeat()?.owner != owner {
+            return Ok(false);
+        }
+        self.write_beat(heartbeat_slot::BEAT, monotonic_ns())?;
+        Ok(true)
+    }
+
+    fn write_beat(&mut self, slot: u32, value: u64) -> Result<(), XdpError> {
+        self.heartbeat
+            .set(slot, value, 0)
+            .map_err(map_err(map_names::HEARTBEAT, "beat"))
     }
 
     /// Stops beating for `owner`, if it still owns the gates: listeners count
@@ -118,9 +131,7 @@ impl Maps {
         if self.heartbeat()?.owner != owner {
             return Ok(());
         }
-        self.heartbeat
-            .set(heartbeat_slot::BEAT, 0, 0)
-            .map_err(map_err(map_names::HEARTBEAT, "stop"))
+        self.write_beat(heartbeat_slot::BEAT, 0)
     }
 
     /// The heartbeat as XDP sees it now.

@@ -418,7 +418,7 @@ mod tests {
         assert_eq!(expected_layout(map_names::LISTENERS), (24, 24));
         assert_eq!(expected_layout(map_names::ACL_V4), (12, 4));
         assert_eq!(expected_layout(map_names::ACL_V6), (24, 4));
-        assert_eq!(expected_layout(map_names::COUNTERS), (4, 96));
+        assert_eq!(expected_layout(map_names::COUNTERS), (4, 104));
         assert_eq!(expected_layout(map_names::HEARTBEAT), (4, 8));
     }
 }

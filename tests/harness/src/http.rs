@@ -131,6 +131,10 @@ pub struct UpstreamStats {
     pub last_body: AtomicU64,
     /// Connections the upstream has closed.
     pub closed: AtomicU64,
+    /// A header (lowercase name) every request is expected to carry: what a policy chain injects.
+    pub expect_header: Mutex<Option<String>>,
+    /// Requests that arrived without [`UpstreamStats::expect_header`]: requests that bypassed the policies.
+    pub unmarked: AtomicU64,
 }
 
 /// A scriptable HTTP/1.1 upstream in a namespace, one thread per connection.
@@ -239,6 +243,18 @@ impl Upstream {
         self.stats.requests.load(Ordering::SeqCst)
     }
 
+    /// Counts from now on every request that arrives without header `name`.
+    pub fn expect_header(&self, name: &str) {
+        if let Ok(mut expected) = self.stats.expect_header.lock() {
+            *expected = Some(name.to_ascii_lowercase());
+        }
+    }
+
+    /// Requests that arrived without the expected header.
+    pub fn unmarked(&self) -> u64 {
+        self.stats.unmarked.load(Ordering::SeqCst)
+    }
+
     /// The last request head seen.
     pub fn last_head(&self) -> String {
         self.stats.last_head.lock().map(|h| h.clone()).unwrap_or_default()
@@ -281,6 +297,14 @@ fn serve_upstream(stream: Stream, stats: &UpstreamStats) -> anyhow::Result<()> {
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .clone_from(&head);
+        if let Ok(expected) = stats.expect_header.lock()
+            && let Some(name) = expected.as_deref()
+            && !lower
+                .lines()
+                .any(|l| l.starts_with(name) && l[name.len()..].starts_with(':'))
+        {
+            stats.unmarked.fetch_add(1, Ordering::SeqCst);
+        }
         let body = read_body(&mut reader, length, chunked)?;
         stats.requests.fetch_add(1, Ordering::SeqCst);
         let out = reader.get_mut();

@@ -439,6 +439,16 @@ impl Topology {
         })
     }
 
+    /// Lets the client end receive frames the gateway's XDP program sends
+    /// back with `XDP_TX`: a veth peer only takes them with an XDP program of
+    /// its own (GRO alone is not enough on this kernel), so a pass-through
+    /// instance (no listeners) is attached there. Keep the guard.
+    pub fn accept_xdp_replies(&self) -> anyhow::Result<Gateway> {
+        let pass = Gateway::new(&self.client);
+        pass.cli(&["xdp", "attach", "--iface", &self.veth.b])?;
+        Ok(pass)
+    }
+
     /// The gateway's address (`v6` selects IPv6).
     pub fn gw_ip(&self, v6: bool) -> IpAddr {
         self.host(1, v6)

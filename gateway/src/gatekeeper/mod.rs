@@ -13,9 +13,11 @@
 //! ```
 //!
 //! A gate that is not open answers `503` with `Retry-After`. The gatekeeper
-//! says *what* each gate is; the proxy answers for it, and the `xdp` module
-//! mirrors it per listener at the NIC. Traffic that matches no API instance is
+//! says *what* each gate is; the proxy answers for it, and [`nic`] has the
+//! `xdp` module mirror it per listener at the NIC. Traffic that matches no API instance is
 //! not gated.
+
+pub mod nic;
 
 use std::collections::HashMap;
 use std::time::SystemTime;

@@ -1,0 +1,306 @@
+//! The Gatekeeper at the NIC with a real XDP attach on a veth pair: while the
+//! proxy is stopped, killed or has every route of a listener gated, XDP
+//! answers a plain listener with the canned 503 and a TLS listener with a
+//! reset, and the kernel never sees the connection; an API instance that owns
+//! its listener has its IP block list enforced at the NIC.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use portcullis_tests::http::{GatewayProcess, Pki, TempDir, Upstream, api_instance};
+use portcullis_tests::{Gateway, Topology, portcullis_bin};
+
+const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Configuration
+metadata:
+  name: nic
+spec:
+  proxy:
+    workers: 2
+    admin: 127.0.0.1:9901
+---
+";
+
+struct Scene {
+    topo: Topology,
+    xdp: Gateway,
+    _client_xdp: Gateway,
+    dir: TempDir,
+    _up: Upstream,
+}
+
+impl Scene {
+    fn new(resources: impl Fn(&Topology, &TempDir) -> anyhow::Result<String>) -> anyhow::Result<Self> {
+        let topo = Topology::new()?;
+        let client_xdp = topo.accept_xdp_replies()?;
+        let xdp = Gateway::new(&topo.gw);
+        xdp.cli(&["xdp", "attach", "--iface", &topo.veth.a])?;
+        let up = Upstream::start(&topo.gw, "127.0.0.1:9000".parse()?)?;
+        let dir = TempDir::new("nic")?;
+        let text = resources(&topo, &dir)?;
+        dir.write("gateway.yaml", &format!("{SETTINGS}{text}"))?;
+        Ok(Self {
+            topo,
+            xdp,
+            _client_xdp: client_xdp,
+            dir,
+            _up: up,
+        })
+    }
+
+    fn start(&self) -> anyhow::Result<GatewayProcess> {
+        GatewayProcess::start_env(
+            &self.topo.gw,
+            &portcullis_bin(),
+            &self.dir.0,
+            "127.0.0.1:9901".parse()?,
+            &[("PORTCULLIS_INSTANCE", Path::new(self.xdp.instance()))],
+        )
+    }
+
+    fn url(&self, scheme: &str, port: u16, path: &str) -> String {
+        format!("{scheme}://{}:{port}{path}", self.topo.gw_ip(false))
+    }
+
+    /// curl from client host `host`: (exit code, status line and headers, body).
+    fn curl(&self, host: u8, extra: &[&str], url: &str) -> anyhow::Result<(i32, String, String)> {
+        let from = self.topo.client_ip(host, false).to_string();
+        let out = self
+            .topo
+            .client
+            .command("curl")
+            .args(["-sS", "-i", "--max-time", "2", "--interface", &from])
+            .args(extra)
+            .arg(url)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Ok((out.status.code().unwrap_or(-1), head.to_owned(), body.to_owned()))
+    }
+
+    fn diagnostics(&self) -> String {
+        let run = |ns: &portcullis_tests::NetNs, args: &[&str]| {
+            ns.command(args[0])
+                .args(&args[1..])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        format!(
+            "{:?}\n{}\n{}\n{}",
+            self.xdp.status().ok(),
+            run(&self.topo.gw, &["ethtool", "-S", &self.topo.veth.a]),
+            run(&self.topo.client, &["ethtool", "-S", &self.topo.veth.b]),
+            run(&self.topo.client, &["nstat", "-az"])
+                .lines()
+                .filter(|l| !l.contains(" 0 "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    }
+
+    fn counter(&self, listener: &str, name: &str) -> anyhow::Result<u64> {
+        self.xdp.listener_counters(listener)?[name]
+            .as_u64()
+            .with_context(|| format!("counter {name}"))
+    }
+
+    fn gate(&self, listener: &str) -> anyhow::Result<serde_json::Value> {
+        let status = self.xdp.status()?;
+        status["listeners"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["listener"] == listener))
+            .map(|l| l["gate"].clone())
+            .with_context(|| format!("{listener} in {status}"))
+    }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok()? {
+        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Whether the gateway namespace has any TCP socket on `port` besides listeners.
+fn kernel_connections(topo: &Topology, port: u16) -> anyhow::Result<usize> {
+    let out = topo
+        .gw
+        .command("ss")
+        .args(["-Htan", "state", "all", &format!("( sport = :{port} )")])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("LISTEN"))
+        .count())
+}
+
+#[test]
+fn a_stopped_or_killed_proxy_leaves_xdp_answering() -> anyhow::Result<()> {
+    let pki_dir = TempDir::new("nicpki")?;
+    let s = Scene::new(|topo, dir| {
+        let pki = Pki::new(&pki_dir.0, "nic")?;
+        let leaf = pki.issue("gw", &[&topo.gw_ip(false).to_string()], false)?;
+        let ip = topo.gw_ip(false);
+        let tls = format!(
+            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\nmetadata:\n  name: ingress-tls\nspec:\n  targetRef:\n    name: secure\n  policyRef:\n    name: tls\n  config:\n    certificates:\n      - crt: ${{file:{}}}\n        key: ${{file:{}}}\n---\n",
+            leaf.crt.display(),
+            leaf.key.display()
+        );
+        let _ = dir;
+        Ok(format!(
+            "{}{}{tls}",
+            api_instance(
+                "plain",
+                &format!("http://{ip}:8080/orders"),
+                "http://127.0.0.1:9000/",
+                ""
+            ),
+            api_instance(
+                "secure",
+                &format!("https://{ip}:8443/orders"),
+                "http://127.0.0.1:9000/",
+                ""
+            ),
+        ))
+    })?;
+    let plain = format!("{}:8080", s.topo.gw_ip(false));
+    let secure = format!("{}:8443", s.topo.gw_ip(false));
+    let url = s.url("http", 8080, "/orders/hello");
+    let tls_url = s.url("https", 8443, "/orders/hello");
+    let mut gw = s.start()?;
+    let (code, head, _) = s.curl(2, &[], &url)?;
+    ensure!(
+        code == 0 && head.starts_with("HTTP/1.1 200"),
+        "proxy serves: {code} {head}"
+    );
+    let (code, head, _) = s.curl(2, &["-k"], &tls_url)?;
+    ensure!(
+        code == 0 && head.starts_with("HTTP/1.1 200"),
+        "proxy serves TLS: {code} {head}"
+    );
+    ensure!(s.gate(&plain)?["open"] == true, "{}", s.gate(&plain)?);
+    ensure!(s.gate(&plain)?["mode"] == "503" && s.gate(&secure)?["mode"] == "reset");
+
+    // Graceful stop: the gates close at once and XDP answers.
+    gw.terminate()?;
+    gw.wait_exit(Duration::from_secs(15))?;
+    for _ in 0..3 {
+        let (code, head, body) = s.curl(2, &[], &url)?;
+        ensure!(
+            code == 0 && head.starts_with("HTTP/1.1 503") && head.contains("Retry-After: 5"),
+            "XDP answers 503 while the proxy is down: {code} {head} {}",
+            s.diagnostics()
+        );
+        ensure!(body == "503 Service Unavailable\n", "{body:?}");
+    }
+    ensure!(
+        kernel_connections(&s.topo, 8080)? == 0,
+        "the kernel never made a socket"
+    );
+    ensure!(s.counter(&plain, "gate_503")? == 3);
+    ensure!(s.counter(&plain, "gate_syn_ack")? >= 3);
+    ensure!(s.counter(&plain, "gate_failed")? == 0, "every reply was written");
+    let (code, _, _) = s.curl(2, &["-k"], &tls_url)?;
+    ensure!(code == 7, "a TLS listener is reset (curl exit {code})");
+    ensure!(s.counter(&secure, "gate_reset")? >= 1);
+
+    // Restart, then SIGKILL: no goodbye, so the stale heartbeat closes the gates.
+    let mut gw = s.start()?;
+    let (code, head, _) = s.curl(2, &[], &url)?;
+    ensure!(code == 0 && head.starts_with("HTTP/1.1 200"), "reopened: {head}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(gw.pid())?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    gw.wait_exit(Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_millis(700));
+    let (code, head, _) = s.curl(2, &[], &url)?;
+    ensure!(
+        code == 0 && head.starts_with("HTTP/1.1 503"),
+        "after a kill, XDP answers once the heartbeat is stale: {code} {head}"
+    );
+    ensure!(s.gate(&plain)?["open"] == true && s.gate(&plain)?["attended"] == false);
+    Ok(())
+}
+
+#[test]
+fn a_listener_whose_routes_are_all_gated_is_answered_at_the_nic() -> anyhow::Result<()> {
+    let broken = "  policies:\n    - policyRef:\n        name: rate-limiting-flex\n      config:\n        rateLimits:\n          - maximumRequests: lots\n            timePeriodInMilliseconds: 1000\n";
+    let s = Scene::new(|topo, _| {
+        let ip = topo.gw_ip(false);
+        Ok(api_instance(
+            "orders",
+            &format!("http://{ip}:8080/orders"),
+            "http://127.0.0.1:9000/",
+            broken,
+        ))
+    })?;
+    let plain = format!("{}:8080", s.topo.gw_ip(false));
+    let gw = s.start()?;
+    let url = s.url("http", 8080, "/orders/hello");
+    let (code, head, _) = s.curl(2, &[], &url)?;
+    ensure!(code == 0 && head.starts_with("HTTP/1.1 503"), "{code} {head}");
+    ensure!(
+        s.counter(&plain, "gate_503")? == 1,
+        "answered by XDP, not the proxy"
+    );
+    ensure!(
+        !gw.log_text().contains("api=\"orders\" status=503"),
+        "the proxy never saw the request: {}",
+        gw.log_text()
+    );
+    // Fixed: the gate opens at the NIC too.
+    s.dir.write(
+        "gateway.yaml",
+        &format!(
+            "{SETTINGS}{}",
+            api_instance(
+                "orders",
+                &format!("http://{}:8080/orders", s.topo.gw_ip(false)),
+                "http://127.0.0.1:9000/",
+                &broken.replace("lots", "100")
+            )
+        ),
+    )?;
+    wait_for("the gate to open", || {
+        Ok(s.curl(2, &[], &url)?.1.starts_with("HTTP/1.1 200"))
+    })?;
+    ensure!(s.gate(&plain)?["open"] == true);
+    Ok(())
+}
+
+#[test]
+fn an_api_that_owns_its_listener_has_its_block_list_at_the_nic() -> anyhow::Result<()> {
+    let s = Scene::new(|topo, _| {
+        let ip = topo.gw_ip(false);
+        let denied = topo.client_ip(3, false);
+        Ok(api_instance(
+            "orders",
+            &format!("http://{ip}:8080/orders"),
+            "http://127.0.0.1:9000/",
+            &format!(
+                "  policies:\n    - policyRef:\n        name: ip-blocklist-flex\n      config:\n        ips: [\"{denied}/32\"]\n"
+            ),
+        ))
+    })?;
+    let plain = format!("{}:8080", s.topo.gw_ip(false));
+    let gw = s.start()?;
+    let url = s.url("http", 8080, "/orders/hello");
+    ensure!(s.curl(2, &[], &url)?.1.starts_with("HTTP/1.1 200"));
+    let (code, _, _) = s.curl(3, &[], &url)?;
+    ensure!(
+        code == 28,
+        "the denied client's SYN is dropped (curl exit {code})"
+    );
+    ensure!(s.counter(&plain, "drop_listener_deny")? >= 1);
+    ensure!(
+        !gw.log_text().contains("status=403"),
+        "never reached the proxy: {}",
+        gw.log_text()
+    );
+    Ok(())
+}
