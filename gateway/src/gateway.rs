@@ -291,7 +291,11 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> anyhow::Result<()> {
     if let Some(files) = source_files.clone() {
         remember(cache.as_ref(), dir, files, &generation);
     }
-    let mut nic = open_nic(&options.instance, &generation);
+    let mut nic = Mirror {
+        nic: open_nic(&options.instance, &generation),
+        report: options.state_dir.join(GATES_FILE),
+    };
+    nic.report(&generation);
     set_level(&generation.config.gateway.log_level);
     if let Some(redis) = &generation.config.gateway.redis {
         portcullis::store::start(redis)?;
@@ -330,7 +334,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> anyhow::Result<()> {
             .context("spawning the admin thread")?;
         tracing::info!(addr = %settings.admin.map(|a| a.to_string()).unwrap_or_default(), "admin endpoints /healthz /readyz /metrics");
     }
-    if let Some(n) = nic.as_mut() {
+    if let Some(n) = nic.nic.as_mut() {
         wait_ready(&shared, workers);
         sync_nic(n, &shared.current());
         if let Err(e) = n.start_heartbeat() {
@@ -346,7 +350,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> anyhow::Result<()> {
                 set_level(&shared.current().config.gateway.log_level);
             }
             signal => {
-                if let Some(n) = nic.as_mut()
+                if let Some(n) = nic.nic.as_mut()
                     && let Err(e) = n.stop()
                 {
                     tracing::error!(error = %e, "closing the gates at the NIC failed; the heartbeat stops anyway");
@@ -419,12 +423,78 @@ fn sync_nic(nic: &mut Nic, generation: &Generation) {
     }
 }
 
-/// Puts `generation` in force, and its gates at the NIC.
-fn publish(shared: &Shared, nic: &mut Option<Nic>, generation: Generation) {
-    shared.publish(generation);
-    if let Some(n) = nic.as_mut() {
-        sync_nic(n, &shared.current());
+/// File in the state directory where the gates in force are reported for `portcullis status`.
+pub const GATES_FILE: &str = "gates.json";
+
+/// Where the gates in force are mirrored: the NIC (if XDP is loaded) and the report file.
+struct Mirror {
+    nic: Option<Nic>,
+    report: PathBuf,
+}
+
+impl Mirror {
+    /// Writes every API instance's gate to the report file (through a rename, mode 0640).
+    fn report(&self, generation: &Generation) {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let unix =
+            |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let listener_of = |api: &str| {
+            generation
+                .config
+                .listeners
+                .iter()
+                .find(|l| l.routes.iter().any(|r| r.api == api))
+                .map(|l| l.addr.to_string())
+        };
+        let apis: Vec<serde_json::Value> = generation
+            .gates
+            .sorted()
+            .into_iter()
+            .map(|(api, gate)| {
+                serde_json::json!({
+                    "api": api,
+                    "listener": listener_of(api),
+                    "state": gate.state.label(),
+                    "reason": gate.reason.map(Reason::label),
+                    "detail": gate.detail,
+                    "since_unix": unix(gate.since),
+                })
+            })
+            .collect();
+        let report = serde_json::json!({
+            "pid": std::process::id(),
+            "written_unix": unix(std::time::SystemTime::now()),
+            "level": format!("{:?}", generation.config.gateway.gate_level).to_lowercase(),
+            "apis": apis,
+        });
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = self.report.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = self.report.with_extension("tmp");
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o640)
+                .open(&tmp)?;
+            std::io::Write::write_all(&mut file, report.to_string().as_bytes())?;
+            std::fs::rename(tmp, &self.report)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %self.report.display(), error = %e, "gate report not written; `portcullis status` shows older states");
+        }
     }
+}
+
+/// Puts `generation` in force, and its gates at the NIC and in the report.
+fn publish(shared: &Shared, nic: &mut Mirror, generation: Generation) {
+    shared.publish(generation);
+    let current = shared.current();
+    if let Some(n) = nic.nic.as_mut() {
+        sync_nic(n, &current);
+    }
+    nic.report(&current);
 }
 
 /// Longest a stop waits for requests in flight.
@@ -487,7 +557,7 @@ impl Handles {
 /// configuration `config` edits; returns them.
 fn engage_edits(
     shared: &Shared,
-    nic: &mut Option<Nic>,
+    nic: &mut Mirror,
     current: &Generation,
     config: &config::Config,
 ) -> Vec<String> {
@@ -552,7 +622,7 @@ fn read_config(dir: &Path) -> Result<Option<(Files, config::Config)>, ConfigErro
 /// A policy that fails is not a reason to keep the old one: its API instance
 /// is gated. With `block_edit`, an API instance whose policy configuration
 /// changed is gated (`applying`) until the new configuration is in force.
-fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cache>, nic: &mut Option<Nic>) {
+fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cache>, nic: &mut Mirror) {
     let started = Instant::now();
     let rejected = |errors: &ConfigErrors| {
         for e in &errors.0 {
@@ -580,7 +650,7 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cac
     }
     let engaged = engage_edits(shared, nic, &current, &config);
     // A change that is not applied leaves the gates as they were.
-    let reopen = |nic: &mut Option<Nic>| {
+    let reopen = |nic: &mut Mirror| {
         if !engaged.is_empty() {
             publish(shared, nic, current.with_gates(current.gates.clone()));
         }

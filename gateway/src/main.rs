@@ -59,11 +59,15 @@ enum Command {
     /// Manage connection ACLs (global deny list, per-listener allow/deny lists).
     #[command(subcommand)]
     Acl(AclCommand),
-    /// Show attached interfaces, listeners, ACL sizes and counters.
+    /// Show API instances with their gates, and what XDP holds: interfaces,
+    /// listeners, gate modes, ACL sizes and counters. Works while the proxy is down.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Where `portcullis run` reports its gates.
+        #[arg(long, env = "PORTCULLIS_STATE_DIR", default_value = "/var/lib/portcullis")]
+        state_dir: std::path::PathBuf,
     },
 }
 
@@ -325,8 +329,8 @@ fn run(cli: Cli, set_level: &gateway::SetLevel) -> anyhow::Result<()> {
             println!("listener {listener} removed");
         }
         Command::Acl(command) => acl(&instance, command)?,
-        Command::Status { json } => {
-            let status = status(&instance)?;
+        Command::Status { json, state_dir } => {
+            let status = status(&instance, &state_dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -450,8 +454,36 @@ fn counters_json(c: &Counters) -> Value {
     })
 }
 
-fn status(instance: &Instance) -> anyhow::Result<Value> {
-    let maps: Maps = instance.maps()?;
+/// The gates `portcullis run` last reported, and whether that proxy still runs.
+fn gate_report(state_dir: &std::path::Path) -> Value {
+    let path = state_dir.join(gateway::GATES_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Value::Null;
+    };
+    let mut report: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let running = report["pid"]
+        .as_i64()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok());
+    report["proxy_running"] = json!(running);
+    report["path"] = json!(path.display().to_string());
+    report
+}
+
+fn status(instance: &Instance, state_dir: &std::path::Path) -> anyhow::Result<Value> {
+    let report = gate_report(state_dir);
+    let maps: Maps = match instance.maps() {
+        Ok(maps) => maps,
+        Err(XdpError::NotLoaded { .. }) => {
+            return Ok(json!({
+                "instance": instance.name(),
+                "xdp_loaded": false,
+                "gates": report,
+                "listeners": [],
+            }));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let heartbeat = maps.heartbeat()?;
     let mut listeners = Vec::new();
     for listener in maps.listeners()? {
@@ -472,6 +504,8 @@ fn status(instance: &Instance) -> anyhow::Result<Value> {
     }
     Ok(json!({
         "instance": instance.name(),
+        "xdp_loaded": true,
+        "gates": report,
         "pin_dir": instance.pin_dir().display().to_string(),
         "attached": instance.attached_interfaces(),
         "global_deny": maps.global_deny_len()?,
@@ -486,8 +520,63 @@ fn status(instance: &Instance) -> anyhow::Result<Value> {
     }))
 }
 
+fn print_gates(out: &mut impl std::io::Write, report: &Value) -> anyhow::Result<()> {
+    if report.is_null() {
+        writeln!(
+            out,
+            "API instances: no gate report (has `portcullis run` run with this --state-dir?)"
+        )?;
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let ago = |v: &Value| now.saturating_sub(v.as_u64().unwrap_or(0));
+    writeln!(
+        out,
+        "API instances (gatekeeper {}; reported by pid {} {} s ago; proxy {}):",
+        report["level"].as_str().unwrap_or("?"),
+        report["pid"],
+        ago(&report["written_unix"]),
+        if report["proxy_running"] == true {
+            "running"
+        } else {
+            "DOWN: gated listeners are answered by XDP"
+        }
+    )?;
+    writeln!(
+        out,
+        "  {:<24} {:<24} {:<9} {:<20} {:>10}",
+        "api", "listener", "gate", "reason", "since"
+    )?;
+    for api in report["apis"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "  {:<24} {:<24} {:<9} {:<20} {:>8} s",
+            api["api"].as_str().unwrap_or("?"),
+            api["listener"].as_str().unwrap_or("-"),
+            api["state"].as_str().unwrap_or("?"),
+            api["reason"].as_str().unwrap_or("-"),
+            ago(&api["since_unix"])
+        )?;
+        if let Some(detail) = api["detail"].as_str().filter(|d| !d.is_empty()) {
+            writeln!(out, "      {detail}")?;
+        }
+    }
+    Ok(())
+}
+
 fn print_status(status: &Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
+    print_gates(&mut out, &status["gates"])?;
+    if status["xdp_loaded"] != true {
+        writeln!(
+            out,
+            "XDP: not loaded for instance {}",
+            status["instance"].as_str().unwrap_or("?")
+        )?;
+        return Ok(());
+    }
     let attached: Vec<&str> = status["attached"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
@@ -527,6 +616,45 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
             n(&c["drop_global_deny"]),
             n(&c["drop_listener_deny"]),
             n(&c["drop_not_allowed"])
+        )?;
+    }
+    let hb = &status["heartbeat"];
+    writeln!(
+        out,
+        "gates at the NIC (heartbeat of pid {}: {}):",
+        hb["owner"],
+        if hb["live"] == true {
+            "live"
+        } else {
+            "stale: every gated listener is closed"
+        }
+    )?;
+    writeln!(
+        out,
+        "  {:<28} {:<6} {:<8} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "listener", "mode", "gate", "503", "syn-ack", "reset", "drop", "failed"
+    )?;
+    for l in status["listeners"].as_array().into_iter().flatten() {
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        let (g, c) = (&l["gate"], &l["counters"]);
+        let state = if g["mode"] == "none" {
+            "-"
+        } else if g["gated"] == true {
+            "closed"
+        } else {
+            "open"
+        };
+        writeln!(
+            out,
+            "  {:<28} {:<6} {:<8} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            l["listener"].as_str().unwrap_or("?"),
+            g["mode"].as_str().unwrap_or("?"),
+            state,
+            n(&c["gate_503"]),
+            n(&c["gate_syn_ack"]),
+            n(&c["gate_reset"]),
+            n(&c["gate_drop"]),
+            n(&c["gate_failed"])
         )?;
     }
     let u = &status["unattributed"];

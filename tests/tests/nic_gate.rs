@@ -55,8 +55,20 @@ impl Scene {
             &portcullis_bin(),
             &self.dir.0,
             "127.0.0.1:9901".parse()?,
-            &[("PORTCULLIS_INSTANCE", Path::new(self.xdp.instance()))],
+            &[
+                ("PORTCULLIS_INSTANCE", Path::new(self.xdp.instance())),
+                ("PORTCULLIS_STATE_DIR", &self.dir.0.join("state")),
+            ],
         )
+    }
+
+    /// `portcullis status --json` with this scene's state directory.
+    fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let state = self.dir.0.join("state");
+        let out = self
+            .xdp
+            .cli(&["status", "--json", "--state-dir", &state.display().to_string()])?;
+        Ok(serde_json::from_str(&out)?)
     }
 
     fn url(&self, scheme: &str, port: u16, path: &str) -> String {
@@ -248,6 +260,20 @@ fn a_listener_whose_routes_are_all_gated_is_answered_at_the_nic() -> anyhow::Res
         s.counter(&plain, "gate_503")? == 1,
         "answered by XDP, not the proxy"
     );
+    let status = s.status()?;
+    let api = &status["gates"]["apis"][0];
+    ensure!(
+        api["api"] == "orders" && api["state"] == "blocked" && api["reason"] == "policy_failed",
+        "{status}"
+    );
+    ensure!(
+        api["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("rate-limiting")),
+        "{status}"
+    );
+    ensure!(status["gates"]["proxy_running"] == true);
+    ensure!(s.gate(&plain)?["gated"] == true && s.gate(&plain)?["mode"] == "503");
     ensure!(
         !gw.log_text().contains("api=\"orders\" status=503"),
         "the proxy never saw the request: {}",
@@ -270,6 +296,24 @@ fn a_listener_whose_routes_are_all_gated_is_answered_at_the_nic() -> anyhow::Res
         Ok(s.curl(2, &[], &url)?.1.starts_with("HTTP/1.1 200"))
     })?;
     ensure!(s.gate(&plain)?["open"] == true);
+    ensure!(s.status()?["gates"]["apis"][0]["state"] == "open");
+    // With the proxy gone, status still tells what was in force and that XDP answers.
+    let mut gw = gw;
+    gw.terminate()?;
+    gw.wait_exit(Duration::from_secs(15))?;
+    let status = s.status()?;
+    ensure!(
+        status["gates"]["proxy_running"] == false
+            && status["gates"]["apis"][0]["api"] == "orders"
+            && status["listeners"][0]["gate"]["gated"] == true,
+        "{status}"
+    );
+    let text = s.xdp.cli(&[
+        "status",
+        "--state-dir",
+        &s.dir.0.join("state").display().to_string(),
+    ])?;
+    ensure!(text.contains("proxy DOWN") && text.contains("orders"), "{text}");
     Ok(())
 }
 

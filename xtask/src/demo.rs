@@ -1,9 +1,10 @@
-//! `cargo xtask demo`: the gateway's XDP side in namespaces of its own, with
-//! one client allowed and one dropped at the NIC.
+//! `cargo xtask demo`: the gateway in namespaces of its own: one client
+//! allowed and one dropped at the NIC, a route gated until its contracts are
+//! loaded and then opened, and XDP answering while the proxy is down.
 
 use std::{net::SocketAddr, time::Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use nix::sys::signal::{SigSet, Signal};
 use portcullis_harness::http::{GatewayProcess, Issued, Pki, TempDir, Upstream};
 use portcullis_harness::{Gateway, Topology};
@@ -11,6 +12,7 @@ use portcullis_harness::{Gateway, Topology};
 use crate::{cargo, root, run as sh, setup};
 
 const PORT: u16 = 8443;
+const PLAIN_PORT: u16 = 8080;
 
 fn curl(topo: &Topology, src: std::net::IpAddr, extra: &[&str], url: &str) -> anyhow::Result<(bool, String)> {
     let started = Instant::now();
@@ -47,10 +49,12 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     stop.thread_block().context("blocking SIGINT/SIGTERM")?;
 
     let topo = Topology::new()?;
+    let _client_xdp = topo.accept_xdp_replies()?;
     let gw = Gateway::with_bin(&topo.gw, bin.clone());
     let gw_ip = topo.gw_ip(false);
     let (good, bad) = (topo.client_ip(2, false), topo.client_ip(3, false));
     let listener = SocketAddr::new(gw_ip, PORT).to_string();
+    let plain = SocketAddr::new(gw_ip, PLAIN_PORT).to_string();
 
     // The upstream and a certificate for the API, made for this run.
     let dir = TempDir::new("demo")?;
@@ -59,7 +63,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     let upstream = Upstream::start(&topo.gw, "127.0.0.1:9000".parse()?)?;
     let conf = dir.0.join("conf.d");
     std::fs::create_dir_all(&conf)?;
-    std::fs::write(conf.join("orders.yaml"), demo_config(&listener, &cert))?;
+    std::fs::write(conf.join("orders.yaml"), demo_config(&listener, &plain, &cert))?;
 
     println!();
     println!(
@@ -72,14 +76,19 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         conf.display(),
         std::fs::read_to_string(conf.join("orders.yaml"))?
     );
-    let proxy = GatewayProcess::start_with(&topo.gw, &bin, &conf, "127.0.0.1:9901".parse()?)?;
+    print!("{}", gw.cli(&["xdp", "attach", "--iface", &topo.veth.a])?);
+    let state = dir.0.join("state");
+    let envs: [(&str, &std::path::Path); 2] = [
+        ("PORTCULLIS_INSTANCE", std::path::Path::new(gw.instance())),
+        ("PORTCULLIS_STATE_DIR", &state),
+    ];
+    let start = || GatewayProcess::start_env(&topo.gw, &bin, &conf, "127.0.0.1:9901".parse()?, &envs);
+    let proxy = start()?;
     println!(
-        "== portcullis run --config {} (pid {}) is ready",
+        "== portcullis run --config {} (pid {}) is ready; it holds the gates at the NIC",
         conf.display(),
         proxy.pid()
     );
-    print!("{}", gw.cli(&["xdp", "attach", "--iface", &topo.veth.a])?);
-    print!("{}", gw.cli(&["listener", "add", &listener])?);
     print!(
         "{}",
         gw.cli(&["acl", "add", "--deny", "--listener", &listener, &bad.to_string()])?
@@ -89,29 +98,13 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     let resolve = format!("api.demo:{PORT}:{gw_ip}");
     let ca = pki.ca.display().to_string();
     let tls = ["--cacert", ca.as_str(), "--resolve", resolve.as_str()];
-    let (ok, text) = curl(&topo, good, &tls, &url)?;
+    acl_steps(&topo, (good, bad), &tls, &url, &proxy)?;
+
+    let inventory = format!("http://{plain}/inventory/hello");
+    let creds = ["-i", "-u", "mobile:password"];
+    gatekeeper_steps(&topo, good, &creds, &inventory, &conf)?;
     println!(
-        "\n== allowed client {good}: curl {url}\n   {}: {text}",
-        if ok { "proxied over TLS" } else { "FAILED" }
-    );
-    if !ok {
-        bail!("the allowed client was not answered: {}", proxy.log_text());
-    }
-    let (ok, text) = curl(&topo, good, &tls, &format!("https://api.demo:{PORT}/untracked"))?;
-    println!(
-        "== allowed client {good}: a path no API serves\n   {}: {text}",
-        if ok { "answered" } else { "FAILED" }
-    );
-    let (ok, text) = curl(&topo, bad, &tls, &url)?;
-    println!(
-        "== denied client {bad}: curl {url}\n   {}: {text}",
-        if ok { "ANSWERED" } else { "dropped at the NIC" }
-    );
-    if ok {
-        bail!("the denied client got through");
-    }
-    println!(
-        "   requests the upstream answered: {} (the denied SYNs never reached a socket)",
+        "   requests the upstream answered: {} (gated and denied ones never reached it)",
         upstream.requests()
     );
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -119,12 +112,17 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     for line in proxy.log_text().lines().filter(|l| l.contains("access")) {
         println!("   {line}");
     }
+
+    stopped_steps(&topo, good, (&creds, &inventory), (&tls, &url), proxy)?;
+    let status_args = ["status", "--state-dir", &state.display().to_string()];
     println!("\n== portcullis status");
-    print!("{}", gw.cli(&["status"])?);
+    print!("{}", gw.cli(&status_args)?);
 
     if !once {
+        let proxy = start()?;
         println!(
-            "\nThe gateway stays up; XDP stays attached to {} in {}.\nTry `nsenter --net=/run/netns/{} curl {} {url}` (add `--interface {bad}` to be dropped).\nCtrl-C to stop and clean up.",
+            "\nThe gateway runs again (pid {}); XDP stays attached to {} in {}.\nTry `nsenter --net=/run/netns/{} curl {} {url}` (add `--interface {bad}` to be dropped).\nCtrl-C to stop and clean up.",
+            proxy.pid(),
             topo.veth.a,
             topo.gw.name(),
             topo.client.name(),
@@ -132,12 +130,128 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         );
         stop.wait().context("waiting for Ctrl-C")?;
         println!("\n== final counters");
-        print!("{}", gw.cli(&["status"])?);
+        print!("{}", gw.cli(&status_args)?);
     }
     Ok(())
 }
 
-fn demo_config(listener: &str, cert: &Issued) -> String {
+/// Allowed, untracked and denied clients on the TLS listener.
+fn acl_steps(
+    topo: &Topology,
+    (good, bad): (std::net::IpAddr, std::net::IpAddr),
+    tls: &[&str],
+    url: &str,
+    proxy: &GatewayProcess,
+) -> anyhow::Result<()> {
+    let (ok, text) = curl(topo, good, tls, url)?;
+    println!(
+        "\n== allowed client {good}: curl {url}\n   {}: {text}",
+        if ok { "proxied over TLS" } else { "FAILED" }
+    );
+    if !ok {
+        bail!("the allowed client was not answered: {}", proxy.log_text());
+    }
+    let (ok, text) = curl(topo, good, tls, &format!("https://api.demo:{PORT}/untracked"))?;
+    println!(
+        "== allowed client {good}: a path no API serves\n   {}: {text}",
+        if ok { "answered" } else { "FAILED" }
+    );
+    let (ok, text) = curl(topo, bad, tls, url)?;
+    println!(
+        "== denied client {bad}: curl {url}\n   {}: {text}",
+        if ok { "ANSWERED" } else { "dropped at the NIC" }
+    );
+    if ok {
+        bail!("the denied client got through");
+    }
+
+    Ok(())
+}
+
+/// An API whose policy needs contracts is gated until a Contract is written, then opens.
+fn gatekeeper_steps(
+    topo: &Topology,
+    good: std::net::IpAddr,
+    creds: &[&str],
+    inventory: &str,
+    conf: &std::path::Path,
+) -> anyhow::Result<()> {
+    // Gatekeeper: an API whose policy needs contracts stays gated until they are loaded.
+    let (_, text) = curl(topo, good, creds, inventory)?;
+    println!(
+        "\n== gated: inventory enforces client ids and no Contract is loaded yet\n   curl {inventory}\n   {}",
+        first_line(&text)
+    );
+    ensure!(
+        text.starts_with("HTTP/1.1 503"),
+        "inventory must be gated: {text}"
+    );
+    println!("   (its listener has no open route, so XDP answered: no socket, no proxy cycle)");
+    std::fs::write(conf.join("contracts.yaml"), CONTRACT)?;
+    println!(
+        "== a Contract for `mobile` is written to {}",
+        conf.join("contracts.yaml").display()
+    );
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let (_, text) = curl(topo, good, creds, inventory)?;
+        if text.starts_with("HTTP/1.1 200") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    println!(
+        "== opened: curl -u mobile:password {inventory}\n   {}",
+        first_line(&text)
+    );
+    ensure!(text.starts_with("HTTP/1.1 200"), "inventory must open: {text}");
+    let (_, text) = curl(topo, good, &["-i"], inventory)?;
+    println!("   without credentials: {}", first_line(&text));
+    Ok(())
+}
+
+/// The proxy goes away: the gates close at the NIC and XDP answers.
+fn stopped_steps(
+    topo: &Topology,
+    good: std::net::IpAddr,
+    (creds, inventory): (&[&str], &str),
+    (tls, url): (&[&str], &str),
+    mut proxy: GatewayProcess,
+) -> anyhow::Result<()> {
+    proxy.terminate()?;
+    proxy.wait_exit(std::time::Duration::from_secs(15))?;
+    let (_, text) = curl(topo, good, creds, inventory)?;
+    println!(
+        "\n== the proxy is stopped; curl {inventory}\n   {} (answered by XDP)",
+        first_line(&text)
+    );
+    let (ok, text) = curl(topo, good, tls, url)?;
+    println!(
+        "== curl {url}\n   {}: {text}",
+        if ok {
+            "ANSWERED"
+        } else {
+            "reset by XDP (a 503 would need TLS)"
+        }
+    );
+    Ok(())
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+const CONTRACT: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Contract
+metadata:
+  name: mobile
+spec:
+  clientId: mobile
+  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
+  apis: [inventory]
+";
+
+fn demo_config(listener: &str, plain: &str, cert: &Issued) -> String {
     format!(
         "apiVersion: gateway.mulesoft.com/v1alpha1
 kind: ApiInstance
@@ -162,6 +276,19 @@ spec:
     certificate:
       crt: ${{file:{}}}
       key: ${{file:{}}}
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: inventory
+spec:
+  address: http://{plain}/inventory
+  services:
+    inventory:
+      address: http://127.0.0.1:9000/
+  policies:
+    - policyRef:
+        name: client-id-enforcement-flex
 ---
 apiVersion: gateway.mulesoft.com/v1alpha1
 kind: Configuration

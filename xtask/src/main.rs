@@ -54,6 +54,8 @@ enum Bench {
     Xdp,
     /// wrk against Portcullis, nginx, haproxy and the upstream directly.
     Proxy,
+    /// 503 rate answered by XDP vs the proxy, and policy edit → enforced latency.
+    Gate,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
         Task::Demo { once } => demo::run(once),
         Task::Bench { which: Bench::Xdp } => bench_xdp(),
+        Task::Bench { which: Bench::Gate } => bench_gate(),
         Task::Bench { which: Bench::Proxy } => bench::proxy(),
     }
 }
@@ -185,6 +188,26 @@ fn run_counting(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("{ignored} tests were skipped: a skipped test is a failing test here");
     }
     Ok(())
+}
+
+fn bench_gate() -> anyhow::Result<()> {
+    require_root("cargo xtask bench gate")?;
+    setup::apt_install(&["wrk", "ethtool"])?;
+    let object = setup::build_ebpf()?;
+    run(cargo()
+        .args(["build", "--release", "-p", "portcullis"])
+        .env("PORTCULLIS_XDP_OBJ", &object))?;
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "portcullis-tests",
+            "--bin",
+            "gate-bench",
+        ])
+        .env("PORTCULLIS_XDP_OBJ", object)
+        .env("PORTCULLIS_BIN", root().join("target/release/portcullis")))
 }
 
 fn bench_xdp() -> anyhow::Result<()> {

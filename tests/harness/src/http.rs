@@ -430,7 +430,7 @@ fn stream_pattern(out: &mut impl Write, n: u64, chunked: bool) -> std::io::Resul
 fn respond(out: &mut impl Write, status: u16, body: &[u8]) -> std::io::Result<()> {
     write!(
         out,
-        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n",
+        "HTTP/1.1 {status} Upstream\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n",
         body.len()
     )?;
     out.write_all(body)
@@ -480,11 +480,14 @@ impl GatewayProcess {
     ) -> anyhow::Result<Self> {
         let log = log.to_path_buf();
         let file = fs::File::create(&log)?;
+        // Never the machine's /var/lib/portcullis: each gateway keeps its state next to its log.
+        let state = log.with_extension("state");
         let child = ns
             .command(bin)
             .args(["run", "--config"])
             .arg(dir)
             .env("RUST_LOG", "info")
+            .env("PORTCULLIS_STATE_DIR", &state)
             .envs(envs.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::null())
             .stderr(file)

@@ -1,0 +1,240 @@
+//! `cargo xtask bench gate`: the Gatekeeper's two numbers.
+//!
+//! 1. 503 rate for the same client when a gated listener is answered by XDP
+//!    (stateless SYN-cookie exchange at the NIC) and when it is answered by the
+//!    proxy (XDP not loaded): wrk, one request per connection
+//!    (`Connection: close`), since a gated client is a new connection each time.
+//! 2. Latency from a policy edit (the file renamed into place) to enforcement:
+//!    in the proxy (a keep-alive client sees the new status) and in the maps
+//!    (the listener's gate bit flips), p50 and p99 over 100 edits each way.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use portcullis::xdp::{Instance, ListenerAddr};
+use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, read_response};
+use portcullis_tests::{Gateway, NetNs, Topology, portcullis_bin, unique_name};
+
+const EDITS: usize = 100;
+
+fn config(listen: SocketAddr, maximum: &str) -> String {
+    format!(
+        "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Configuration
+metadata:
+  name: gate-bench
+spec:
+  proxy:
+    workers: 2
+    admin: 127.0.0.1:9901
+  logging:
+    accessLogs: false
+---
+{}",
+        api_instance(
+            "orders",
+            &format!("http://{listen}/orders"),
+            "http://127.0.0.1:9000/",
+            &format!(
+                "  policies:
+    - policyRef:
+        name: rate-limiting-flex
+      config:
+        rateLimits:
+          - maximumRequests: {maximum}
+            timePeriodInMilliseconds: 1000
+        clusterizable: false
+"
+            )
+        )
+    )
+}
+
+fn deploy(dir: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = dir.join(".gateway.yaml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, dir.join("gateway.yaml"))?;
+    Ok(())
+}
+
+/// wrk from `ns`, one request per connection: requests per second.
+fn wrk_503(ns: &NetNs, url: &str) -> anyhow::Result<(f64, u64)> {
+    let out = ns
+        .command("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n $(ulimit -Hn); exec wrk -t2 -c64 -d5s -H 'Connection: close' {url}"),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "wrk: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rps = 0.0;
+    let mut non_2xx = 0;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => rps = v.parse().unwrap_or(0.0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => non_2xx = n.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    ensure!(rps > 0.0, "wrk printed no rate: {text}");
+    Ok((rps, non_2xx))
+}
+
+/// The `p`-th percentile (nearest rank) of sorted samples.
+fn percentile(sorted: &[f64], p: usize) -> f64 {
+    let rank = (p * sorted.len().saturating_sub(1) + 50) / 100;
+    sorted.get(rank).copied().unwrap_or(0.0)
+}
+
+struct Probe {
+    status: AtomicU16,
+    at_ns: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// Sends requests back to back on one keep-alive connection, recording the
+/// last status and when it came (ns since `base`).
+fn probe(addr: SocketAddr, base: Instant, p: &Probe) -> anyhow::Result<()> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.set_nodelay(true)?;
+    let mut buf = Vec::new();
+    while !p.stop.load(Ordering::Relaxed) {
+        conn.write_all(b"GET /orders/hello HTTP/1.1\r\nHost: api\r\n\r\n")?;
+        let status = read_response(&mut conn, &mut buf)?;
+        let at = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        p.status.store(status, Ordering::Release);
+        p.at_ns.store(at, Ordering::Release);
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let bin = portcullis_bin();
+    let topo = Topology::new()?;
+    let _client_xdp = topo.accept_xdp_replies()?;
+    let _up = Upstream::start(&topo.gw, "127.0.0.1:9000".parse()?)?;
+    let dir = TempDir::new("gateb")?;
+    let listen = SocketAddr::new(topo.gw_ip(false), 8080);
+    let url = format!("http://{listen}/orders/hello");
+    deploy(&dir.0, &config(listen, "lots"))?;
+    let start = |instance: &str| {
+        GatewayProcess::start_env(
+            &topo.gw,
+            &bin,
+            &dir.0,
+            "127.0.0.1:9901".parse()?,
+            &[("PORTCULLIS_INSTANCE", Path::new(instance))],
+        )
+    };
+
+    // 1. The same gated route, answered by the proxy, then by XDP.
+    let unloaded = unique_name("none");
+    let gw = start(&unloaded)?;
+    let (proxy_rps, proxy_503) = wrk_503(&topo.client, &url)?;
+    drop(gw);
+    let xdp = Gateway::new(&topo.gw);
+    xdp.cli(&["xdp", "attach", "--iface", &topo.veth.a])?;
+    let gw = start(xdp.instance())?;
+    let (xdp_rps, xdp_503) = wrk_503(&topo.client, &url)?;
+    let counters = xdp.listener_counters(&listen.to_string())?;
+    ensure!(
+        counters["gate_503"].as_u64().unwrap_or(0) >= xdp_503,
+        "XDP must have answered: {counters}"
+    );
+
+    // 2. Edit → enforced, with XDP attached and the gateway running.
+    deploy(&dir.0, &config(listen, "1000000"))?;
+    let maps = Instance::new(xdp.instance())?.maps()?;
+    let key = ListenerAddr::tcp(listen);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !maps.gate(&key)?.1 {
+        ensure!(Instant::now() < deadline, "the gate never opened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let base = Instant::now();
+    let p = Arc::new(Probe {
+        status: AtomicU16::new(0),
+        at_ns: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let prober = {
+        let p = p.clone();
+        topo.client.spawn(move || probe(listen, base, &p))
+    };
+    let mut proxy_ms = Vec::new();
+    let mut maps_ms = Vec::new();
+    for edit in 0..2 * EDITS {
+        let close = edit % 2 == 0;
+        let (maximum, status) = if close { ("lots", 503) } else { ("1000000", 200) };
+        let text = config(listen, maximum);
+        std::thread::sleep(Duration::from_millis(20));
+        let t0 = base.elapsed();
+        deploy(&dir.0, &text)?;
+        let (mut in_proxy, mut in_maps) = (None, None);
+        let until = Instant::now() + Duration::from_secs(5);
+        while in_proxy.is_none() || in_maps.is_none() {
+            if Instant::now() > until {
+                bail!("edit {edit} not enforced within 5 s (proxy {in_proxy:?}, maps {in_maps:?})");
+            }
+            // Poll, but leave the two cores to the gateway and the probe.
+            std::thread::sleep(Duration::from_micros(50));
+            if in_maps.is_none() && maps.gate(&key)?.1 != close {
+                in_maps = Some(base.elapsed().saturating_sub(t0));
+            }
+            let at = Duration::from_nanos(p.at_ns.load(Ordering::Acquire));
+            if in_proxy.is_none() && at > t0 && p.status.load(Ordering::Acquire) == status {
+                in_proxy = Some(at.saturating_sub(t0));
+            }
+        }
+        proxy_ms.push(in_proxy.context("proxy")?.as_secs_f64() * 1000.0);
+        maps_ms.push(in_maps.context("maps")?.as_secs_f64() * 1000.0);
+    }
+    p.stop.store(true, Ordering::Relaxed);
+    let _ = prober.join();
+    drop(gw);
+    proxy_ms.sort_by(f64::total_cmp);
+    maps_ms.sort_by(f64::total_cmp);
+
+    report((proxy_rps, proxy_503), (xdp_rps, xdp_503), &proxy_ms, &maps_ms);
+    Ok(())
+}
+
+fn report(proxy: (f64, u64), xdp: (f64, u64), proxy_ms: &[f64], maps_ms: &[f64]) {
+    let ((proxy_rps, proxy_503), (xdp_rps, xdp_503)) = (proxy, xdp);
+    println!("503 for a gated route, same client (wrk -t2 -c64, one request per connection, 5 s):");
+    println!("| answered by | 503/s | responses |");
+    println!("| --- | ---: | ---: |");
+    println!("| proxy (XDP not loaded) | {proxy_rps:.0} | {proxy_503} |");
+    println!("| XDP (SYN cookie + canned 503) | {xdp_rps:.0} | {xdp_503} |");
+    println!("xdp/proxy 503 rate: {:.2}", xdp_rps / proxy_rps);
+    println!();
+    println!(
+        "policy edit → enforced ({} edits, file renamed into place):",
+        proxy_ms.len()
+    );
+    println!("| where | p50 ms | p99 ms | max ms |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, v) in [
+        ("proxy (keep-alive client sees it)", &proxy_ms),
+        ("XDP maps (gate bit)", &maps_ms),
+    ] {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} |",
+            percentile(v, 50),
+            percentile(v, 99),
+            v.last().copied().unwrap_or(0.0)
+        );
+    }
+}
