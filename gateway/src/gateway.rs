@@ -391,7 +391,7 @@ fn wait_ready(shared: &Shared, workers: usize) {
 
 /// The instance's gates at the NIC, all closed, if XDP is loaded for it.
 fn open_nic(instance: &str, generation: &Generation) -> Option<Nic> {
-    let mut nic = match Nic::open(instance, false) {
+    let mut nic = match Nic::open(instance) {
         Ok(Some(nic)) => nic,
         Ok(None) => {
             tracing::info!(

@@ -348,3 +348,32 @@ fn an_api_that_owns_its_listener_has_its_block_list_at_the_nic() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[test]
+fn drop_mode_drops_the_syns_of_a_gated_listener() -> anyhow::Result<()> {
+    let s = Scene::new(|topo, _| {
+        let ip = topo.gw_ip(false);
+        Ok(api_instance(
+            "orders",
+            &format!("http://{ip}:8080/orders"),
+            "http://127.0.0.1:9000/",
+            "  policies:\n    - policyRef:\n        name: client-id-enforcement-flex\n",
+        ))
+    })?;
+    let file = s.dir.0.join("gateway.yaml");
+    let text = std::fs::read_to_string(&file)?.replacen(
+        "    admin: 127.0.0.1:9901\n",
+        "    admin: 127.0.0.1:9901\n  gatekeeper:\n    nicAction: drop\n",
+        1,
+    );
+    std::fs::write(&file, text)?;
+    let plain = format!("{}:8080", s.topo.gw_ip(false));
+    let _gw = s.start()?;
+    let (code, _, _) = s.curl(2, &[], &s.url("http", 8080, "/orders/hello"))?;
+    ensure!(
+        code == 28,
+        "a gated listener in drop mode never answers (curl exit {code})"
+    );
+    ensure!(s.gate(&plain)?["mode"] == "drop" && s.counter(&plain, "gate_drop")? >= 1);
+    Ok(())
+}

@@ -75,6 +75,8 @@ pub struct GatewaySettings {
     pub gate_level: GateLevel,
     /// Whether a policy edit closes the route until it is applied.
     pub block_edit: bool,
+    /// Whether XDP drops SYNs to gated listeners instead of answering them (503 or reset).
+    pub nic_drop: bool,
     /// Name of this gateway cluster (the Configuration's `metadata.name`): shared-storage keys are namespaced by it.
     pub cluster: String,
 }
@@ -87,6 +89,7 @@ impl Default for GatewaySettings {
             redis: None,
             gate_level: GateLevel::Flexible,
             block_edit: true,
+            nic_drop: false,
             cluster: "default".into(),
         }
     }
@@ -1302,6 +1305,14 @@ fn gateway_settings(
             Some(_) => c.push(&at, "expected strict, flexible or disabled"),
         }
         g.block_edit = gk.block_edit.unwrap_or(true);
+        match gk.nic_action.as_deref() {
+            None | Some("answer") => {}
+            Some("drop") => g.nic_drop = true,
+            Some(other) => c.push(
+                &doc.at("spec.gatekeeper.nicAction"),
+                format!("`{other}` is not answer or drop"),
+            ),
+        }
     }
     g
 }

@@ -354,6 +354,9 @@ pub struct GatekeeperSpec {
     pub level: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     pub block_edit: Option<bool>,
+    /// Portcullis extension: what XDP does for a gated listener, `answer` (503 or reset) or `drop`.
+    #[serde(default)]
+    pub nic_action: Option<String>,
 }
 
 /// Secrets.

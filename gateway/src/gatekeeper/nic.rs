@@ -36,9 +36,8 @@ pub struct Nic {
 }
 
 impl Nic {
-    /// The pinned maps of `instance`; `Ok(None)` when XDP was never loaded for
-    /// it. With `drop`, gated listeners drop SYNs instead of answering them.
-    pub fn open(instance: &str, drop: bool) -> Result<Option<Self>, XdpError> {
+    /// The pinned maps of `instance`; `Ok(None)` when XDP was never loaded for it.
+    pub fn open(instance: &str) -> Result<Option<Self>, XdpError> {
         let instance = Instance::new(instance)?;
         let maps = match instance.maps() {
             Ok(maps) => maps,
@@ -49,7 +48,7 @@ impl Nic {
             instance,
             maps,
             owner: std::process::id(),
-            drop,
+            drop: false,
             ours: HashSet::new(),
             pushed: HashMap::new(),
             beating: Arc::new(AtomicBool::new(true)),
@@ -81,6 +80,7 @@ impl Nic {
     /// Takes the gates over and closes every listener of `generation`:
     /// what a proxy does before it accepts its first connection.
     pub fn close_all(&mut self, generation: &Generation) -> Result<(), XdpError> {
+        self.drop = generation.config.gateway.nic_drop;
         self.maps.take_over(self.owner, BEAT_TIMEOUT)?;
         for (addr, listener) in &generation.listeners {
             let key = ListenerAddr::tcp(*addr);
@@ -96,6 +96,7 @@ impl Nic {
     /// lists of API instances that own their listener, and releases
     /// listeners that are no longer configured.
     pub fn sync(&mut self, generation: &Generation) -> Result<(), XdpError> {
+        self.drop = generation.config.gateway.nic_drop;
         let mut now = HashSet::new();
         for (addr, listener) in &generation.listeners {
             let key = ListenerAddr::tcp(*addr);
