@@ -42,6 +42,15 @@ struct Config {
     /// Portcullis extension: a file holding the PEM public key, or the HMAC secret (mode 0600).
     #[serde(default)]
     key_file: Option<String>,
+    /// Where the JWKS is served (`jwtKeyOrigin: jwks`).
+    #[serde(default)]
+    jwks_url: Option<String>,
+    /// Minutes the fetched keys are used before a refresh.
+    #[serde(default = "sixty")]
+    jwks_service_time_to_live: u64,
+    /// Milliseconds allowed for connecting to the JWKS service and for each read.
+    #[serde(default = "ten_thousand")]
+    jwks_service_connection_timeout: u64,
     #[serde(default)]
     validate_aud_claim: bool,
     #[serde(default)]
@@ -80,10 +89,26 @@ fn yes() -> bool {
     true
 }
 
+fn sixty() -> u64 {
+    60
+}
+
+fn ten_thousand() -> u64 {
+    10_000
+}
+
+/// Where the signature keys come from.
+enum Keys {
+    /// One key from the configuration.
+    Fixed(DecodingKey),
+    /// A JWKS URL's keys, chosen by the token's `kid`.
+    Jwks(std::sync::Arc<super::jwks::Jwks>),
+}
+
 /// Validates JWTs on every request.
 pub struct JwtValidation {
     header: Option<String>,
-    key: DecodingKey,
+    keys: Keys,
     validation: Validation,
     claims: Vec<(String, String)>,
     /// The client-id claim, and the client ids with a contract for this API.
@@ -142,8 +167,11 @@ impl JwtValidation {
                 )));
             }
         };
-        if c.jwt_key_origin != "text" {
-            return Err(bad("jwtKeyOrigin: only `text` (textKey or keyFile) is available in this build; JWKS URLs are not yet".into()));
+        if c.jwt_key_origin != "text" && c.jwt_key_origin != "jwks" {
+            return Err(bad(format!(
+                "jwtKeyOrigin `{}` is not text or jwks",
+                c.jwt_key_origin
+            )));
         }
         let clients = if c.skip_client_id_validation {
             None
@@ -186,43 +214,45 @@ impl JwtValidation {
                 )));
             }
         };
-        let material: Vec<u8> = match (&c.text_key, &c.key_file) {
-            (Some(_), Some(_)) => return Err(bad("give textKey or keyFile, not both".into())),
-            (Some(_), None)
-                if alg == Algorithm::HS256 || alg == Algorithm::HS384 || alg == Algorithm::HS512 =>
-            {
+        let keys = if c.jwt_key_origin == "jwks" {
+            let family = match c.signing_method.as_str() {
+                "rsa" => super::jwks::Family::Rsa,
+                "es" => super::jwks::Family::Ec,
+                "eddsa" => super::jwks::Family::Ed,
+                _ => {
+                    return Err(bad(
+                        "jwtKeyOrigin jwks serves public keys: use signingMethod rsa, es or eddsa".into(),
+                    ));
+                }
+            };
+            if c.text_key.is_some() || c.key_file.is_some() {
                 return Err(bad(
-                    "an HMAC secret is never written inline; put it in a file (mode 0600) and use keyFile"
-                        .into(),
+                    "jwtKeyOrigin jwks takes its keys from jwksUrl, not textKey or keyFile".into(),
                 ));
             }
-            (Some(t), None) => t.as_bytes().to_vec(),
-            (None, Some(f)) => {
-                let path = Path::new(f);
-                let path = if path.is_absolute() {
-                    path.to_path_buf()
-                } else {
-                    base.join(path)
-                };
-                crate::config::secret::read_private(&path)
-                    .map_err(|e| bad(e.to_string()))?
-                    .expose()
-                    .to_vec()
+            let url = c
+                .jwks_url
+                .as_deref()
+                .ok_or_else(|| bad("jwtKeyOrigin jwks needs jwksUrl".into()))?;
+            if c.jwks_service_time_to_live == 0 || c.jwks_service_connection_timeout == 0 {
+                return Err(bad(
+                    "jwksServiceTimeToLive and jwksServiceConnectionTimeout must be above 0".into(),
+                ));
             }
-            (None, None) => return Err(bad("textKey or keyFile is required".into())),
+            let jwks = super::jwks::shared(
+                url,
+                family,
+                std::time::Duration::from_millis(c.jwks_service_connection_timeout),
+                std::time::Duration::from_secs(c.jwks_service_time_to_live * 60),
+            )
+            .map_err(bad)?;
+            Keys::Jwks(jwks)
+        } else {
+            if c.jwks_url.is_some() {
+                return Err(bad("jwksUrl needs jwtKeyOrigin: jwks".into()));
+            }
+            Keys::Fixed(fixed_key(&c, alg, base)?)
         };
-        let key = match alg {
-            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => DecodingKey::from_rsa_pem(&material),
-            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&material),
-            Algorithm::EdDSA => DecodingKey::from_ed_pem(&material),
-            _ => Ok(DecodingKey::from_secret(material.trim_ascii_end())),
-        }
-        .map_err(|e| {
-            bad(format!(
-                "the key does not fit signingMethod {}: {e}",
-                c.signing_method
-            ))
-        })?;
         let mut validation = Validation::new(alg);
         validation.leeway = 0;
         validation.validate_exp = true;
@@ -260,12 +290,52 @@ impl JwtValidation {
         };
         Ok(Self {
             header,
-            key,
+            keys,
             validation,
             claims,
             clients,
         })
     }
+}
+
+/// The key written in the configuration (`textKey`) or a file (`keyFile`).
+fn fixed_key(c: &Config, alg: Algorithm, base: &Path) -> Result<DecodingKey, PolicyError> {
+    let bad = |m: String| PolicyError::Config(m);
+    let material: Vec<u8> = match (&c.text_key, &c.key_file) {
+        (Some(_), Some(_)) => return Err(bad("give textKey or keyFile, not both".into())),
+        (Some(_), None) if alg == Algorithm::HS256 || alg == Algorithm::HS384 || alg == Algorithm::HS512 => {
+            return Err(bad(
+                "an HMAC secret is never written inline; put it in a file (mode 0600) and use keyFile".into(),
+            ));
+        }
+        (Some(t), None) => t.as_bytes().to_vec(),
+        (None, Some(f)) => {
+            let path = Path::new(f);
+            let path = if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                base.join(path)
+            };
+            crate::config::secret::read_private(&path)
+                .map_err(|e| bad(e.to_string()))?
+                .expose()
+                .to_vec()
+        }
+        (None, None) => return Err(bad("textKey or keyFile is required".into())),
+    };
+    let key = match alg {
+        Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => DecodingKey::from_rsa_pem(&material),
+        Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&material),
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(&material),
+        _ => Ok(DecodingKey::from_secret(material.trim_ascii_end())),
+    }
+    .map_err(|e| {
+        bad(format!(
+            "the key does not fit signingMethod {}: {e}",
+            c.signing_method
+        ))
+    })?;
+    Ok(key)
 }
 
 fn refuse(why: &str) -> Verdict {
@@ -303,11 +373,34 @@ impl Policy for JwtValidation {
                 body: "401 Unauthorized\n".into(),
             });
         };
-        let claims = match jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(
-            token,
-            &self.key,
-            &self.validation,
-        ) {
+        let candidates = match &self.keys {
+            Keys::Fixed(key) => vec![key.clone()],
+            Keys::Jwks(jwks) => {
+                let Ok(header) = jsonwebtoken::decode_header(token) else {
+                    return refuse("invalid token");
+                };
+                match jwks.lookup(header.kid.as_deref()) {
+                    super::jwks::Lookup::Keys(keys) => keys,
+                    super::jwks::Lookup::UnknownKid => return refuse("unknown key id"),
+                    super::jwks::Lookup::NotLoaded => {
+                        return Verdict::Respond(Response {
+                            status: 503,
+                            headers: vec![("retry-after".into(), "5".into())],
+                            body: "503 Service Unavailable: signing keys not loaded yet\n".into(),
+                        });
+                    }
+                }
+            }
+        };
+        let mut outcome = Err(jsonwebtoken::errors::ErrorKind::InvalidSignature.into());
+        for key in &candidates {
+            outcome =
+                jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(token, key, &self.validation);
+            if outcome.is_ok() {
+                break;
+            }
+        }
+        let claims = match outcome {
             Ok(data) => data.claims,
             Err(e) => {
                 use jsonwebtoken::errors::ErrorKind;

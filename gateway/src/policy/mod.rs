@@ -24,6 +24,7 @@ mod client_id;
 mod cors;
 mod headers;
 mod ip_filter;
+mod jwks;
 mod jwt;
 mod rate_limit;
 mod sla;
