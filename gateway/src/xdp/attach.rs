@@ -276,3 +276,41 @@ fn replace_in_link(program: &mut Xdp, link_pin: &std::path::Path) -> Result<(), 
             source,
         })
 }
+
+/// Time the kernel spent in an instance's XDP program, and how many times it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RunStats {
+    /// Total run time (counted only while [`enable_run_stats`] is held).
+    pub run_time: Duration,
+    /// Runs (packets).
+    pub runs: u64,
+}
+
+/// Turns the kernel's BPF run-time statistics on until the returned descriptor is dropped.
+pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, XdpError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|source| XdpError::Stats { source })
+}
+
+impl Instance {
+    /// Run statistics of every loaded program that uses this instance's maps
+    /// (summed: a re-attach leaves the old program running until it is swapped).
+    pub fn run_stats(&self) -> Result<RunStats, XdpError> {
+        let pin = self.map_pin(map_names::LISTENERS);
+        let listeners = aya::maps::MapInfo::from_pin(&pin)
+            .map_err(map_err(map_names::LISTENERS, "read info"))?
+            .id();
+        let mut total = RunStats::default();
+        for program in aya::programs::loaded_programs().flatten() {
+            let ours = program
+                .map_ids()
+                .ok()
+                .flatten()
+                .is_some_and(|ids| ids.contains(&listeners));
+            if ours {
+                total.run_time += program.run_time();
+                total.runs += program.run_count();
+            }
+        }
+        Ok(total)
+    }
+}

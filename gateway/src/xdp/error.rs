@@ -68,6 +68,13 @@ pub enum XdpError {
         #[source]
         source: EbpfError,
     },
+    /// The kernel's BPF run-time statistics could not be turned on.
+    #[error("cannot enable BPF run-time statistics (BPF_ENABLE_STATS)")]
+    Stats {
+        /// The syscall error.
+        #[source]
+        source: aya::sys::SyscallError,
+    },
     /// The program could not be loaded or verified.
     #[error("the kernel refused the XDP program")]
     Program {

@@ -20,7 +20,9 @@ use std::{
 };
 
 pub use acl::AclList;
-pub use attach::{AttachMode, AttachOptions, Attached, AttachedMode, Loaded, ensure_bpffs};
+pub use attach::{
+    AttachMode, AttachOptions, Attached, AttachedMode, Loaded, RunStats, enable_run_stats, ensure_bpffs,
+};
 pub use error::XdpError;
 pub use gate::{GateMode, Heartbeat, monotonic_ns};
 pub use maps::{Listener, ListenerAddr, Maps, Protocol};

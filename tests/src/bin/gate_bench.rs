@@ -4,6 +4,9 @@
 //!    (stateless SYN-cookie exchange at the NIC) and when it is answered by the
 //!    proxy (XDP not loaded): wrk, one request per connection
 //!    (`Connection: close`), since a gated client is a new connection each time.
+//!    On one 2-core machine the client's own TCP stack shares the cores, so
+//!    the gateway's cost per 503 is measured too: the proxy's process CPU time
+//!    and the XDP program's run time (BPF_ENABLE_STATS).
 //! 2. Latency from a policy edit (the file renamed into place) to enforcement:
 //!    in the proxy (a keep-alive client sees the new status) and in the maps
 //!    (the listener's gate bit flips), p50 and p99 over 100 edits each way.
@@ -142,12 +145,26 @@ fn main() -> anyhow::Result<()> {
     // 1. The same gated route, answered by the proxy, then by XDP.
     let unloaded = unique_name("none");
     let gw = start(&unloaded)?;
+    let cpu_before = cpu_seconds(gw.pid())?;
     let (proxy_rps, proxy_503) = wrk_503(&topo.client, &url)?;
+    let proxy_cpu = cpu_seconds(gw.pid())? - cpu_before;
     drop(gw);
     let xdp = Gateway::new(&topo.gw);
     xdp.cli(&["xdp", "attach", "--iface", &topo.veth.a])?;
     let gw = start(xdp.instance())?;
+    let instance = Instance::new(xdp.instance())?;
+    let stats_on = portcullis::xdp::enable_run_stats()?;
+    let runs_before = instance.run_stats()?;
     let (xdp_rps, xdp_503) = wrk_503(&topo.client, &url)?;
+    let runs_after = instance.run_stats()?;
+    drop(stats_on);
+    let xdp_cpu = runs_after
+        .run_time
+        .saturating_sub(runs_before.run_time)
+        .as_secs_f64();
+    let per_503 =
+        |cpu: f64, answered: u64| cpu / f64::from(u32::try_from(answered.max(1)).unwrap_or(u32::MAX));
+    let cost = (per_503(proxy_cpu, proxy_503), per_503(xdp_cpu, xdp_503));
     let counters = xdp.listener_counters(&listen.to_string())?;
     ensure!(
         counters["gate_503"].as_u64().unwrap_or(0) >= xdp_503,
@@ -207,18 +224,49 @@ fn main() -> anyhow::Result<()> {
     proxy_ms.sort_by(f64::total_cmp);
     maps_ms.sort_by(f64::total_cmp);
 
-    report((proxy_rps, proxy_503), (xdp_rps, xdp_503), &proxy_ms, &maps_ms);
+    report(
+        (proxy_rps, proxy_503),
+        (xdp_rps, xdp_503),
+        cost,
+        (&proxy_ms, &maps_ms),
+    );
     Ok(())
 }
 
-fn report(proxy: (f64, u64), xdp: (f64, u64), proxy_ms: &[f64], maps_ms: &[f64]) {
+/// User and system CPU seconds of a process so far (all its threads).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // /proc reports clock ticks in USER_HZ, which Linux fixes at 100 for user space.
+    Ok(f64::from(u32::try_from(ticks).unwrap_or(u32::MAX)) / 100.0)
+}
+
+fn report(proxy: (f64, u64), xdp: (f64, u64), cost: (f64, f64), (proxy_ms, maps_ms): (&[f64], &[f64])) {
     let ((proxy_rps, proxy_503), (xdp_rps, xdp_503)) = (proxy, xdp);
+    let (proxy_cost, xdp_cost) = cost;
     println!("503 for a gated route, same client (wrk -t2 -c64, one request per connection, 5 s):");
-    println!("| answered by | 503/s | responses |");
-    println!("| --- | ---: | ---: |");
-    println!("| proxy (XDP not loaded) | {proxy_rps:.0} | {proxy_503} |");
-    println!("| XDP (SYN cookie + canned 503) | {xdp_rps:.0} | {xdp_503} |");
+    println!("| answered by | 503/s | responses | gateway CPU per 503 | 503/s per gateway core |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| proxy (XDP not loaded) | {proxy_rps:.0} | {proxy_503} | {:.1} µs | {:.0} |",
+        proxy_cost * 1e6,
+        1.0 / proxy_cost
+    );
+    println!(
+        "| XDP (SYN cookie + canned 503) | {xdp_rps:.0} | {xdp_503} | {:.2} µs | {:.0} |",
+        xdp_cost * 1e6,
+        1.0 / xdp_cost
+    );
     println!("xdp/proxy 503 rate: {:.2}", xdp_rps / proxy_rps);
+    println!(
+        "xdp/proxy 503 capacity per gateway core: {:.1} (proxy: process CPU, a lower bound; XDP: program run time)",
+        proxy_cost / xdp_cost
+    );
     println!();
     println!(
         "policy edit → enforced ({} edits, file renamed into place):",
