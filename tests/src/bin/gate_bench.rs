@@ -172,8 +172,29 @@ fn main() -> anyhow::Result<()> {
     );
 
     // 2. Edit → enforced, with XDP attached and the gateway running.
-    deploy(&dir.0, &config(listen, "1000000"))?;
-    let maps = Instance::new(xdp.instance())?.maps()?;
+    let (mut proxy_ms, mut maps_ms) = edits(&topo, &dir.0, listen, xdp.instance())?;
+    drop(gw);
+    proxy_ms.sort_by(f64::total_cmp);
+    maps_ms.sort_by(f64::total_cmp);
+
+    report(
+        (proxy_rps, proxy_503),
+        (xdp_rps, xdp_503),
+        cost,
+        (&proxy_ms, &maps_ms),
+    );
+    Ok(())
+}
+
+/// Edits the policy back and forth: milliseconds until the proxy and the maps enforce each edit.
+fn edits(
+    topo: &Topology,
+    dir: &Path,
+    listen: SocketAddr,
+    instance: &str,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    deploy(dir, &config(listen, "1000000"))?;
+    let maps = Instance::new(instance)?.maps()?;
     let key = ListenerAddr::tcp(listen);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !maps.gate(&key)?.1 {
@@ -198,7 +219,7 @@ fn main() -> anyhow::Result<()> {
         let text = config(listen, maximum);
         std::thread::sleep(Duration::from_millis(20));
         let t0 = base.elapsed();
-        deploy(&dir.0, &text)?;
+        deploy(dir, &text)?;
         let (mut in_proxy, mut in_maps) = (None, None);
         let until = Instant::now() + Duration::from_secs(5);
         while in_proxy.is_none() || in_maps.is_none() {
@@ -220,17 +241,7 @@ fn main() -> anyhow::Result<()> {
     }
     p.stop.store(true, Ordering::Relaxed);
     let _ = prober.join();
-    drop(gw);
-    proxy_ms.sort_by(f64::total_cmp);
-    maps_ms.sort_by(f64::total_cmp);
-
-    report(
-        (proxy_rps, proxy_503),
-        (xdp_rps, xdp_503),
-        cost,
-        (&proxy_ms, &maps_ms),
-    );
-    Ok(())
+    Ok((proxy_ms, maps_ms))
 }
 
 /// User and system CPU seconds of a process so far (all its threads).
