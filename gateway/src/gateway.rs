@@ -553,8 +553,8 @@ impl Handles {
     }
 }
 
-/// With `block_edit`, gates (`applying`) every API instance whose policy
-/// configuration `config` edits; returns them.
+/// Gates (`applying`) every API instance that `config` redeploys or, with
+/// `block_edit`, whose policy configuration it edits; returns them.
 fn engage_edits(
     shared: &Shared,
     nic: &mut Mirror,
@@ -562,24 +562,24 @@ fn engage_edits(
     config: &config::Config,
 ) -> Vec<String> {
     let gk = &config.gateway;
-    if !gk.block_edit || gk.gate_level == GateLevel::Disabled {
+    if gk.gate_level == GateLevel::Disabled {
         return Vec::new();
     }
-    let engaged = gatekeeper::edited(&current.config, config);
-    if !engaged.is_empty() {
-        let mut gates = current.gates.clone();
-        for api in &engaged {
-            let gate = Gate::closed(
-                State::Applying,
-                Reason::PolicyEdit,
-                "applying an edited policy configuration",
-            );
-            gates.insert(api, gate);
-        }
-        publish(shared, nic, current.with_gates(gates));
-        tracing::info!(apis = ?engaged, "gate applying: policy configuration edited");
+    let engaged = gatekeeper::engaged(&current.config, config, gk.block_edit);
+    if engaged.is_empty() {
+        return Vec::new();
     }
-    engaged
+    let mut gates = current.gates.clone();
+    for (api, reason) in &engaged {
+        let detail = match reason {
+            Reason::Redeploy => "redeployed: applying its policies",
+            _ => "applying an edited policy configuration",
+        };
+        gates.insert(api, Gate::closed(State::Applying, *reason, detail));
+    }
+    publish(shared, nic, current.with_gates(gates));
+    tracing::info!(apis = ?engaged.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(), "gate applying: policy configuration edited or API instance redeployed");
+    engaged.into_iter().map(|(api, _)| api).collect()
 }
 
 /// Binds listeners a reload adds, once per worker, keeping duplicates in `handles`.

@@ -235,7 +235,9 @@ fn an_edit_is_applied_behind_the_gate_and_order_alone_never_gates() -> anyhow::R
     wait_for("the edit", || Ok(reloads(&gw) == 2))?;
     let log = gw.log_text();
     ensure!(
-        log.contains("gate applying: policy configuration edited apis=[\"orders\"]"),
+        log.contains(
+            "gate applying: policy configuration edited or API instance redeployed apis=[\"orders\"]"
+        ),
         "{log}"
     );
     ensure!(

@@ -57,6 +57,8 @@ pub enum Reason {
     SourceUnreachable,
     /// An edited policy configuration is being applied.
     PolicyEdit,
+    /// The API instance was redeployed (listener, paths or service changed) and its policies are being applied.
+    Redeploy,
 }
 
 impl Reason {
@@ -67,6 +69,7 @@ impl Reason {
             Self::ContractsMissing => "contracts_missing",
             Self::SourceUnreachable => "source_unreachable",
             Self::PolicyEdit => "policy_edit",
+            Self::Redeploy => "redeploy",
         }
     }
 }
@@ -221,28 +224,50 @@ fn policy_set(route: &RouteConfig) -> Vec<(String, String)> {
     set
 }
 
-/// API instances present in both configurations whose policy configuration
-/// changed; a change of order alone is not an edit.
-pub fn edited(old: &Config, new: &Config) -> Vec<String> {
-    let before: HashMap<&str, Vec<(String, String)>> = old
+/// Everything of a route but its policies: what a redeploy changes.
+fn deployment<'a>(
+    config: &'a Config,
+    addr: std::net::SocketAddr,
+    route: &'a RouteConfig,
+) -> impl PartialEq + 'a {
+    (
+        addr,
+        &route.hosts,
+        &route.base_path,
+        &route.upstream_path,
+        route.max_body,
+        config.services.get(route.service),
+    )
+}
+
+/// API instances present in both configurations that a change engages the
+/// Gatekeeper for, with why: a redeploy (listener, paths, limits or service
+/// changed), or — with `block_edit` — an edit of the policy configuration.
+/// A change of policy order alone engages nothing.
+pub fn engaged(old: &Config, new: &Config, block_edit: bool) -> Vec<(String, Reason)> {
+    let before: HashMap<&str, (std::net::SocketAddr, &RouteConfig)> = old
         .listeners
         .iter()
-        .flat_map(|l| &l.routes)
-        .map(|r| (r.api.as_str(), policy_set(r)))
+        .flat_map(|l| l.routes.iter().map(move |r| (r.api.as_str(), (l.addr, r))))
         .collect();
-    let mut out: Vec<String> = new
-        .listeners
-        .iter()
-        .flat_map(|l| &l.routes)
-        .filter(|r| {
-            before
-                .get(r.api.as_str())
-                .is_some_and(|set| *set != policy_set(r))
-        })
-        .map(|r| r.api.clone())
-        .collect();
-    out.sort();
-    out.dedup();
+    let mut out: Vec<(String, Reason)> = Vec::new();
+    for listener in &new.listeners {
+        for route in &listener.routes {
+            let Some((old_addr, old_route)) = before.get(route.api.as_str()) else {
+                continue;
+            };
+            let reason = if deployment(old, *old_addr, old_route) != deployment(new, listener.addr, route) {
+                Reason::Redeploy
+            } else if block_edit && policy_set(old_route) != policy_set(route) {
+                Reason::PolicyEdit
+            } else {
+                continue;
+            };
+            out.push((route.api.clone(), reason));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.dedup_by(|a, b| a.0 == b.0);
     out
 }
 
@@ -277,6 +302,44 @@ mod tests {
         assert_eq!(gate.reason, Some(Reason::ContractsMissing));
         assert!(decide(GateLevel::Flexible, built(&[], true, true)).is_open());
         assert!(decide(GateLevel::Strict, built(&[], false, false)).is_open());
+    }
+
+    fn config(policy_value: &str, upstream: &str, order_swapped: bool) -> Config {
+        let a = format!(
+            "    - policyRef:\n        name: header-injection-flex\n      config:\n        inboundHeaders:\n          - key: x-a\n            value: \"{policy_value}\"\n"
+        );
+        let b = "    - policyRef:\n        name: header-removal-flex\n      config:\n        inboundHeaders: [x-b]\n";
+        let policies = if order_swapped {
+            format!("{b}{a}")
+        } else {
+            format!("{a}{b}")
+        };
+        let text = format!(
+            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\nmetadata:\n  name: orders\nspec:\n  address: http://127.0.0.1:8080/orders\n  services:\n    up:\n      address: {upstream}\n  policies:\n{policies}"
+        );
+        crate::config::load(&crate::config::MemSource {
+            files: vec![("api.yaml".into(), text)],
+            base: std::path::PathBuf::from("/"),
+        })
+        .expect("valid configuration")
+    }
+
+    #[test]
+    fn edits_and_redeploys_engage_and_order_alone_does_not() {
+        let base = config("1", "http://127.0.0.1:9000/", false);
+        let swapped = config("1", "http://127.0.0.1:9000/", true);
+        assert!(engaged(&base, &swapped, true).is_empty(), "order alone");
+        let edited = config("2", "http://127.0.0.1:9000/", false);
+        assert_eq!(
+            engaged(&base, &edited, true),
+            vec![("orders".to_string(), Reason::PolicyEdit)]
+        );
+        assert!(engaged(&base, &edited, false).is_empty(), "block_edit off");
+        let moved = config("1", "http://127.0.0.1:9001/", false);
+        assert_eq!(
+            engaged(&base, &moved, false),
+            vec![("orders".to_string(), Reason::Redeploy)]
+        );
     }
 
     #[test]
