@@ -137,8 +137,8 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow:
     Ok(())
 }
 
-/// Whether the gateway namespace has any TCP socket on `port` besides listeners.
-fn kernel_connections(topo: &Topology, port: u16) -> anyhow::Result<usize> {
+/// The gateway namespace's TCP sockets on `port` (any state), one `ss` line each.
+fn kernel_sockets(topo: &Topology, port: u16) -> anyhow::Result<std::collections::BTreeSet<String>> {
     let out = topo
         .gw
         .command("ss")
@@ -146,8 +146,8 @@ fn kernel_connections(topo: &Topology, port: u16) -> anyhow::Result<usize> {
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| !l.starts_with("LISTEN"))
-        .count())
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect())
 }
 
 #[test]
@@ -200,6 +200,7 @@ fn a_stopped_or_killed_proxy_leaves_xdp_answering() -> anyhow::Result<()> {
     // Graceful stop: the gates close at once and XDP answers.
     gw.terminate()?;
     gw.wait_exit(Duration::from_secs(15))?;
+    let sockets_before = kernel_sockets(&s.topo, 8080)?;
     for _ in 0..3 {
         let (code, head, body) = s.curl(2, &[], &url)?;
         ensure!(
@@ -209,9 +210,10 @@ fn a_stopped_or_killed_proxy_leaves_xdp_answering() -> anyhow::Result<()> {
         );
         ensure!(body == "503 Service Unavailable\n", "{body:?}");
     }
+    let sockets_after = kernel_sockets(&s.topo, 8080)?;
     ensure!(
-        kernel_connections(&s.topo, 8080)? == 0,
-        "the kernel never made a socket"
+        sockets_after.difference(&sockets_before).count() == 0,
+        "the kernel never made a socket: {sockets_after:?}"
     );
     ensure!(s.counter(&plain, "gate_503")? == 3);
     ensure!(s.counter(&plain, "gate_syn_ack")? >= 3);
