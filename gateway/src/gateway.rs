@@ -718,7 +718,7 @@ fn reload(dir: &Path, shared: &Shared, handles: &mut Handles, cache: Option<&Cac
 /// How long a burst of changes may go on before the reload starts anyway.
 const SETTLE_MAX: Duration = Duration::from_millis(100);
 /// Quiet time that ends a burst of changes.
-const SETTLE_QUIET: Duration = Duration::from_millis(1);
+const SETTLE_QUIET: Duration = Duration::from_micros(200);
 
 /// Watches `dir` with inotify and asks for a reload (SIGHUP to this process)
 /// once a burst of changes has settled. While `dir` cannot be read (the

@@ -23,7 +23,96 @@ use portcullis::xdp::{Instance, ListenerAddr};
 use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, read_response};
 use portcullis_tests::{Gateway, NetNs, Topology, portcullis_bin, unique_name};
 
+mod raw;
+
 const EDITS: usize = 100;
+/// Length of each raw-client run.
+const RAW_RUN: Duration = Duration::from_secs(5);
+/// Exchanges the raw client keeps in flight.
+const RAW_WINDOW: usize = 256;
+/// Source addresses per raw-client run (each gives 55,535 ports).
+const SOURCES: u8 = 16;
+
+/// The raw client on every core, each thread with its own sources.
+fn raw_run(ns: &NetNs, path: &raw::Path) -> anyhow::Result<raw::Outcome> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let per = path.sources.len() / threads;
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let part = raw::Path {
+            sources: path.sources[t * per..(t + 1) * per].to_vec(),
+            ..path.clone()
+        };
+        handles.push(ns.spawn(move || raw::run(&part, RAW_RUN, RAW_WINDOW / threads, 10_000)));
+    }
+    let mut total = raw::Outcome::default();
+    for handle in handles {
+        let one = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("raw client panicked"))???;
+        total.completed += one.completed;
+        total.timed_out += one.timed_out;
+        total.other += one.other;
+        total.lost += one.lost;
+        total.elapsed = total.elapsed.max(one.elapsed);
+    }
+    Ok(total)
+}
+
+/// The raw client's path to `listen`: `SOURCES` addresses from host
+/// `100 + offset` on the client's subnet, which the client kernel does not
+/// own and the gateway's neighbour table points at the client's end.
+fn raw_path(topo: &Topology, listen: SocketAddr, offset: u8) -> anyhow::Result<raw::Path> {
+    let link = |ns: &NetNs, dev: &str| -> anyhow::Result<(i32, [u8; 6])> {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns.name(), "-j", "link", "show", "dev", dev])
+            .output()?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let index = json[0]["ifindex"].as_i64().context("ifindex")?;
+        let mac: Vec<u8> = json[0]["address"]
+            .as_str()
+            .context("address")?
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()?;
+        Ok((
+            i32::try_from(index)?,
+            mac.try_into().map_err(|_| anyhow::anyhow!("MAC"))?,
+        ))
+    };
+    let (ifindex, client_mac) = link(&topo.client, &topo.veth.b)?;
+    let (_, gateway_mac) = link(&topo.gw, &topo.veth.a)?;
+    let sources: Vec<std::net::Ipv4Addr> = (0..SOURCES)
+        .map(|i| std::net::Ipv4Addr::new(10, topo.subnet, 0, 100 + offset + i))
+        .collect();
+    let mac = client_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    for source in &sources {
+        let out = std::process::Command::new("ip")
+            .args(["-n", topo.gw.name(), "neigh", "replace", &source.to_string()])
+            .args(["lladdr", &mac, "dev", &topo.veth.a, "nud", "permanent"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "ip neigh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let std::net::IpAddr::V4(server) = listen.ip() else {
+        bail!("the raw client speaks IPv4");
+    };
+    Ok(raw::Path {
+        ifindex,
+        client_mac,
+        gateway_mac,
+        sources,
+        server,
+        port: listen.port(),
+    })
+}
 
 fn config(listen: SocketAddr, maximum: &str) -> String {
     format!(
@@ -142,20 +231,25 @@ fn main() -> anyhow::Result<()> {
         )
     };
 
-    // 1. The same gated route, answered by the proxy, then by XDP.
+    // 1. The same gated route, answered by the proxy, then by XDP, for two
+    //    clients: wrk (a kernel TCP socket per request) and the raw client.
     let unloaded = unique_name("none");
     let gw = start(&unloaded)?;
+    let proxy_path = raw_path(&topo, listen, 0)?;
     let cpu_before = cpu_seconds(gw.pid())?;
-    let (proxy_rps, proxy_503) = wrk_503(&topo.client, &url)?;
+    let proxy_wrk = wrk_503(&topo.client, &url)?;
+    let proxy_raw = raw_run(&topo.client, &proxy_path)?;
     let proxy_cpu = cpu_seconds(gw.pid())? - cpu_before;
     drop(gw);
     let xdp = Gateway::new(&topo.gw);
     xdp.cli(&["xdp", "attach", "--iface", &topo.veth.a])?;
     let gw = start(xdp.instance())?;
+    let xdp_path = raw_path(&topo, listen, SOURCES)?;
     let instance = Instance::new(xdp.instance())?;
     let stats_on = portcullis::xdp::enable_run_stats()?;
     let runs_before = instance.run_stats()?;
-    let (xdp_rps, xdp_503) = wrk_503(&topo.client, &url)?;
+    let xdp_wrk = wrk_503(&topo.client, &url)?;
+    let xdp_raw = raw_run(&topo.client, &xdp_path)?;
     let runs_after = instance.run_stats()?;
     drop(stats_on);
     let xdp_cpu = runs_after
@@ -164,11 +258,18 @@ fn main() -> anyhow::Result<()> {
         .as_secs_f64();
     let per_503 =
         |cpu: f64, answered: u64| cpu / f64::from(u32::try_from(answered.max(1)).unwrap_or(u32::MAX));
-    let cost = (per_503(proxy_cpu, proxy_503), per_503(xdp_cpu, xdp_503));
+    let cost = (
+        per_503(proxy_cpu, proxy_wrk.1 + proxy_raw.completed),
+        per_503(xdp_cpu, xdp_wrk.1 + xdp_raw.completed),
+    );
     let counters = xdp.listener_counters(&listen.to_string())?;
     ensure!(
-        counters["gate_503"].as_u64().unwrap_or(0) >= xdp_503,
+        counters["gate_503"].as_u64().unwrap_or(0) >= xdp_wrk.1 + xdp_raw.completed,
         "XDP must have answered: {counters}"
+    );
+    ensure!(
+        proxy_raw.other == 0 && xdp_raw.other == 0,
+        "every answer must be a 503: {proxy_raw:?} {xdp_raw:?}"
     );
 
     // 2. Edit → enforced, with XDP attached and the gateway running.
@@ -178,8 +279,8 @@ fn main() -> anyhow::Result<()> {
     maps_ms.sort_by(f64::total_cmp);
 
     report(
-        (proxy_rps, proxy_503),
-        (xdp_rps, xdp_503),
+        (proxy_wrk, proxy_raw),
+        (xdp_wrk, xdp_raw),
         cost,
         (&proxy_ms, &maps_ms),
     );
@@ -257,25 +358,40 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(f64::from(u32::try_from(ticks).unwrap_or(u32::MAX)) / 100.0)
 }
 
-fn report(proxy: (f64, u64), xdp: (f64, u64), cost: (f64, f64), (proxy_ms, maps_ms): (&[f64], &[f64])) {
-    let ((proxy_rps, proxy_503), (xdp_rps, xdp_503)) = (proxy, xdp);
+fn report(
+    proxy: ((f64, u64), raw::Outcome),
+    xdp: ((f64, u64), raw::Outcome),
+    cost: (f64, f64),
+    (proxy_ms, maps_ms): (&[f64], &[f64]),
+) {
+    let (((proxy_wrk, _), proxy_raw), ((xdp_wrk, _), xdp_raw)) = (proxy, xdp);
     let (proxy_cost, xdp_cost) = cost;
-    println!("503 for a gated route, same client (wrk -t2 -c64, one request per connection, 5 s):");
-    println!("| answered by | 503/s | responses | gateway CPU per 503 | 503/s per gateway core |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("503 for a gated route, answered by the proxy (XDP not loaded) or by XDP, same clients:");
+    println!("| client | proxy 503/s | XDP 503/s | xdp/proxy |");
+    println!("| --- | ---: | ---: | ---: |");
     println!(
-        "| proxy (XDP not loaded) | {proxy_rps:.0} | {proxy_503} | {:.1} µs | {:.0} |",
+        "| raw client (TCP spoken over AF_PACKET, {RAW_WINDOW} in flight, {} s) | {:.0} | {:.0} | {:.2} |",
+        RAW_RUN.as_secs(),
+        proxy_raw.rate(),
+        xdp_raw.rate(),
+        xdp_raw.rate() / proxy_raw.rate()
+    );
+    println!(
+        "| wrk -t2 -c64, Connection: close (a kernel socket per request) | {proxy_wrk:.0} | {xdp_wrk:.0} | {:.2} |",
+        xdp_wrk / proxy_wrk
+    );
+    println!(
+        "raw client: timed out proxy {} / XDP {}, frames refused by the client's queue proxy {} / XDP {}",
+        proxy_raw.timed_out, xdp_raw.timed_out, proxy_raw.lost, xdp_raw.lost
+    );
+    println!(
+        "gateway CPU per 503: proxy {:.1} µs (process CPU, a lower bound), XDP {:.2} µs (program run time)",
         proxy_cost * 1e6,
-        1.0 / proxy_cost
+        xdp_cost * 1e6
     );
+    println!("xdp/proxy 503 rate: {:.2}", xdp_raw.rate() / proxy_raw.rate());
     println!(
-        "| XDP (SYN cookie + canned 503) | {xdp_rps:.0} | {xdp_503} | {:.2} µs | {:.0} |",
-        xdp_cost * 1e6,
-        1.0 / xdp_cost
-    );
-    println!("xdp/proxy 503 rate: {:.2}", xdp_rps / proxy_rps);
-    println!(
-        "xdp/proxy 503 capacity per gateway core: {:.1} (proxy: process CPU, a lower bound; XDP: program run time)",
+        "xdp/proxy 503 capacity per gateway core: {:.1}",
         proxy_cost / xdp_cost
     );
     println!();
