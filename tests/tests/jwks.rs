@@ -172,6 +172,11 @@ fn keys_come_from_a_jwks_url_and_follow_its_rotation() -> anyhow::Result<()> {
     // The JWKS service is down at start: no key, so no token is accepted.
     let gw = GatewayProcess::start(&ns, &dir.0, "127.0.0.1:9901".parse()?)?;
     ensure!(status(&ns, &token_a)? == 503, "no keys yet: 503");
+    let (_, metrics, _) = curl(&ns, &["-s", "http://127.0.0.1:9901/metrics"])?;
+    ensure!(
+        metrics.contains("portcullis_gate_rejections_total{api=\"orders\",reason=\"policy_not_ready\"} 1"),
+        "the Gatekeeper answered for the policy that has no keys yet: {metrics}"
+    );
     ensure!(up.requests() == 0);
     jwks.serve(&[("a", &a)]);
     wait_status(&ns, &token_a, 200)?;

@@ -7,7 +7,8 @@
 //! does not have (a rotation), at most every [`RETRY_EVERY`]. The request path
 //! never waits on the network: it uses the keys in hand. A refresh that fails
 //! keeps the old keys and logs a warning; until a first fetch succeeds, the
-//! policy answers 503, so no token is ever let through unchecked.
+//! policy is not ready and the Gatekeeper answers 503 for its API instance,
+//! so no token is ever let through unchecked.
 
 use std::collections::HashMap;
 use std::net::{TcpStream, ToSocketAddrs as _};
@@ -190,6 +191,15 @@ impl Jwks {
             self.refresh_in_background(wanted);
         }
         found
+    }
+
+    /// Whether keys are in hand; asks for them in the background when not.
+    pub fn loaded(self: &Arc<Self>) -> bool {
+        let loaded = self.keys.read().is_ok_and(|k| k.is_some());
+        if !loaded {
+            self.refresh_in_background(true);
+        }
+        loaded
     }
 
     fn refresh_in_background(self: &Arc<Self>, urgent: bool) {

@@ -358,6 +358,13 @@ impl Policy for JwtValidation {
         self.clients.is_some()
     }
 
+    fn ready(&self) -> bool {
+        match &self.keys {
+            Keys::Fixed(_) => true,
+            Keys::Jwks(jwks) => jwks.loaded(),
+        }
+    }
+
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         let head = request.head;
         let raw = match &self.header {

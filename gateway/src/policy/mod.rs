@@ -161,6 +161,13 @@ pub trait Policy: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Whether the policy can decide right now (a JWKS policy before its first
+    /// keys arrive cannot): while any policy of a chain is not ready, the
+    /// Gatekeeper answers 503 for the API instance.
+    fn ready(&self) -> bool {
+        true
+    }
+
     /// Source addresses the NIC can judge for this policy: `(allow, nets)`
     /// when the policy looks only at the connection's address.
     fn nic_acl(&self) -> Option<(bool, &[ipnet::IpNet])> {
@@ -240,6 +247,11 @@ impl Chain {
             acl.allow.clear();
         }
         acl
+    }
+
+    /// Whether every policy can decide right now.
+    pub fn ready(&self) -> bool {
+        self.policies.iter().all(|p| p.ready())
     }
 
     /// The tightest response timeout any policy sets.

@@ -15,7 +15,7 @@ use super::io::TcpConn;
 use super::route::{normalize_host, upstream_target};
 use super::upstream::Upstream;
 use super::{Generation, ListenerRt, Shared, Worker};
-use crate::config::{HostHeader, RouteConfig, XffMode};
+use crate::config::{GateLevel, HostHeader, RouteConfig, XffMode};
 use crate::policy::{Chain, HeaderEdits, RequestView, Verdict};
 use crate::telemetry::{AccessRecord, GateLabels, HandshakeLabels, UpstreamLabels};
 
@@ -376,10 +376,18 @@ impl Client<'_> {
             record.finish(worker, None, started);
             return !close;
         };
-        if let Some(gate) = generation.gates.get(&route.api)
-            && !gate.is_open()
-        {
-            let reason = gate.reason.map_or("gated", |r| r.label());
+        let chain = generation.chains.get(&route.api);
+        let closed = match generation.gates.get(&route.api) {
+            Some(gate) if !gate.is_open() => Some(gate.reason.map_or("gated", |r| r.label())),
+            // Under `disabled` the policy itself answers (it fails closed).
+            _ if generation.config.gateway.gate_level != GateLevel::Disabled
+                && chain.is_some_and(|c| !c.ready()) =>
+            {
+                Some("policy_not_ready")
+            }
+            _ => None,
+        };
+        if let Some(reason) = closed {
             let labels = GateLabels {
                 api: route.api.clone(),
                 reason: reason.to_owned(),
@@ -392,7 +400,7 @@ impl Client<'_> {
             record.finish(worker, Some(route), started);
             return !close;
         }
-        self.chain = generation.chains.get(&route.api).cloned().unwrap_or_default();
+        self.chain = chain.cloned().unwrap_or_default();
         if let Some((status, bytes, reason)) = self.request_policies(&head).await {
             record.bytes_out = bytes.len() as u64;
             let _ = self.write(bytes, generation.settings.timeouts.idle).await;
