@@ -3,11 +3,10 @@
 //! configuration source, with and without the last-known-good cache.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, curl};
-use portcullis_tests::{NetNs, portcullis_bin};
+use portcullis_tests::{NetNs, portcullis_bin, wait_for};
 
 fn settings(level: &str) -> String {
     format!(
@@ -90,15 +89,6 @@ fn get(ns: &NetNs, path: &str, extra: &[&str]) -> anyhow::Result<Option<String>>
 
 fn status(ns: &NetNs, path: &str, extra: &[&str]) -> anyhow::Result<Option<u16>> {
     Ok(get(ns, path, extra)?.and_then(|h| h.get(9..12).and_then(|s| s.parse().ok())))
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok()? {
-        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    Ok(())
 }
 
 fn metrics(ns: &NetNs) -> anyhow::Result<String> {

@@ -6,12 +6,12 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::ensure;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use portcullis_tests::NetNs;
 use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, curl};
+use portcullis_tests::{NetNs, wait_for};
 
 /// Serves the JWKS document it holds; `None` answers 503.
 struct JwksServer {
@@ -128,15 +128,7 @@ fn status(ns: &NetNs, token: &str) -> anyhow::Result<u16> {
 }
 
 fn wait_status(ns: &NetNs, token: &str, want: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = status(ns, token)?;
-        if got == want {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "still {got}, waiting for {want}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(&format!("status {want}"), || Ok(status(ns, token)? == want))
 }
 
 #[test]
@@ -192,11 +184,7 @@ fn keys_come_from_a_jwks_url_and_follow_its_rotation() -> anyhow::Result<()> {
     jwks.down();
     let fetches = jwks.hits.load(Ordering::SeqCst);
     gw.reload()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.log_text().contains("configuration reloaded") {
-        ensure!(Instant::now() < deadline, "reload: {}", gw.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    gw.wait_log("configuration reloaded", "reload")?;
     ensure!(status(&ns, &token_a)? == 200 && status(&ns, &token_b)? == 200);
     ensure!(
         jwks.hits.load(Ordering::SeqCst) == fetches,

@@ -202,15 +202,7 @@ fn no_request_reaches_the_upstream_without_its_policies() -> anyhow::Result<()> 
         // Policy edit, applied by the running gateway.
         edits += 1;
         deploy(&dir.0, &config(&listen.to_string(), round + 1))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !gw.log_text().contains("configuration reloaded") {
-            ensure!(
-                Instant::now() < deadline,
-                "edit {edits} not applied: {}",
-                gw.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        gw.wait_log("configuration reloaded", &format!("edit {edits} not applied"))?;
     }
     let took = started.elapsed();
     std::thread::sleep(Duration::from_millis(300));

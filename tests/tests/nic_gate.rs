@@ -5,11 +5,11 @@
 //! its listener has its IP block list enforced at the NIC.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use portcullis_tests::http::{GatewayProcess, Pki, TempDir, Upstream, api_instance};
-use portcullis_tests::{Gateway, Topology, portcullis_bin};
+use portcullis_tests::{Gateway, Topology, portcullis_bin, wait_for};
 
 const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
 kind: Configuration
@@ -126,15 +126,6 @@ impl Scene {
             .map(|l| l["gate"].clone())
             .with_context(|| format!("{listener} in {status}"))
     }
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok()? {
-        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// The gateway namespace's TCP sockets on `port` (any state), one `ss` line each.

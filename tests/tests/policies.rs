@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use anyhow::ensure;
-use portcullis_tests::NetNs;
 use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, curl};
+use portcullis_tests::{NetNs, wait_for};
 
 const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
 kind: Configuration
@@ -761,15 +761,10 @@ fn basic_authentication_from_a_hash_file() -> anyhow::Result<()> {
     // gated (503) until the file is fixed, never served without its check.
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     s.gw.reload()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !s.gw.log_text().contains("answers 503 until the policy is fixed") {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "a loose credentials file must fail the policy: {}",
-            s.gw.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.gw.wait_log(
+        "answers 503 until the policy is fixed",
+        "a loose credentials file must fail the policy",
+    )?;
     ensure!(
         s.gw.log_text().contains("(mode 0644); run `chmod 600"),
         "{}",
@@ -782,14 +777,9 @@ fn basic_authentication_from_a_hash_file() -> anyhow::Result<()> {
     );
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     s.gw.reload()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !status(&[&basic("alice", "alice-pw")])?.starts_with("http/1.1 200") {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "fixed file must reopen the gate"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the fixed file to reopen the gate", || {
+        Ok(status(&[&basic("alice", "alice-pw")])?.starts_with("http/1.1 200"))
+    })?;
     Ok(())
 }
 

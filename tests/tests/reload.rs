@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure};
-use portcullis_tests::NetNs;
+use anyhow::ensure;
 use portcullis_tests::http::{
     GatewayProcess, TempDir, Upstream, api_instance, connect, read_response, request, status_of,
 };
+use portcullis_tests::{NetNs, wait_for};
 
 const ADMIN: &str = "127.0.0.1:9901";
 
@@ -63,17 +63,6 @@ fn status(ns: &NetNs, addr: &str, path: &str) -> Option<u16> {
     )
     .ok()?;
     status_of(&raw)
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
 }
 
 #[test]
@@ -145,17 +134,17 @@ fn hundred_reloads_under_load_fail_no_request() -> anyhow::Result<()> {
         replace(&s.dir, "extra.yaml", &text)?;
         s.gw.reload()?;
         wait_for(&format!("/v{i} to be routed"), || {
-            status(&s.ns, "127.0.0.1:8080", &format!("/v{i}/hello")) == Some(200)
+            Ok(status(&s.ns, "127.0.0.1:8080", &format!("/v{i}/hello")) == Some(200))
         })
         .map_err(|e| anyhow::anyhow!("{e}: {}", tail(&s.gw.log_text())))?;
         if i % 2 == 0 {
             wait_for("the side listener", || {
-                status(&s.ns, "127.0.0.1:8081", "/hello") == Some(200)
+                Ok(status(&s.ns, "127.0.0.1:8081", "/hello") == Some(200))
             })
             .map_err(|e| anyhow::anyhow!("{e}: {}", tail(&s.gw.log_text())))?;
         } else {
             wait_for("the side listener to close", || {
-                status(&s.ns, "127.0.0.1:8081", "/hello").is_none()
+                Ok(status(&s.ns, "127.0.0.1:8081", "/hello").is_none())
             })
             .map_err(|e| anyhow::anyhow!("{e}: {}", tail(&s.gw.log_text())))?;
         }
@@ -208,9 +197,7 @@ fn an_invalid_change_is_rejected_whole_and_traffic_stays() -> anyhow::Result<()>
     );
     replace(&s.dir, "extra.yaml", &text)?;
     s.gw.reload()?;
-    wait_for("the rejection in the log", || {
-        s.gw.log_text().contains("reload rejected")
-    })?;
+    s.gw.wait_log("reload rejected", "the rejection in the log")?;
     let log = s.gw.log_text();
     ensure!(
         log.contains("extra.yaml:19:7: spec.services.up.address"),
@@ -227,7 +214,7 @@ fn an_invalid_change_is_rejected_whole_and_traffic_stays() -> anyhow::Result<()>
     // Fixing the file (noticed by inotify, no signal) applies the whole change.
     replace(&s.dir, "extra.yaml", &text.replace("notaport", "9000"))?;
     wait_for("inotify to reload", || {
-        status(&s.ns, "127.0.0.1:8080", "/broken/hello") == Some(200)
+        Ok(status(&s.ns, "127.0.0.1:8080", "/broken/hello") == Some(200))
     })?;
     ensure!(status(&s.ns, "127.0.0.1:8080", "/fine/hello") == Some(200));
     Ok(())

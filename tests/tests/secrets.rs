@@ -167,15 +167,7 @@ fn secrets_never_reach_logs_metrics_or_errors() -> anyhow::Result<()> {
     );
     dir.write("gateway.yaml", &broken)?;
     gw.reload()?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !gw.log_text().contains("reload rejected") {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "no rejection logged: {}",
-            gw.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    gw.wait_log("reload rejected", "no rejection logged")?;
     let metrics = request(
         &ns,
         "127.0.0.1:9901".parse()?,

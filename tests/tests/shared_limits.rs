@@ -193,15 +193,7 @@ fn shared_storage_over_tls() -> anyhow::Result<()> {
     );
     dir.write("gateway.yaml", &text)?;
     let gw = GatewayProcess::start(&ns, &dir.0, "127.0.0.1:9901".parse()?)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !gw.log_text().contains("shared storage connected") {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "no TLS connection to Redis: {}",
-            gw.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    gw.wait_log("shared storage connected", "no TLS connection to Redis")?;
     let mut ok = 0;
     for _ in 0..25 {
         let raw = request(

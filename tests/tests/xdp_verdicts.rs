@@ -1,63 +1,16 @@
 //! XDP verdicts on crafted frames, run in the kernel with BPF_PROG_TEST_RUN
 //! against real (pinned) maps filled through the gateway's `xdp` module.
 
-use std::net::IpAddr;
-
 use ipnet::IpNet;
-use portcullis::xdp::{AclList, Counters, Instance, ListenerAddr, Loaded, Maps, UNATTRIBUTED};
+use portcullis::xdp::{AclList, Counters, UNATTRIBUTED};
 use portcullis_tests::{
+    Prog,
     frames::{Ext, Frame, L4, arp},
-    remove_pins, unique_name,
+    ip,
 };
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-
-/// A loaded program with its own pinned maps, removed on drop.
-struct Prog {
-    name: String,
-    loaded: Loaded,
-    maps: Maps,
-}
-
-impl Prog {
-    fn new() -> Self {
-        let name = unique_name("t");
-        let instance = Instance::new(&name).expect("valid name");
-        let loaded = instance.load(1 << 16).expect("program loads and verifies");
-        let maps = instance.maps().expect("maps open");
-        Self { name, loaded, maps }
-    }
-
-    fn run(&mut self, frame: &[u8]) -> u32 {
-        self.loaded.test_run(frame, 1).expect("test run").0
-    }
-
-    fn counters(&self, slot: u32) -> Counters {
-        self.maps.counters(slot).expect("counters")
-    }
-
-    fn listener(&mut self, addr: &str) -> (ListenerAddr, u32) {
-        let listener: ListenerAddr = addr.parse().expect("listener");
-        let id = self.maps.add_listener(&listener).expect("listener added");
-        (listener, id)
-    }
-
-    fn acl(&mut self, list: AclList, cidr: &str) {
-        let net: IpNet = cidr.parse().expect("cidr");
-        assert!(self.maps.acl_add(&list, net).expect("acl add"));
-    }
-}
-
-impl Drop for Prog {
-    fn drop(&mut self) {
-        remove_pins(&self.name);
-    }
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("address")
-}
 
 /// Global deny 192.0.2.0/24, listener deny 10.9.9.0/24, listener allow
 /// 10.0.0.0/8 on 10.0.0.1:80 (and the v6 equivalents on [fd00::1]:80).
@@ -75,7 +28,7 @@ fn policy(prog: &mut Prog, v6: bool) -> u32 {
 }
 
 fn check_verdicts(v6: bool) {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let id = policy(&mut prog, v6);
     let pick = |a: &str, b: &str| ip(if v6 { b } else { a });
     let dst = pick("10.0.0.1", "fd00::1");
@@ -129,7 +82,7 @@ fn every_verdict_ipv6() {
 
 #[test]
 fn longest_prefix_and_deny_before_allow() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (listener, id) = prog.listener("10.0.0.1:443");
     prog.acl(AclList::Allow(listener), "10.0.0.0/8");
     prog.acl(AclList::Allow(listener), "10.1.0.0/16");
@@ -149,7 +102,7 @@ fn longest_prefix_and_deny_before_allow() {
 
 #[test]
 fn vlan_tags() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (listener, id) = prog.listener("10.0.0.1:80");
     prog.acl(AclList::Deny(listener), "10.9.0.0/16");
     let frame = Frame::syn(ip("10.9.0.1"), ip("10.0.0.1"), 80);
@@ -178,7 +131,7 @@ fn vlan_tags() {
 
 #[test]
 fn ipv4_options_are_skipped() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (listener, _) = prog.listener("10.0.0.1:80");
     prog.acl(AclList::Deny(listener), "10.9.0.0/16");
     let mut frame = Frame::syn(ip("10.9.0.1"), ip("10.0.0.1"), 80);
@@ -192,7 +145,7 @@ fn ipv4_options_are_skipped() {
 
 #[test]
 fn ipv6_extension_headers_are_skipped() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (listener, id) = prog.listener("[fd00::1]:80");
     prog.acl(AclList::Deny(listener), "fd09::/16");
     let mut frame = Frame::syn(ip("fd09::1"), ip("fd00::1"), 80);
@@ -212,7 +165,7 @@ fn ipv6_extension_headers_are_skipped() {
 
 #[test]
 fn fragments_and_portless_packets_meet_the_global_deny_list() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (listener, id) = prog.listener("10.0.0.1:80");
     prog.acl(AclList::Deny(listener), "10.9.0.0/16");
     prog.acl(AclList::GlobalDeny, "192.0.2.0/24");
@@ -285,7 +238,7 @@ fn fragments_and_portless_packets_meet_the_global_deny_list() {
 
 #[test]
 fn truncated_frames_pass_untouched_at_every_offset() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (v4, _) = prog.listener("10.0.0.1:80");
     let (v6, _) = prog.listener("[fd00::1]:80");
     let (udp, _) = prog.listener("udp:10.0.0.1:53");
@@ -346,7 +299,7 @@ fn truncated_frames_pass_untouched_at_every_offset() {
 
 #[test]
 fn malformed_headers_and_non_ip_pass() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (listener, id) = prog.listener("10.0.0.1:80");
     prog.acl(AclList::Deny(listener), "10.9.0.0/16");
     let base = Frame::syn(ip("10.9.0.1"), ip("10.0.0.1"), 80);
@@ -382,7 +335,7 @@ fn malformed_headers_and_non_ip_pass() {
 
 #[test]
 fn wildcard_and_udp_listeners() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (any4, id4) = prog.listener("0.0.0.0:8080");
     let (any6, id6) = prog.listener("[::]:8080");
     let (dns, id_dns) = prog.listener("udp:10.0.0.1:53");
@@ -427,7 +380,7 @@ fn wildcard_and_udp_listeners() {
 
 #[test]
 fn whole_list_replace_is_atomic_and_cleans_up() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (listener, _) = prog.listener("10.0.0.1:80");
     let list = AclList::Allow(listener);
     let nets = |v: &[&str]| {
@@ -471,7 +424,7 @@ fn whole_list_replace_is_atomic_and_cleans_up() {
 
 #[test]
 fn single_entries_in_place_and_listener_lifecycle() {
-    let mut prog = Prog::new();
+    let mut prog = Prog::new(1 << 16);
     let (listener, id) = prog.listener("10.0.0.1:80");
     let allow = AclList::Allow(listener);
     let syn = |src: &str| Frame::syn(ip(src), ip("10.0.0.1"), 80).bytes();

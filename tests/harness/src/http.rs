@@ -524,6 +524,12 @@ impl GatewayProcess {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until its log holds `needle`; on time-out the error says `what` and carries the log.
+    pub fn wait_log(&self, needle: &str, what: &str) -> anyhow::Result<()> {
+        crate::wait_for(what, || Ok(self.log_text().contains(needle)))
+            .with_context(|| format!("{what}: {}", self.log_text()))
+    }
+
     /// Its pid.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -34,6 +34,21 @@ pub fn unique_name(tag: &str) -> String {
     format!("pc{pid}{tag}{n}")
 }
 
+/// How long [`wait_for`] waits.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Polls `ok` every 10 ms until it says yes; fails after [`WAIT`], naming `what`.
+pub fn wait_for(what: &str, mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !ok()? {
+        if std::time::Instant::now() > deadline {
+            bail!("timed out after {WAIT:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 fn sh(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {

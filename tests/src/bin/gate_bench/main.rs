@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use portcullis::xdp::{Instance, ListenerAddr};
 use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, read_response};
-use portcullis_tests::{Gateway, NetNs, Topology, portcullis_bin, unique_name};
+use portcullis_tests::{Gateway, NetNs, Topology, portcullis_bin, unique_name, wait_for};
 
 mod raw;
 
@@ -297,11 +297,7 @@ fn edits(
     deploy(dir, &config(listen, "1000000"))?;
     let maps = Instance::new(instance)?.maps()?;
     let key = ListenerAddr::tcp(listen);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !maps.gate(&key)?.1 {
-        ensure!(Instant::now() < deadline, "the gate never opened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for("the gate to open", || Ok(maps.gate(&key)?.1))?;
     let base = Instant::now();
     let p = Arc::new(Probe {
         status: AtomicU16::new(0),

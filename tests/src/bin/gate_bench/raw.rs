@@ -27,6 +27,23 @@ const REQUEST: &[u8] = b"GET /orders/hello HTTP/1.1\r\nHost: api\r\nConnection: 
 mod packet {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
+    /// One `mmsghdr` per buffer, for `sendmmsg` and `recvmmsg`.
+    fn message_headers(iovecs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+        iovecs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: msghdr is plain data; zero is a valid start.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = std::ptr::from_mut(iov);
+                msg.msg_iovlen = 1;
+                libc::mmsghdr {
+                    msg_hdr: msg,
+                    msg_len: 0,
+                }
+            })
+            .collect()
+    }
+
     /// An `AF_PACKET` socket bound to one interface, for IPv4 frames.
     pub struct Socket(OwnedFd);
 
@@ -125,19 +142,7 @@ mod packet {
                     iov_len: f.len(),
                 })
                 .collect();
-            let mut headers: Vec<libc::mmsghdr> = iovecs
-                .iter_mut()
-                .map(|iov| {
-                    // SAFETY: msghdr is plain data; zero is a valid start.
-                    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                    msg.msg_iov = std::ptr::from_mut(iov);
-                    msg.msg_iovlen = 1;
-                    libc::mmsghdr {
-                        msg_hdr: msg,
-                        msg_len: 0,
-                    }
-                })
-                .collect();
+            let mut headers = message_headers(&mut iovecs);
             let count = u32::try_from(headers.len()).unwrap_or(u32::MAX);
             // SAFETY: headers, iovecs and frames outlive the call; count is their number.
             let sent = unsafe { libc::sendmmsg(self.0.as_raw_fd(), headers.as_mut_ptr(), count, 0) };
@@ -161,19 +166,7 @@ mod packet {
                     iov_len: b.len(),
                 })
                 .collect();
-            let mut headers: Vec<libc::mmsghdr> = iovecs
-                .iter_mut()
-                .map(|iov| {
-                    // SAFETY: msghdr is plain data; zero is a valid start.
-                    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                    msg.msg_iov = std::ptr::from_mut(iov);
-                    msg.msg_iovlen = 1;
-                    libc::mmsghdr {
-                        msg_hdr: msg,
-                        msg_len: 0,
-                    }
-                })
-                .collect();
+            let mut headers = message_headers(&mut iovecs);
             let count = u32::try_from(headers.len()).unwrap_or(u32::MAX);
             // SAFETY: headers, iovecs and buffers outlive the call; count is their number.
             let got = unsafe {
