@@ -144,7 +144,8 @@ fn read_source(dir: &Path) -> Result<Result<Files, ConfigErrors>, std::io::Error
         .map_err(|e| ConfigErrors(vec![e])))
 }
 
-fn load(dir: &Path, files: Files, previous: Option<&Generation>) -> Result<Generation, ConfigErrors> {
+/// The configuration `files` of `dir` make, its warnings logged.
+fn parse(dir: &Path, files: Files) -> Result<config::Config, ConfigErrors> {
     let config = config::load(&config::MemSource {
         files,
         base: dir.to_path_buf(),
@@ -152,7 +153,11 @@ fn load(dir: &Path, files: Files, previous: Option<&Generation>) -> Result<Gener
     for w in &config.warnings {
         tracing::warn!(warning = %w, "configuration");
     }
-    Generation::build(config, previous)
+    Ok(config)
+}
+
+fn load(dir: &Path, files: Files, previous: Option<&Generation>) -> Result<Generation, ConfigErrors> {
+    Generation::build(parse(dir, files)?, previous)
 }
 
 fn open_cache(options: &RunOptions) -> Option<Cache> {
@@ -608,13 +613,7 @@ fn read_config(dir: &Path) -> Result<Option<(Files, config::Config)>, ConfigErro
             return Ok(None);
         }
     };
-    let config = config::load(&config::MemSource {
-        files: files.clone(),
-        base: dir.to_path_buf(),
-    })?;
-    for w in &config.warnings {
-        tracing::warn!(warning = %w, "configuration");
-    }
+    let config = parse(dir, files.clone())?;
     Ok(Some((files, config)))
 }
 

@@ -77,32 +77,29 @@ impl Nic {
         }
     }
 
-    /// Takes the gates over and closes every listener of `generation`:
-    /// what a proxy does before it accepts its first connection.
+    /// Takes the gates over and closes every listener of `generation` (its IP
+    /// lists already in force): what a proxy does before it accepts its first connection.
     pub fn close_all(&mut self, generation: &Generation) -> Result<(), XdpError> {
-        self.drop = generation.config.gateway.nic_drop;
         self.maps.take_over(self.owner, BEAT_TIMEOUT)?;
-        for (addr, listener) in &generation.listeners {
-            let key = ListenerAddr::tcp(*addr);
-            self.ensure(&key)?;
-            self.maps
-                .set_gate(&key, self.mode(listener.tls.is_some()), false)?;
-            self.ours.insert(key);
-        }
-        Ok(())
+        self.write(generation, false)
     }
 
     /// Writes every listener's gate as `generation` has it, pushes the IP
     /// lists of API instances that own their listener, and releases
     /// listeners that are no longer configured.
     pub fn sync(&mut self, generation: &Generation) -> Result<(), XdpError> {
+        self.write(generation, true)
+    }
+
+    /// [`Nic::sync`], with every gate closed unless `may_open`.
+    fn write(&mut self, generation: &Generation, may_open: bool) -> Result<(), XdpError> {
         self.drop = generation.config.gateway.nic_drop;
         let mut now = HashSet::new();
         for (addr, listener) in &generation.listeners {
             let key = ListenerAddr::tcp(*addr);
             self.ensure(&key)?;
             self.push_acl(generation, &key, addr)?;
-            let open = !generation.listener_gated(addr);
+            let open = may_open && !generation.listener_gated(addr);
             self.maps
                 .set_gate(&key, self.mode(listener.tls.is_some()), open)?;
             now.insert(key);

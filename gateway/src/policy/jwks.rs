@@ -91,14 +91,14 @@ impl Target {
 
 /// Keys in hand.
 struct Keys {
-    keys: Vec<(Option<String>, DecodingKey)>,
+    keys: Vec<(Option<String>, Arc<DecodingKey>)>,
     fetched: Instant,
 }
 
 /// What a token's key id finds.
 pub enum Lookup {
     /// Keys to try, the one named by the key id first.
-    Keys(Vec<DecodingKey>),
+    Keys(Vec<Arc<DecodingKey>>),
     /// No key has been fetched yet.
     NotLoaded,
     /// The set has no key with this id.
@@ -232,14 +232,14 @@ impl Jwks {
     fn refresh(&self, timeout: Duration) -> Result<(), String> {
         let body = get(&self.target, timeout)?;
         let set: JwkSet = serde_json::from_slice(&body).map_err(|e| format!("not a JWKS document: {e}"))?;
-        let keys: Vec<(Option<String>, DecodingKey)> = set
+        let keys: Vec<(Option<String>, Arc<DecodingKey>)> = set
             .keys
             .iter()
             .filter(|jwk| self.family.fits(&jwk.algorithm))
             .filter_map(|jwk| {
                 DecodingKey::from_jwk(jwk)
                     .ok()
-                    .map(|key| (jwk.common.key_id.clone(), key))
+                    .map(|key| (jwk.common.key_id.clone(), Arc::new(key)))
             })
             .collect();
         if keys.is_empty() {

@@ -380,13 +380,16 @@ impl Policy for JwtValidation {
                 body: "401 Unauthorized\n".into(),
             });
         };
-        let candidates = match &self.keys {
-            Keys::Fixed(key) => vec![key.clone()],
+        let decode = |key: &DecodingKey| {
+            jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(token, key, &self.validation)
+        };
+        let outcome = match &self.keys {
+            Keys::Fixed(key) => decode(key),
             Keys::Jwks(jwks) => {
                 let Ok(header) = jsonwebtoken::decode_header(token) else {
                     return refuse("invalid token");
                 };
-                match jwks.lookup(header.kid.as_deref()) {
+                let keys = match jwks.lookup(header.kid.as_deref()) {
                     super::jwks::Lookup::Keys(keys) => keys,
                     super::jwks::Lookup::UnknownKid => return refuse("unknown key id"),
                     super::jwks::Lookup::NotLoaded => {
@@ -396,17 +399,17 @@ impl Policy for JwtValidation {
                             body: "503 Service Unavailable: signing keys not loaded yet\n".into(),
                         });
                     }
+                };
+                let mut outcome = Err(jsonwebtoken::errors::ErrorKind::InvalidSignature.into());
+                for key in &keys {
+                    outcome = decode(key);
+                    if outcome.is_ok() {
+                        break;
+                    }
                 }
+                outcome
             }
         };
-        let mut outcome = Err(jsonwebtoken::errors::ErrorKind::InvalidSignature.into());
-        for key in &candidates {
-            outcome =
-                jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(token, key, &self.validation);
-            if outcome.is_ok() {
-                break;
-            }
-        }
         let claims = match outcome {
             Ok(data) => data.claims,
             Err(e) => {

@@ -981,10 +981,6 @@ impl Client<'_> {
         let mut sent = out.len() as u64;
         let client_wait = settings.timeouts.idle;
         let up_wait = self.response_timeout(upstream);
-        let upstream_io = |e: io::Error| ProxyError::UpstreamIo {
-            endpoint: endpoint.to_string(),
-            source: e,
-        };
         // The head goes out with whatever body bytes already arrived behind it.
         let mut pending = out;
         match framing {
@@ -1020,13 +1016,9 @@ impl Client<'_> {
                     if remaining == 0 {
                         break;
                     }
-                    let (b, n) = read_upstream(up, up_buf, up_wait, endpoint)
+                    up_buf = read_upstream_more(up, up_buf, up_wait, endpoint)
                         .await
                         .map_err(|e| (sent, e))?;
-                    if n == 0 {
-                        return Err((sent, upstream_io(io::ErrorKind::UnexpectedEof.into())));
-                    }
-                    up_buf = b;
                 }
                 Ok((
                     sent,
@@ -1058,13 +1050,9 @@ impl Client<'_> {
                     if dec.is_done() {
                         break;
                     }
-                    let (b, n) = read_upstream(up, up_buf, up_wait, endpoint)
+                    up_buf = read_upstream_more(up, up_buf, up_wait, endpoint)
                         .await
                         .map_err(|e| (sent, e))?;
-                    if n == 0 {
-                        return Err((sent, upstream_io(io::ErrorKind::UnexpectedEof.into())));
-                    }
-                    up_buf = b;
                 }
                 Ok((
                     sent,
@@ -1129,6 +1117,23 @@ async fn read_upstream(
             endpoint: endpoint.to_string(),
         }),
     }
+}
+
+/// Reads more of a body the framing says is not over: a close now is an error.
+async fn read_upstream_more(
+    up: &mut Conn,
+    buf: Vec<u8>,
+    wait: Duration,
+    endpoint: &str,
+) -> Result<Vec<u8>, ProxyError> {
+    let (buf, n) = read_upstream(up, buf, wait, endpoint).await?;
+    if n == 0 {
+        return Err(ProxyError::UpstreamIo {
+            endpoint: endpoint.to_string(),
+            source: io::ErrorKind::UnexpectedEof.into(),
+        });
+    }
+    Ok(buf)
 }
 
 fn upstream_io(e: io::Error) -> ProxyError {
