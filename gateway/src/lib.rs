@@ -10,9 +10,12 @@
 
 pub mod config;
 pub mod gatekeeper;
+pub mod http;
 pub mod policy;
 pub mod proxy;
+pub mod runtime;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;
 pub mod tls;
 pub mod xdp;

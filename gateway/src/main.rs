@@ -6,13 +6,14 @@ use std::{io::Write as _, process::ExitCode};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use portcullis::supervisor::{self, report::GateReport};
 use portcullis::xdp::{
     AclList, AttachMode, AttachOptions, Counters, DEFAULT_INSTANCE, GateMode, Instance, ListenerAddr, Maps,
     XdpError,
 };
 use serde_json::{Value, json};
 
-mod gateway;
+mod commands;
 
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version, about = "Portcullis API gateway")]
@@ -44,8 +45,8 @@ enum Command {
         /// Directory of YAML resources.
         dir: std::path::PathBuf,
         /// `text` (one `file:line:column: field: message` per line) or `json`.
-        #[arg(long, value_enum, default_value_t = gateway::Format::Text)]
-        format: gateway::Format,
+        #[arg(long, value_enum, default_value_t = commands::Format::Text)]
+        format: commands::Format,
     },
     /// Make keys and encrypted values for `${encrypted:v1:...}` secret fields.
     #[command(subcommand)]
@@ -212,7 +213,7 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Run { .. }) {
         // Before any thread exists (the log writer is one): every thread
         // inherits the mask, so only `run`'s sigwait ever sees these signals.
-        if let Err(e) = gateway::stop_signals().thread_block() {
+        if let Err(e) = supervisor::stop_signals().thread_block() {
             eprintln!("error: blocking signals: {e}");
             return ExitCode::FAILURE;
         }
@@ -242,7 +243,7 @@ fn main() -> ExitCode {
             .init();
     }
     // RUST_LOG, when set, wins over the Configuration's logLevel.
-    let set_level: gateway::SetLevel = Box::new(move |level: &str| {
+    let set_level: supervisor::SetLevel = Box::new(move |level: &str| {
         if !env_set {
             let _ = level_handle.modify(|f| *f = tracing_subscriber::EnvFilter::new(level));
         }
@@ -264,7 +265,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli, set_level: &gateway::SetLevel) -> anyhow::Result<()> {
+fn run(cli: Cli, set_level: &supervisor::SetLevel) -> anyhow::Result<()> {
     let instance = Instance::new(&cli.instance)?;
     match cli.command {
         Command::Run {
@@ -272,17 +273,24 @@ fn run(cli: Cli, set_level: &gateway::SetLevel) -> anyhow::Result<()> {
             state_dir,
             cache_key,
         } => {
-            let options = gateway::RunOptions {
+            let options = supervisor::RunOptions {
                 config,
                 state_dir,
                 cache_key,
                 instance: cli.instance.clone(),
             };
-            gateway::run(&options, set_level)?;
+            if let Err(e) = supervisor::run(&options, set_level) {
+                if let supervisor::SupervisorError::Config { errors, .. } = &e {
+                    for error in &errors.0 {
+                        eprintln!("{error}");
+                    }
+                }
+                return Err(e.into());
+            }
         }
-        Command::Check { dir, format } => gateway::check(&dir, format)?,
-        Command::Secret(SecretCommand::Keygen { out }) => gateway::keygen(&out)?,
-        Command::Secret(SecretCommand::Encrypt { key_file }) => gateway::encrypt(&key_file)?,
+        Command::Check { dir, format } => commands::check(&dir, format)?,
+        Command::Secret(SecretCommand::Keygen { out }) => commands::keygen(&out)?,
+        Command::Secret(SecretCommand::Encrypt { key_file }) => commands::encrypt(&key_file)?,
         Command::Xdp(XdpCommand::Attach {
             iface,
             mode,
@@ -456,18 +464,14 @@ fn counters_json(c: &Counters) -> Value {
 
 /// The gates `portcullis run` last reported, and whether that proxy still runs.
 fn gate_report(state_dir: &std::path::Path) -> Value {
-    let path = state_dir.join(gateway::GATES_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    let Some((path, report)) = GateReport::read(state_dir) else {
         return Value::Null;
     };
-    let mut report: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    let running = report["pid"]
-        .as_i64()
-        .and_then(|pid| i32::try_from(pid).ok())
-        .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok());
-    report["proxy_running"] = json!(running);
-    report["path"] = json!(path.display().to_string());
-    report
+    let running = report.proxy_running();
+    let mut value = serde_json::to_value(report).unwrap_or(Value::Null);
+    value["proxy_running"] = json!(running);
+    value["path"] = json!(path.display().to_string());
+    value
 }
 
 fn status(instance: &Instance, state_dir: &std::path::Path) -> anyhow::Result<Value> {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use portcullis::config::secret::SecretKey;
 use portcullis::config::{self, MemSource};
-use portcullis::proxy::Generation;
+use portcullis::runtime::Generation;
 
 struct Fixtures {
     dir: PathBuf,

@@ -11,7 +11,7 @@ use super::locate::LineIndex;
 use super::raw;
 use super::secret::{self, Resolver, Secret, SecretError, SecretSource};
 use super::{ConfigError, ConfigErrors};
-use crate::proxy::http::HeadLimits;
+use crate::http::HeadLimits;
 
 /// API versions accepted in `apiVersion`.
 pub const API_VERSIONS: [&str; 2] = ["gateway.mulesoft.com/v1alpha1", "portcullis.dev/v1alpha1"];
@@ -36,6 +36,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// How many routes (API instance bindings) its listeners hold.
+    pub fn route_count(&self) -> usize {
+        self.listeners.iter().map(|l| l.routes.len()).sum()
+    }
+
     /// Nothing to serve: what runs while the configuration source cannot be read and no cache can stand in.
     pub fn empty(dir: &Path) -> Self {
         Self {
@@ -50,7 +55,7 @@ impl Config {
     }
 }
 
-/// Gatekeeper level (see DESIGN.md, Gatekeeper).
+/// Gatekeeper level (see docs/architecture.md, the Gatekeeper).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GateLevel {
     /// 503 until every policy is applied; stays 503 while the control plane is unreachable.
@@ -60,6 +65,17 @@ pub enum GateLevel {
     Flexible,
     /// Never 503.
     Disabled,
+}
+
+impl GateLevel {
+    /// Lowercase name, as configured and reported.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Flexible => "flexible",
+            Self::Disabled => "disabled",
+        }
+    }
 }
 
 /// Gateway-wide settings beyond the proxy's.

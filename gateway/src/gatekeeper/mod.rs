@@ -13,16 +13,16 @@
 //! ```
 //!
 //! A gate that is not open answers `503` with `Retry-After`. The gatekeeper
-//! says *what* each gate is; the proxy answers for it, and [`nic`] has the
-//! `xdp` module mirror it per listener at the NIC. Traffic that matches no API instance is
-//! not gated.
-
-pub mod nic;
+//! says *what* each gate is and decides every admission ([`Gates::admit`]);
+//! the proxy answers for it, and the supervisor has the `xdp` module mirror
+//! it per listener at the NIC. Traffic that matches no API instance is not
+//! gated.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
 
 use crate::config::{Config, GateLevel, RouteConfig};
+use crate::policy::Chain;
 
 /// Where an API instance's gate stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,8 @@ pub enum Reason {
     PolicyEdit,
     /// The API instance was redeployed (listener, paths or service changed) and its policies are being applied.
     Redeploy,
+    /// A policy cannot decide yet (jwt-validation before its first JWKS keys).
+    PolicyNotReady,
 }
 
 impl Reason {
@@ -70,6 +72,7 @@ impl Reason {
             Self::SourceUnreachable => "source_unreachable",
             Self::PolicyEdit => "policy_edit",
             Self::Redeploy => "redeploy",
+            Self::PolicyNotReady => "policy_not_ready",
         }
     }
 }
@@ -147,32 +150,74 @@ pub fn decide(level: GateLevel, built: Built<'_>) -> Gate {
     Gate::open()
 }
 
-/// Every API instance's gate.
+/// Every API instance's gate, at the configuration's Gatekeeper level.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Gates(HashMap<String, Gate>);
+pub struct Gates {
+    gates: HashMap<String, Gate>,
+    level: GateLevel,
+}
 
 impl Gates {
+    /// No gates yet, at `level`.
+    pub fn new(level: GateLevel) -> Self {
+        Self {
+            gates: HashMap::new(),
+            level,
+        }
+    }
+
+    /// Whether a request for `api` may reach `chain`: the one decision behind
+    /// every 503 of a route. A closed gate refuses with its reason; so does a
+    /// chain that cannot decide yet, unless the Gatekeeper is disabled (the
+    /// policy itself then fails closed).
+    pub fn admit(&self, api: &str, chain: &Chain) -> Result<(), Reason> {
+        match self.gates.get(api) {
+            Some(gate) if !gate.is_open() => Err(gate.reason.unwrap_or(Reason::PolicyFailed)),
+            _ if self.level != GateLevel::Disabled && !chain.ready() => Err(Reason::PolicyNotReady),
+            _ => Ok(()),
+        }
+    }
+
+    /// Gates `api` while a change of it is put in force (`Applying`, for a
+    /// redeploy or a policy edit).
+    pub fn engage(&mut self, api: &str, reason: Reason) {
+        let detail = match reason {
+            Reason::Redeploy => "redeployed: applying its policies",
+            _ => "applying an edited policy configuration",
+        };
+        self.insert(api, Gate::closed(State::Applying, reason, detail));
+    }
+
+    /// Closes every gate because the configuration source cannot be read
+    /// under `strict` (what a start from the last-known-good cache does).
+    pub fn close_unreachable(&mut self) {
+        self.close_all(
+            Reason::SourceUnreachable,
+            "strict: 503 until the configuration source can be read again",
+        );
+    }
+
     /// Sets one API instance's gate.
     pub fn insert(&mut self, api: &str, gate: Gate) {
-        self.0.insert(api.to_owned(), gate);
+        self.gates.insert(api.to_owned(), gate);
     }
 
     /// The gate of `api`; `None` for traffic that is not an API instance's.
     pub fn get(&self, api: &str) -> Option<&Gate> {
-        self.0.get(api)
+        self.gates.get(api)
     }
 
     /// Every gate, sorted by API instance name.
     pub fn sorted(&self) -> Vec<(&str, &Gate)> {
-        let mut all: Vec<(&str, &Gate)> = self.0.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut all: Vec<(&str, &Gate)> = self.gates.iter().map(|(k, v)| (k.as_str(), v)).collect();
         all.sort_by_key(|(k, _)| *k);
         all
     }
 
     /// Keeps the `since` of every gate whose state and reason did not change from `previous`.
     pub fn carry_since(&mut self, previous: &Self) {
-        for (api, gate) in &mut self.0 {
-            if let Some(old) = previous.0.get(api)
+        for (api, gate) in &mut self.gates {
+            if let Some(old) = previous.gates.get(api)
                 && old.same_as(gate)
             {
                 gate.since = old.since;
@@ -181,8 +226,8 @@ impl Gates {
     }
 
     /// Closes every gate with `reason`.
-    pub fn close_all(&mut self, reason: Reason, detail: &str) {
-        for gate in self.0.values_mut() {
+    fn close_all(&mut self, reason: Reason, detail: &str) {
+        for gate in self.gates.values_mut() {
             *gate = Gate::closed(State::Blocked, reason, detail);
         }
     }
@@ -190,16 +235,16 @@ impl Gates {
     /// Whether every gate in `apis` is closed (an empty list counts as closed:
     /// a listener with no API instance has nothing to open).
     pub fn all_closed<'a>(&self, mut apis: impl Iterator<Item = &'a str>) -> bool {
-        apis.all(|api| self.0.get(api).is_none_or(|g| !g.is_open()))
+        apis.all(|api| self.gates.get(api).is_none_or(|g| !g.is_open()))
     }
 
     /// `(api, old, new)` for every gate that changed state or reason, or appeared.
     pub fn changes<'a>(&'a self, previous: &'a Self) -> Vec<(&'a str, Option<&'a Gate>, &'a Gate)> {
         let mut out: Vec<_> = self
-            .0
+            .gates
             .iter()
             .filter_map(|(api, gate)| {
-                let old = previous.0.get(api);
+                let old = previous.gates.get(api);
                 (!old.is_some_and(|o| o.same_as(gate))).then_some((api.as_str(), old, gate))
             })
             .collect();

@@ -3,7 +3,7 @@
 use serde::Deserialize;
 
 use super::{HeaderEdits, Policy, PolicyError, RequestView, Response, Verdict, parse};
-use crate::proxy::http::Head;
+use crate::http::Head;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

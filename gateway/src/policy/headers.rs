@@ -3,7 +3,7 @@
 use serde::Deserialize;
 
 use super::{HeaderEdits, Policy, PolicyError, RequestView, Verdict, parse};
-use crate::proxy::http::Head;
+use crate::http::Head;
 
 /// A header name, or an anchored case-insensitive pattern such as `Access-Control.*`.
 #[derive(Debug, Clone)]

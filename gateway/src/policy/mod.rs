@@ -35,7 +35,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::proxy::http::Head;
+use crate::http::Head;
 
 /// What a request phase decides.
 #[derive(Debug, PartialEq, Eq)]

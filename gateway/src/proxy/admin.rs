@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::Shared;
-use super::http::{self, HeadLimits};
 use super::io::{self, Listener, TcpConn};
+use crate::http::{self, HeadLimits};
+use crate::runtime::Shared;
 
 /// Serves the admin endpoints on the current thread until the process exits.
 pub fn run(socket: std::net::TcpListener, shared: Arc<Shared>, workers: usize) {

@@ -8,15 +8,16 @@ use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
 
+use super::Worker;
 use super::conn::Conn;
-use super::error::{Blame, HttpError, ProxyError};
-use super::http::{self, ChunkedDecoder, Framing, Head, Reencode, Version};
+use super::error::{Blame, ProxyError};
 use super::io::TcpConn;
-use super::route::{normalize_host, upstream_target};
-use super::upstream::Upstream;
-use super::{Generation, ListenerRt, Shared, Worker};
 use crate::config::{GateLevel, HostHeader, RouteConfig, XffMode};
+use crate::http::{self, ChunkedDecoder, Framing, Head, HttpError, Reencode, Version};
 use crate::policy::{Chain, HeaderEdits, RequestView, Verdict};
+use crate::runtime::route::{normalize_host, upstream_target};
+use crate::runtime::service::Upstream;
+use crate::runtime::{Generation, ListenerRt, Shared};
 use crate::telemetry::{AccessRecord, GateLabels, HandshakeLabels, UpstreamLabels};
 
 /// Read buffer of a new upstream connection; it stays with the connection in the pool.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::policy::NicAcl;
-use crate::proxy::Generation;
+use crate::runtime::Generation;
 use crate::xdp::{AclList, GateMode, Instance, ListenerAddr, Maps, XdpError};
 
 /// How often the proxy beats.
@@ -192,5 +192,33 @@ impl Nic {
             self.maps.set_gate(&key, mode, false)?;
         }
         self.maps.stop_beating(self.owner)
+    }
+}
+
+/// The instance's gates at the NIC, all closed, if XDP is loaded for it.
+pub(super) fn open(instance: &str, generation: &Generation) -> Option<Nic> {
+    let mut nic = match Nic::open(instance) {
+        Ok(Some(nic)) => nic,
+        Ok(None) => {
+            tracing::info!(
+                instance,
+                "XDP is not loaded for this instance: gates are enforced by the proxy only (attach with `portcullis xdp attach`)"
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(instance, error = %e, "the XDP maps cannot be used: gates are enforced by the proxy only");
+            return None;
+        }
+    };
+    match nic.close_all(generation) {
+        Ok(()) => {
+            tracing::info!(instance, pins = %nic.instance().pin_dir().display(), "gates at the NIC closed until policies are applied");
+            Some(nic)
+        }
+        Err(e) => {
+            tracing::error!(instance, error = %e, "closing the gates at the NIC failed: gates are enforced by the proxy only");
+            None
+        }
     }
 }

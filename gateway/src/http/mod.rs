@@ -7,7 +7,9 @@
 
 use std::ops::Range;
 
-use super::error::HttpError;
+mod error;
+
+pub use error::HttpError;
 
 /// Limits on what a client may send in a request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,357 @@
+//! The supervisor: `portcullis run` as a library. It reads the configuration
+//! source, builds the first generation, takes the gates at the NIC over,
+//! starts one proxy worker per core and the admin endpoints, then reloads on
+//! SIGHUP or a change of the source until SIGINT or SIGTERM drains it.
+//!
+//! ```text
+//! source ─► generation (runtime) ─► publish ─► workers (proxy)
+//!                                      ├─────► gates at the NIC (xdp)
+//!                                      └─────► gate report (`portcullis status`)
+//! ```
+
+mod lkg;
+mod nic;
+mod reload;
+pub mod report;
+mod source;
+mod watch;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::config::ConfigErrors;
+use crate::gatekeeper::Gates;
+use crate::proxy::{self, admin, io};
+use crate::runtime::{Generation, NewListener, Shared};
+use crate::store::cache::Cache;
+use crate::telemetry::Metrics;
+use nic::Nic;
+use report::{GATES_FILE, GateReport};
+
+/// Why `portcullis run` could not start or stopped early.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SupervisorError {
+    /// io_uring cannot be used on this host.
+    #[error("{0}")]
+    IoUring(String),
+    /// The configuration source holds errors (each located).
+    #[error("{} configuration error(s) in {}", .errors.0.len(), .dir.display())]
+    Config { dir: PathBuf, errors: ConfigErrors },
+    /// Shared storage cannot be used with these settings.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A listener, admin socket or socket duplicate could not be made.
+    #[error("{what}: {source}")]
+    Socket {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("spawning {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Signals could not be blocked or waited for.
+    #[error("signals: {0}")]
+    Signals(#[source] nix::Error),
+}
+
+/// What `portcullis run` needs besides the configuration it reads.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The configuration directory (the configuration source).
+    pub config: PathBuf,
+    /// Where the last-known-good cache and the gate report live.
+    pub state_dir: PathBuf,
+    /// Key file of the cache; `None`: the systemd credential, or no cache.
+    pub cache_key: Option<PathBuf>,
+    /// XDP instance whose pinned maps mirror the gates at the NIC (if it is loaded).
+    pub instance: String,
+}
+
+/// Applies a log level (`error` … `trace`) unless `RUST_LOG` overrides it.
+pub type SetLevel = Box<dyn Fn(&str)>;
+
+/// SIGINT and SIGTERM stop the gateway, SIGHUP reloads it; `main` blocks
+/// them in every thread before the first one is spawned.
+pub fn stop_signals() -> SigSet {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
+    signals
+}
+
+/// Where the gates in force are mirrored: the NIC (if XDP is loaded) and the report file.
+#[derive(Debug)]
+struct Mirror {
+    nic: Option<Nic>,
+    report: PathBuf,
+}
+
+impl Mirror {
+    fn sync_nic(&mut self, generation: &Generation) {
+        if let Some(nic) = self.nic.as_mut()
+            && let Err(e) = nic.sync(generation)
+        {
+            tracing::error!(error = %e, "writing the gates to the NIC failed; the proxy still answers 503 for gated routes");
+        }
+    }
+
+    fn report(&self, generation: &Generation) {
+        if let Err(e) = GateReport::of(generation).write(&self.report) {
+            tracing::warn!(path = %self.report.display(), error = %e, "gate report not written; `portcullis status` shows older states");
+        }
+    }
+}
+
+/// The running gateway as the supervisor holds it.
+#[derive(Debug)]
+struct Supervisor {
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    handles: Handles,
+    cache: Option<Cache>,
+    mirror: Mirror,
+}
+
+impl Supervisor {
+    /// Puts `generation` in force, and its gates at the NIC and in the report.
+    fn publish(&mut self, generation: Generation) {
+        self.shared.publish(generation);
+        let current = self.shared.current();
+        self.mirror.sync_nic(&current);
+        self.mirror.report(&current);
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to [`DRAIN_TIMEOUT`]), closes idle connections.
+    fn drain(&mut self, signal: Signal) {
+        let started = Instant::now();
+        self.shared.start_drain();
+        let addrs: Vec<SocketAddr> = self.handles.0.keys().copied().collect();
+        for addr in &addrs {
+            self.handles.close(addr);
+        }
+        let open = || self.shared.metrics.open_connections.get();
+        tracing::info!(
+            ?signal,
+            open = open(),
+            "draining: no new connections; requests in flight finish"
+        );
+        while open() > 0 && started.elapsed() < DRAIN_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::info!(left = open(), took_ms = started.elapsed().as_millis(), "stopped");
+    }
+}
+
+/// Runs the gateway until SIGINT or SIGTERM; SIGHUP or a change in the source reloads.
+pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorError> {
+    io::probe().map_err(SupervisorError::IoUring)?;
+    let dir = options.config.as_path();
+    let config_error = |errors: ConfigErrors| SupervisorError::Config {
+        dir: dir.to_path_buf(),
+        errors,
+    };
+    let cache = lkg::open(options);
+    let (generation, source_files) = match source::read(dir) {
+        Ok(files) => {
+            let files = files.map_err(config_error)?;
+            let generation = source::load(dir, files.clone(), None).map_err(config_error)?;
+            (generation, Some(files))
+        }
+        Err(e) => {
+            tracing::warn!(config = %dir.display(), error = %e, "configuration source unreachable");
+            (lkg::serve_from(dir, cache.as_ref()), None)
+        }
+    };
+    reload::log_policy_errors(&generation);
+    reload::log_gates(&Gates::default(), &generation.gates);
+    if let Some(files) = source_files.clone() {
+        lkg::remember(cache.as_ref(), dir, files, &generation);
+    }
+    let mirror = Mirror {
+        nic: nic::open(&options.instance, &generation),
+        report: options.state_dir.join(GATES_FILE),
+    };
+    mirror.report(&generation);
+    set_level(&generation.config.gateway.log_level);
+    if let Some(redis) = &generation.config.gateway.redis {
+        crate::store::start(redis)?;
+    }
+    raise_open_files();
+    let settings = generation.settings.clone();
+    let workers = settings.workers;
+    let addrs: Vec<SocketAddr> = generation.listeners.keys().copied().collect();
+    let (per_worker, handles) = bind_workers(&addrs, workers)?;
+    let admin_socket = match settings.admin {
+        Some(addr) => Some(
+            io::bind_reuseport(addr, 128).map_err(|source| SupervisorError::Socket {
+                what: format!("cannot listen on admin address {addr}"),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    for (addr, l) in &generation.listeners {
+        let scheme = if l.tls.is_some() { "https" } else { "http" };
+        tracing::info!(listener = %addr, scheme, "listening");
+    }
+    let shared = Arc::new(Shared::new(generation, Arc::new(Metrics::default())));
+    let signals = stop_signals();
+    signals.thread_block().map_err(SupervisorError::Signals)?;
+    start_workers(&shared, per_worker)?;
+    if let Some(socket) = admin_socket {
+        start_admin(&shared, socket, workers)?;
+    }
+    let mut supervisor = Supervisor {
+        dir: dir.to_path_buf(),
+        shared,
+        handles,
+        cache,
+        mirror,
+    };
+    if supervisor.mirror.nic.is_some() {
+        wait_ready(&supervisor.shared, workers);
+        supervisor.mirror.sync_nic(&supervisor.shared.current());
+        if let Some(n) = supervisor.mirror.nic.as_ref()
+            && let Err(e) = n.start_heartbeat()
+        {
+            tracing::error!(error = %e, "no heartbeat: XDP keeps every listener gated");
+        }
+    }
+    watch::watch(dir, source_files.is_some())?;
+    tracing::info!(workers, config = %dir.display(), "portcullis running");
+    loop {
+        match signals.wait().map_err(SupervisorError::Signals)? {
+            Signal::SIGHUP => {
+                supervisor.reload();
+                set_level(&supervisor.shared.current().config.gateway.log_level);
+            }
+            signal => {
+                if let Some(n) = supervisor.mirror.nic.as_mut()
+                    && let Err(e) = n.stop()
+                {
+                    tracing::error!(error = %e, "closing the gates at the NIC failed; the heartbeat stops anyway");
+                }
+                supervisor.drain(signal);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Every worker's listening sockets, and their duplicates.
+fn bind_workers(
+    addrs: &[SocketAddr],
+    workers: usize,
+) -> Result<(Vec<Vec<NewListener>>, Handles), SupervisorError> {
+    let socket_error = |what: &str| {
+        let what = what.to_owned();
+        move |source| SupervisorError::Socket { what, source }
+    };
+    let mut handles = Handles::default();
+    let mut per_worker = Vec::new();
+    for _ in 0..workers {
+        let sockets = proxy::bind_all(addrs).map_err(socket_error("binding the listeners"))?;
+        handles
+            .keep(&sockets)
+            .map_err(socket_error("duplicating a listening socket"))?;
+        per_worker.push(sockets);
+    }
+    Ok((per_worker, handles))
+}
+
+/// The admin endpoints, on a thread of their own.
+fn start_admin(
+    shared: &Arc<Shared>,
+    socket: std::net::TcpListener,
+    workers: usize,
+) -> Result<(), SupervisorError> {
+    let addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let shared = shared.clone();
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || admin::run(socket, shared, workers))
+        .map_err(|source| SupervisorError::Spawn {
+            what: "the admin thread",
+            source,
+        })?;
+    tracing::info!(addr, "admin endpoints /healthz /readyz /metrics");
+    Ok(())
+}
+
+fn start_workers(shared: &Arc<Shared>, per_worker: Vec<Vec<NewListener>>) -> Result<(), SupervisorError> {
+    for (n, sockets) in per_worker.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut senders) = shared.new_listeners.lock() {
+            senders.push(tx);
+        }
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("worker-{n}"))
+            .spawn(move || proxy::run_worker(shared, sockets, rx))
+            .map_err(|source| SupervisorError::Spawn {
+                what: "a worker thread",
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Waits (up to 5 s) until every worker accepts.
+fn wait_ready(shared: &Shared, workers: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shared.ready_workers.load(std::sync::atomic::Ordering::Acquire) < workers
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Longest a stop waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Duplicates of every worker's listening sockets, to shut down the ones a reload removes.
+#[derive(Debug, Default)]
+struct Handles(HashMap<SocketAddr, Vec<std::net::TcpListener>>);
+
+impl Handles {
+    fn keep(&mut self, sockets: &[NewListener]) -> std::io::Result<()> {
+        for (addr, socket) in sockets {
+            self.0.entry(*addr).or_default().push(socket.try_clone()?);
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, addr: &SocketAddr) {
+        for socket in self.0.remove(addr).unwrap_or_default() {
+            // Wakes every worker's pending accept, which then sees the listener gone.
+            let _ = socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Lifts the soft open-file limit to the hard one: every connection is a descriptor.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err()
+    {
+        tracing::warn!(
+            soft,
+            hard,
+            "could not raise the open-file limit; connections beyond {soft} will fail"
+        );
+    }
+}
