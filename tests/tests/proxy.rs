@@ -163,6 +163,60 @@ fn keep_alive_and_pipelining_on_both_sides() -> anyhow::Result<()> {
 }
 
 #[test]
+fn an_http10_keep_alive_client_is_told_and_never_hangs() -> anyhow::Result<()> {
+    let s = scene("")?;
+    // The response says the connection stays open, and it does.
+    let (raw, closed) = request_open(
+        &s.ns,
+        gw(),
+        b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        Duration::from_millis(500),
+    )?;
+    let text = String::from_utf8_lossy(&raw);
+    ensure!(
+        text.contains("connection: keep-alive\r\n") && !closed,
+        "a kept HTTP/1.0 connection must be announced: {text}"
+    );
+    // Responses the gateway makes itself say so too (the admin endpoints' here;
+    // the proxy's own answers are unit-tested in proxy::answer).
+    let (raw, closed) = request_open(
+        &s.ns,
+        ADMIN.parse()?,
+        b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        Duration::from_millis(500),
+    )?;
+    let text = String::from_utf8_lossy(&raw);
+    ensure!(
+        text.starts_with("HTTP/1.1 200") && text.contains("connection: keep-alive\r\n") && !closed,
+        "{text}"
+    );
+    // ab -k speaks HTTP/1.0 with keep-alive and waits for a close it is not told about.
+    let out =
+        s.ns.command("timeout")
+            .args(["30", "ab", "-k", "-n", "200", "-c", "4", "-s", "10"])
+            .arg(format!("http://{GW}/hello"))
+            .output()
+            .context("running ab (apache2-utils)")?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    ensure!(
+        out.status.success()
+            && field("Complete requests:") == Some(200)
+            && field("Failed requests:") == Some(0)
+            && field("Keep-Alive requests:") == Some(200),
+        "ab -k: {}\n{report}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
 fn forwarding_headers_and_hop_by_hop() -> anyhow::Result<()> {
     let s = scene("")?;
     let raw = request(

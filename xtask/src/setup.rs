@@ -18,7 +18,15 @@ const LLVM: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and the demo use.
-const TEST_PACKAGES: &[&str] = &["iproute2", "ethtool", "curl", "util-linux", "redis-server"];
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "curl",
+    "util-linux",
+    "redis-server",
+    // ab: an HTTP/1.0 keep-alive client no one here wrote.
+    "apache2-utils",
+];
 
 static APT_UPDATE: Once = Once::new();
 

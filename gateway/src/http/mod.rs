@@ -446,13 +446,26 @@ pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes a small complete response (error pages, admin endpoints).
+/// Says how a response leaves the connection: `close` when it will not carry
+/// another request, `keep-alive` to an HTTP/1.0 client it will (HTTP/1.0
+/// closes by default, so a client that asked to keep it must be told).
+pub fn put_connection(out: &mut Vec<u8>, version: Version, keep_alive: bool) {
+    if !keep_alive {
+        put_header(out, b"connection", b"close");
+    } else if version == Version::Http10 {
+        put_header(out, b"connection", b"keep-alive");
+    }
+}
+
+/// Writes a small complete response (the gateway's own answers, admin endpoints)
+/// to a request of `version`.
 pub fn simple_response(
     status: u16,
     extra: &[(&str, &str)],
     content_type: &str,
     body: &[u8],
-    close: bool,
+    version: Version,
+    keep_alive: bool,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(128 + body.len());
     out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
@@ -461,9 +474,7 @@ pub fn simple_response(
     for (name, value) in extra {
         put_header(&mut out, name.as_bytes(), value.as_bytes());
     }
-    if close {
-        put_header(&mut out, b"connection", b"close");
-    }
+    put_connection(&mut out, version, keep_alive);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     out

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::{Deferred, Policy, PolicyError, RequestView, Response, Verdict, parse};
+use super::{Deferred, Denial, Policy, PolicyError, RequestView, Verdict, parse};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -69,11 +69,7 @@ impl SlowCheck {
         Verdict::Later(Deferred(Box::pin(async move {
             let Ok(Ok(_permit)) = tokio::time::timeout(Duration::from_secs(2), permits.acquire_owned()).await
             else {
-                return Verdict::Respond(Response {
-                    status: 503,
-                    headers: vec![("retry-after".into(), "1".into())],
-                    body: "503 Service Unavailable\n".into(),
-                });
+                return Verdict::Deny(Denial::Unavailable { retry_after: 1 });
             };
             let good = tokio::task::spawn_blocking(move || verify_slow(&password, &hash))
                 .await
@@ -111,14 +107,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 pub(super) fn unauthorized() -> Verdict {
-    Verdict::Respond(Response {
-        status: 401,
-        headers: vec![(
-            "www-authenticate".into(),
-            "Basic realm=\"portcullis\", charset=\"UTF-8\"".into(),
-        )],
-        body: "401 Unauthorized\n".into(),
-    })
+    Verdict::Deny(Denial::unauthorized(
+        "Basic realm=\"portcullis\", charset=\"UTF-8\"",
+    ))
 }
 
 fn hex(text: &str) -> Option<Vec<u8>> {

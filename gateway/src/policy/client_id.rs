@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::{Context, Denial, Policy, PolicyError, RequestView, Response, Verdict, parse};
+use super::{Context, Denial, Policy, PolicyError, RequestView, Verdict, parse};
 use crate::config::ClientSecret;
 
 #[derive(Deserialize)]
@@ -181,11 +181,7 @@ impl ClientIdEnforcement {
 }
 
 fn unauthorized() -> Verdict {
-    Verdict::Respond(Response {
-        status: 401,
-        headers: vec![("www-authenticate".into(), "Basic realm=\"portcullis\"".into())],
-        body: "401 Unauthorized\n".into(),
-    })
+    Verdict::Deny(Denial::unauthorized("Basic realm=\"portcullis\""))
 }
 
 /// Compares two digests without an early exit.

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::{HeaderEdits, Policy, PolicyError, RequestView, Response, Verdict, parse};
+use super::{Denial, HeaderEdits, Policy, PolicyError, RequestView, Response, Verdict, parse};
 use crate::http::Head;
 
 #[derive(Deserialize)]
@@ -169,22 +169,14 @@ impl Policy for Cors {
         }
         // A preflight: the gateway answers it; the upstream never sees it.
         let Some(allow) = self.allow_origin(origin) else {
-            return Verdict::Respond(Response {
-                status: 403,
-                headers: Vec::new(),
-                body: "origin not allowed\n".into(),
-            });
+            return Verdict::Deny(Denial::Forbidden("cors: origin not allowed"));
         };
         let group = self.group(origin);
         let method = method.trim().to_ascii_uppercase();
         if let Some(methods) = group.and_then(|g| g.methods.as_ref())
             && !methods.contains(&method)
         {
-            return Verdict::Respond(Response {
-                status: 403,
-                headers: Vec::new(),
-                body: "method not allowed\n".into(),
-            });
+            return Verdict::Deny(Denial::Forbidden("cors: method not allowed"));
         }
         let requested = header(head, "access-control-request-headers")
             .unwrap_or("")
@@ -197,11 +189,7 @@ impl Policy for Cors {
                     .filter(|h| !h.is_empty())
                     .collect();
                 if asked.iter().any(|h| !g.headers.contains(h)) {
-                    return Verdict::Respond(Response {
-                        status: 403,
-                        headers: Vec::new(),
-                        body: "header not allowed\n".into(),
-                    });
+                    return Verdict::Deny(Denial::Forbidden("cors: header not allowed"));
                 }
                 g.headers.join(", ")
             }
@@ -232,8 +220,8 @@ impl Policy for Cors {
         })
     }
 
-    fn on_response(&self, request: &Head, _response: &Head, edits: &mut HeaderEdits) {
-        let Some(origin) = header(request, "origin") else {
+    fn on_response(&self, request: &RequestView<'_>, _response: &Head, edits: &mut HeaderEdits) {
+        let Some(origin) = header(request.head, "origin") else {
             return;
         };
         let Some(allow) = self.allow_origin(origin) else {

@@ -136,7 +136,7 @@ impl Policy for Injection {
         Verdict::Continue
     }
 
-    fn on_response(&self, _request: &Head, _response: &Head, edits: &mut HeaderEdits) {
+    fn on_response(&self, _request: &RequestView<'_>, _response: &Head, edits: &mut HeaderEdits) {
         inject(&self.outbound, edits);
     }
 }
@@ -205,7 +205,7 @@ impl Policy for Removal {
         Verdict::Continue
     }
 
-    fn on_response(&self, _request: &Head, _response: &Head, edits: &mut HeaderEdits) {
+    fn on_response(&self, _request: &RequestView<'_>, _response: &Head, edits: &mut HeaderEdits) {
         edits.remove.extend(self.outbound.iter().cloned());
     }
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use super::{Policy, PolicyError, RequestView, Response, Verdict, parse};
+use super::{Denial, Policy, PolicyError, RequestView, Verdict, parse};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -339,14 +339,9 @@ fn fixed_key(c: &Config, alg: Algorithm, base: &Path) -> Result<DecodingKey, Pol
 }
 
 fn refuse(why: &str) -> Verdict {
-    Verdict::Respond(Response {
-        status: 401,
-        headers: vec![(
-            "www-authenticate".into(),
-            format!("Bearer error=\"invalid_token\", error_description=\"{why}\""),
-        )],
-        body: "401 Unauthorized\n".into(),
-    })
+    Verdict::Deny(Denial::unauthorized(format!(
+        "Bearer error=\"invalid_token\", error_description=\"{why}\""
+    )))
 }
 
 impl Policy for JwtValidation {
@@ -374,11 +369,7 @@ impl Policy for JwtValidation {
                 .and_then(|v| v.strip_prefix(b"Bearer ").or_else(|| v.strip_prefix(b"bearer "))),
         };
         let Some(token) = raw.and_then(|t| std::str::from_utf8(t).ok()).map(str::trim) else {
-            return Verdict::Respond(Response {
-                status: 401,
-                headers: vec![("www-authenticate".into(), "Bearer".into())],
-                body: "401 Unauthorized\n".into(),
-            });
+            return Verdict::Deny(Denial::unauthorized("Bearer"));
         };
         let decode = |key: &DecodingKey| {
             jsonwebtoken::decode::<HashMap<String, serde_json::Value>>(token, key, &self.validation)
@@ -393,11 +384,7 @@ impl Policy for JwtValidation {
                     super::jwks::Lookup::Keys(keys) => keys,
                     super::jwks::Lookup::UnknownKid => return refuse("unknown key id"),
                     super::jwks::Lookup::NotLoaded => {
-                        return Verdict::Respond(Response {
-                            status: 503,
-                            headers: vec![("retry-after".into(), "5".into())],
-                            body: "503 Service Unavailable: signing keys not loaded yet\n".into(),
-                        });
+                        return Verdict::Deny(Denial::Unavailable { retry_after: 5 });
                     }
                 };
                 let mut outcome = Err(jsonwebtoken::errors::ErrorKind::InvalidSignature.into());
@@ -441,7 +428,7 @@ impl Policy for JwtValidation {
                 return refuse("the client id claim is missing");
             };
             if !ids.contains(id) {
-                return Verdict::Deny(super::Denial::Forbidden("no contract for this API"));
+                return Verdict::Deny(Denial::Forbidden("no contract for this API"));
             }
             request.client_id = Some(id.to_string());
         }

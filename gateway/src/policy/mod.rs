@@ -42,9 +42,9 @@ use crate::http::Head;
 pub enum Verdict {
     /// Go on with the next policy, then the upstream.
     Continue,
-    /// Answer the client with this response instead.
+    /// Answer the client with this response instead (a CORS preflight).
     Respond(Response),
-    /// Refuse the request.
+    /// Refuse the request for this reason.
     Deny(Denial),
     /// Decide later: the chain awaits this on the connection's task (a delay,
     /// or work moved off the worker), then treats its result as the verdict.
@@ -79,25 +79,55 @@ pub struct Response {
     pub body: String,
 }
 
-/// Why a request was refused; decides the status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a policy refused a request; decides the status, the headers it
+/// carries and the reason the access log and metrics record.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
-    /// 403: the client may not call this API (IP filtering, authorisation).
+    /// 401: no or bad credentials; `challenge` goes in `WWW-Authenticate`.
+    Unauthorized { challenge: String },
+    /// 403: the client may not call this API (IP filtering, contracts, CORS).
     Forbidden(&'static str),
+    /// 429: over a limit; `headers` say when to retry and the limit's state.
+    RateLimited { headers: Vec<(String, String)> },
+    /// 503: the policy cannot decide now (its store or verifier is unavailable).
+    Unavailable { retry_after: u32 },
 }
 
 impl Denial {
-    /// Status sent to the client.
-    pub fn status(self) -> u16 {
-        match self {
-            Self::Forbidden(_) => 403,
+    /// A 401 asking for credentials with `challenge`.
+    pub fn unauthorized(challenge: impl Into<String>) -> Self {
+        Self::Unauthorized {
+            challenge: challenge.into(),
         }
     }
 
-    /// Short reason for logs and metrics.
-    pub fn reason(self) -> &'static str {
+    /// Status sent to the client.
+    pub fn status(&self) -> u16 {
         match self {
+            Self::Unauthorized { .. } => 401,
+            Self::Forbidden(_) => 403,
+            Self::RateLimited { .. } => 429,
+            Self::Unavailable { .. } => 503,
+        }
+    }
+
+    /// Short reason for the access log's `error` field and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthorized { .. } => "unauthorized",
             Self::Forbidden(why) => why,
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Unavailable { .. } => "policy_unavailable",
+        }
+    }
+
+    /// Headers the refusal carries.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        match self {
+            Self::Unauthorized { challenge } => vec![("www-authenticate".into(), challenge.clone())],
+            Self::Forbidden(_) => Vec::new(),
+            Self::RateLimited { headers } => headers.clone(),
+            Self::Unavailable { retry_after } => vec![("retry-after".into(), retry_after.to_string())],
         }
     }
 }
@@ -147,8 +177,9 @@ pub trait Policy: Send + Sync + fmt::Debug {
     }
 
     /// Runs when the upstream's response head arrives, before it is sent to
-    /// the client; only header edits are possible here.
-    fn on_response(&self, _request: &Head, _response: &Head, _edits: &mut HeaderEdits) {}
+    /// the client, with what the request phase left in `request`; only
+    /// header edits are possible here.
+    fn on_response(&self, _request: &RequestView<'_>, _response: &Head, _edits: &mut HeaderEdits) {}
 
     /// Whether the policy cannot run before contracts are loaded (the
     /// Gatekeeper keeps such a route closed until they are).
@@ -191,6 +222,9 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// A chain with no policies.
+    pub const EMPTY: Self = Self { policies: Vec::new() };
+
     /// A chain of `policies`, run in this order.
     pub fn new(policies: Vec<Arc<dyn Policy>>) -> Self {
         Self { policies }
@@ -216,7 +250,7 @@ impl Chain {
     }
 
     /// Runs every response phase.
-    pub fn on_response(&self, request: &Head, response: &Head) -> HeaderEdits {
+    pub fn on_response(&self, request: &RequestView<'_>, response: &Head) -> HeaderEdits {
         let mut edits = HeaderEdits::default();
         for policy in &self.policies {
             policy.on_response(request, response, &mut edits);
@@ -257,11 +291,6 @@ impl Chain {
     /// The tightest response timeout any policy sets.
     pub fn response_timeout(&self) -> Option<std::time::Duration> {
         self.policies.iter().filter_map(|p| p.response_timeout()).min()
-    }
-
-    /// Policy names in order (for logs).
-    pub fn names(&self) -> Vec<&'static str> {
-        self.policies.iter().map(|p| p.name()).collect()
     }
 }
 

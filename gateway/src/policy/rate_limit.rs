@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use super::{Policy, PolicyError, RequestView, Response, Verdict, parse};
+use super::{Denial, Policy, PolicyError, RequestView, Verdict, parse};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -327,11 +327,7 @@ impl RateLimit {
                 return Verdict::Continue;
             }
             Some(_) if !crate::store::healthy() && self.fail_mode == FailMode::Closed => {
-                return Verdict::Respond(Response {
-                    status: 503,
-                    headers: vec![("retry-after".into(), "5".into())],
-                    body: "503 Service Unavailable\n".into(),
-                });
+                return Verdict::Deny(Denial::Unavailable { retry_after: 5 });
             }
             Some((counters, prefix)) => self.cluster(counters, prefix, key),
             None => self.local(key),
@@ -360,11 +356,7 @@ impl RateLimit {
                     headers.push(("ratelimit-remaining".into(), "0".into()));
                     headers.push(("ratelimit-reset".into(), secs.to_string()));
                 }
-                Verdict::Respond(Response {
-                    status: 429,
-                    headers,
-                    body: "429 Too Many Requests\n".into(),
-                })
+                Verdict::Deny(Denial::RateLimited { headers })
             }
         }
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use super::{Deferred, Policy, PolicyError, RequestView, Response, Verdict, parse};
+use super::{Deferred, Denial, Policy, PolicyError, RequestView, Verdict, parse};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -133,11 +133,7 @@ impl SpikeControl {
             headers.push(("x-ratelimit-limit".into(), max.to_string()));
             headers.push(("x-ratelimit-remaining".into(), "0".into()));
         }
-        Verdict::Respond(Response {
-            status: 429,
-            headers,
-            body: "429 Too Many Requests\n".into(),
-        })
+        Verdict::Deny(Denial::RateLimited { headers })
     }
 }
 

@@ -46,7 +46,8 @@ async fn serve(tcp: TcpConn, shared: Arc<Shared>, workers: usize) {
                     &[],
                     "text/plain",
                     b"bad request\n",
-                    true,
+                    http::Version::Http11,
+                    false,
                 ))
                 .await;
             return;
@@ -64,7 +65,7 @@ async fn serve(tcp: TcpConn, shared: Arc<Shared>, workers: usize) {
             ("GET" | "HEAD", _) => (404, "text/plain", b"not found\n".to_vec()),
             _ => (405, "text/plain", b"method not allowed\n".to_vec()),
         };
-        let mut response = http::simple_response(status, &[], ctype, &body, !head.keep_alive);
+        let mut response = http::simple_response(status, &[], ctype, &body, head.version, head.keep_alive);
         if head.method() == "HEAD" {
             response.truncate(response.len() - body.len());
         }

@@ -11,8 +11,6 @@ pub enum Blame {
     Client,
     /// The upstream refused, failed or timed out.
     Upstream,
-    /// The gateway itself failed.
-    Internal,
 }
 
 /// A failed proxied exchange.

@@ -9,8 +9,14 @@
 //! ```
 
 pub mod admin;
+mod answer;
+mod body;
+mod client;
 pub mod conn;
 pub mod error;
+mod exchange;
+mod forward;
+mod heads;
 pub mod io;
 pub mod pool;
 pub mod server;

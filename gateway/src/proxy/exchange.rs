@@ -1,0 +1,236 @@
+//! One request from head to access line: the per-request exchange (Pingora's
+//! `CTX`) holds the request's own generation, its route and policy chain, what
+//! the policies asked for, and the access record; nothing request-scoped is
+//! kept on the connection.
+//!
+//! ```text
+//! head ─► route ─► Gatekeeper admits ─► request policies ─► body limit ─► forward
+//!           │              │                    │               │
+//!           └──────────────┴────────────────────┴───────────────┴─► one answer path
+//! ```
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::Worker;
+use super::answer::Answer;
+use super::client::Client;
+use super::error::{Blame, ProxyError};
+use super::forward;
+use crate::config::RouteConfig;
+use crate::http::{Framing, Head, Version};
+use crate::policy::{Chain, HeaderEdits, RequestView, Verdict};
+use crate::runtime::Generation;
+use crate::runtime::route::normalize_host;
+use crate::telemetry::{AccessRecord, GateLabels, UpstreamLabels};
+
+/// Longest the gateway waits for a client to take one of its own answers.
+const ANSWER_WRITE: Duration = Duration::from_secs(5);
+
+/// Per-request facts for the access log and metrics.
+#[derive(Debug, Default)]
+pub(super) struct Record {
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub upstream: Option<SocketAddr>,
+    pub upstream_time: Option<Duration>,
+    pub error: Option<&'static str>,
+}
+
+/// The chain of a route with no policies.
+static NO_POLICIES: Chain = Chain::EMPTY;
+
+/// One request in progress.
+pub(super) struct Exchange<'a> {
+    /// The configuration in force when the head arrived, kept to the end.
+    pub generation: &'a Generation,
+    /// The API instance it is routed to.
+    pub route: Option<&'a RouteConfig>,
+    /// That API instance's policies.
+    pub chain: &'a Chain,
+    /// The head and what the request phase left for the upstream and the response.
+    pub request: RequestView<'a>,
+    pub record: Record,
+    peer: SocketAddr,
+    started: Instant,
+}
+
+impl<'a> Exchange<'a> {
+    fn new(generation: &'a Generation, client: &Client<'_>, head: &'a Head, started: Instant) -> Self {
+        Self {
+            generation,
+            route: None,
+            chain: &NO_POLICIES,
+            request: RequestView {
+                client: client.peer.ip(),
+                head,
+                edits: HeaderEdits::default(),
+                response_add: Vec::new(),
+                client_id: None,
+            },
+            record: Record::default(),
+            peer: client.peer,
+            started,
+        }
+    }
+
+    /// The request head.
+    pub fn head(&self) -> &'a Head {
+        self.request.head
+    }
+
+    fn api(&self) -> &str {
+        self.route.map_or("-", |r| r.api.as_str())
+    }
+
+    /// The service's response timeout, tightened by a policy if one sets less.
+    pub fn response_timeout(&self, service_timeout: Duration) -> Duration {
+        self.chain
+            .response_timeout()
+            .map_or(service_timeout, |t| t.min(service_timeout))
+    }
+
+    /// Sends `answer` in place of the upstream's response and ends the
+    /// exchange; whether the connection may carry another request.
+    pub async fn answer(&mut self, client: &mut Client<'_>, worker: &Worker, answer: Answer) -> bool {
+        let head = self.head();
+        let keep = answer.keeps_alive(head, client.draining());
+        if answer.sendable() {
+            let bytes = answer.encode(head.version, keep);
+            self.record.bytes_out = bytes.len() as u64;
+            let _ = client.write(bytes, ANSWER_WRITE).await;
+        }
+        self.record.status = answer.status();
+        self.record.error = Some(answer.label());
+        if let Answer::Gated(reason) = &answer {
+            let labels = GateLabels {
+                api: self.api().to_owned(),
+                reason: reason.label().to_owned(),
+            };
+            worker.shared.metrics.gate_rejections.get_or_create(&labels).inc();
+        }
+        if let Some(e) = answer.error() {
+            self.note(worker, e);
+        }
+        self.finish(worker);
+        keep
+    }
+
+    /// Counts and logs a failed exchange by who is to blame.
+    pub fn note(&mut self, worker: &Worker, e: &ProxyError) {
+        self.record.error = Some(e.kind());
+        match e.blame() {
+            Blame::Upstream => {
+                let service = self
+                    .route
+                    .map_or("-", |r| self.generation.upstreams[r.service].cfg.name.as_str());
+                let labels = UpstreamLabels {
+                    service: service.to_owned(),
+                    kind: e.kind().into(),
+                };
+                worker.shared.metrics.upstream_errors.get_or_create(&labels).inc();
+                tracing::warn!(api = %self.api(), service, error = %e, "upstream exchange failed");
+            }
+            Blame::Client => tracing::debug!(peer = %self.peer, error = %e, "client exchange failed"),
+        }
+    }
+
+    /// Counts the request and writes its access line, as its generation says.
+    pub fn finish(&self, worker: &Worker) {
+        let head = self.head();
+        let elapsed = self.started.elapsed();
+        worker.metrics.request(
+            self.api(),
+            self.record.status,
+            self.route.map(|_| elapsed.as_secs_f64()),
+        );
+        if self.generation.config.gateway.access_logs {
+            AccessRecord {
+                client: self.peer,
+                method: head.method(),
+                path: head.path(),
+                api: self.api(),
+                status: self.record.status,
+                bytes_in: self.record.bytes_in,
+                bytes_out: self.record.bytes_out,
+                duration: elapsed,
+                upstream_time: self.record.upstream_time,
+                upstream: self.record.upstream,
+                error: self.record.error,
+            }
+            .log();
+        }
+    }
+}
+
+/// Handles one request; returns whether the connection may carry another.
+pub(super) async fn handle(
+    client: &mut Client<'_>,
+    worker: &Rc<Worker>,
+    listener: SocketAddr,
+    head: Head,
+    started: Instant,
+) -> bool {
+    // The request runs to its end on the configuration in force now.
+    let generation = worker.current();
+    let mut ex = Exchange::new(&generation, client, &head, started);
+    let Some(rt) = generation.listeners.get(&listener) else {
+        return ex.answer(client, worker, Answer::ListenerGone).await;
+    };
+    let host = head.host().map(normalize_host).unwrap_or_default();
+    let Some(route) = rt.router.find(&host, head.path()) else {
+        // Untracked traffic: 404, not policed, not counted per API.
+        return ex.answer(client, worker, Answer::NoRoute).await;
+    };
+    ex.route = Some(route);
+    if let Some(chain) = generation.chains.get(&route.api) {
+        ex.chain = chain;
+    }
+    if let Err(reason) = generation.gates.admit(&route.api, ex.chain) {
+        return ex.answer(client, worker, Answer::Gated(reason)).await;
+    }
+    match ex.chain.on_request(&mut ex.request).await {
+        Verdict::Continue | Verdict::Later(_) => {}
+        Verdict::Respond(response) => return ex.answer(client, worker, Answer::Policy(response)).await,
+        Verdict::Deny(denial) => return ex.answer(client, worker, Answer::Denied(denial)).await,
+    }
+    if let Framing::Length(n) = head.framing
+        && n > route.max_body
+    {
+        let too_large = ProxyError::BodyTooLarge {
+            limit: route.max_body,
+        };
+        return ex.answer(client, worker, Answer::Failed(too_large)).await;
+    }
+    forward::forward(client, worker, &mut ex, route).await
+}
+
+/// Answers a head that could not be read or parsed, and logs it without a request.
+pub(super) async fn refuse_head(client: &mut Client<'_>, worker: &Worker, error: ProxyError) {
+    let answer = Answer::Failed(error);
+    let mut bytes_out = 0;
+    if answer.sendable() {
+        let bytes = answer.encode(Version::Http11, false);
+        bytes_out = bytes.len() as u64;
+        let _ = client.write(bytes, ANSWER_WRITE).await;
+    }
+    worker.metrics.request("-", answer.status(), None);
+    if worker.current().config.gateway.access_logs {
+        AccessRecord {
+            client: client.peer,
+            method: "-",
+            path: "-",
+            api: "-",
+            status: answer.status(),
+            bytes_in: 0,
+            bytes_out,
+            duration: Duration::ZERO,
+            upstream_time: None,
+            upstream: None,
+            error: Some(answer.label()),
+        }
+        .log();
+    }
+}

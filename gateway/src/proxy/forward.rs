@@ -1,0 +1,318 @@
+//! Forwarding: an endpoint chosen and connected (or a pooled connection
+//! reused), the request head and body sent, interim responses passed on, and
+//! the response streamed back through the response policies. A failed connect
+//! is retried on another endpoint for any method; a reused connection that
+//! fails before anything reached the upstream is retried only for an
+//! idempotent request without a body.
+
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::time::timeout;
+
+use super::Worker;
+use super::answer::Answer;
+use super::body::{self, CopyError, Pump};
+use super::client::Client;
+use super::conn::Conn;
+use super::error::ProxyError;
+use super::exchange::Exchange;
+use super::heads::{self, Relay};
+use super::io::TcpConn;
+use crate::config::RouteConfig;
+use crate::http::{Framing, Head, HttpError};
+use crate::runtime::service::Upstream;
+
+/// Read buffer of a new upstream connection; it stays with the connection in the pool.
+const UPSTREAM_BUF: usize = 32 * 1024;
+
+/// Connects (or reuses a pooled connection) to an endpoint: the connection,
+/// whether it was reused, and its read buffer.
+async fn connect(
+    worker: &Worker,
+    upstream: &Upstream,
+    endpoint: usize,
+) -> Result<(Conn, bool, Vec<u8>), ProxyError> {
+    if let Some((conn, buf)) = worker.pool.take(upstream.id, endpoint) {
+        return Ok((conn, true, buf));
+    }
+    let ep = &upstream.cfg.endpoints[endpoint];
+    let tcp = match TcpConn::connect(ep.addr, upstream.cfg.connect_timeout).await {
+        Ok(tcp) => tcp,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            return Err(ProxyError::ConnectTimeout {
+                endpoint: ep.addr.to_string(),
+            });
+        }
+        Err(e) => {
+            return Err(ProxyError::Connect {
+                service: upstream.cfg.name.clone(),
+                source: e,
+            });
+        }
+    };
+    let Some(tls) = &upstream.tls else {
+        return Ok((Conn::Plain(tcp), false, Vec::with_capacity(UPSTREAM_BUF)));
+    };
+    let name = upstream.server_names[endpoint].clone();
+    let tls_err = |e: io::Error| ProxyError::UpstreamTls {
+        endpoint: ep.addr.to_string(),
+        source: e,
+    };
+    let client =
+        rustls::ClientConnection::new(tls.clone(), name).map_err(|e| tls_err(io::Error::other(e)))?;
+    match timeout(upstream.cfg.connect_timeout, Conn::tls(tcp, client)).await {
+        Ok(Ok(conn)) => Ok((conn, false, Vec::with_capacity(UPSTREAM_BUF))),
+        Ok(Err(e)) => Err(tls_err(e)),
+        Err(_) => Err(ProxyError::ConnectTimeout {
+            endpoint: ep.addr.to_string(),
+        }),
+    }
+}
+
+/// What one attempt on one endpoint came to.
+enum Attempt {
+    /// The exchange ended (answered, relayed or failed): whether the client connection may be kept.
+    Done(bool),
+    /// Nothing reached the upstream: try again, on another endpoint unless the
+    /// connection was a reused one that had gone stale.
+    Retry { error: Option<ProxyError>, stale: bool },
+}
+
+/// Forwards the exchange to its route's service; whether the client connection may carry another request.
+pub(super) async fn forward(
+    client: &mut Client<'_>,
+    worker: &Rc<Worker>,
+    ex: &mut Exchange<'_>,
+    route: &RouteConfig,
+) -> bool {
+    let upstream = ex.generation.upstreams[route.service].clone();
+    let mut tried: Vec<usize> = Vec::new();
+    let mut sent_continue = false;
+    let max_attempts = 1 + upstream.cfg.retries as usize;
+    let mut attempts = 0;
+    let mut last_error: Option<ProxyError> = None;
+    let started = Instant::now();
+    // A reused connection that failed before anything was sent does not use up an attempt.
+    while let Some(endpoint) = upstream.pick(&tried) {
+        if attempts >= max_attempts {
+            break;
+        }
+        ex.record.upstream = Some(upstream.cfg.endpoints[endpoint].addr);
+        let (up, reused, up_buf) = match connect(worker, &upstream, endpoint).await {
+            Ok(c) => c,
+            Err(e) => {
+                attempts += 1;
+                if matches!(e, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) {
+                    upstream.eject(endpoint);
+                }
+                tried.push(endpoint);
+                // Nothing reached the upstream, so another endpoint is safe for any method.
+                last_error = Some(e);
+                continue;
+            }
+        };
+        if !reused {
+            attempts += 1;
+        }
+        if !sent_continue && ex.head().expects_continue() && ex.head().framing != Framing::Empty {
+            sent_continue = true;
+            let wait = ex.generation.settings.timeouts.idle;
+            if let Err(e) = client
+                .write(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), wait)
+                .await
+            {
+                return ex.answer(client, worker, Answer::Failed(e)).await;
+            }
+        }
+        let attempt = Attempt::on(
+            client,
+            worker,
+            ex,
+            route,
+            &upstream,
+            endpoint,
+            (up, reused, up_buf),
+            started,
+        )
+        .await;
+        match attempt {
+            Attempt::Done(keep) => return keep,
+            Attempt::Retry { error, stale } => {
+                if !stale {
+                    tried.push(endpoint);
+                }
+                if error.is_some() {
+                    last_error = error;
+                }
+            }
+        }
+    }
+    let e = last_error.unwrap_or_else(|| ProxyError::Connect {
+        service: upstream.cfg.name.clone(),
+        source: io::Error::new(io::ErrorKind::NotConnected, "no endpoint left to try"),
+    });
+    ex.record.upstream_time = Some(started.elapsed());
+    ex.answer(client, worker, Answer::Unreachable(e)).await
+}
+
+impl Attempt {
+    /// Sends the request on `conn` to `endpoint` and relays the response.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one attempt's whole context; a struct would only rename it"
+    )]
+    async fn on(
+        client: &mut Client<'_>,
+        worker: &Rc<Worker>,
+        ex: &mut Exchange<'_>,
+        route: &RouteConfig,
+        upstream: &Arc<Upstream>,
+        endpoint: usize,
+        (mut up, reused, mut up_buf): (Conn, bool, Vec<u8>),
+        started: Instant,
+    ) -> Self {
+        let _in_flight = upstream.begin(endpoint);
+        let endpoint_name = upstream.cfg.endpoints[endpoint].addr.to_string();
+        let settings = &ex.generation.settings;
+        let head = ex.head();
+        let request_head =
+            heads::upstream_request(ex, route, upstream, endpoint, client.peer.ip(), client.tls);
+        let (res, _) = up.write_all(request_head).await;
+        if let Err(e) = res {
+            let error = (!reused).then_some(ProxyError::UpstreamIo {
+                endpoint: endpoint_name,
+                source: e,
+            });
+            return Self::Retry { error, stale: reused };
+        }
+        let up_wait = ex.response_timeout(upstream.cfg.response_timeout);
+        let client_wait = settings.timeouts.idle;
+        match body::copy_request(
+            client,
+            &mut up,
+            head.framing,
+            route.max_body,
+            client_wait,
+            up_wait,
+        )
+        .await
+        {
+            Ok(n) => ex.record.bytes_in = n,
+            Err(CopyError::Source(e) | CopyError::Sink(e)) => {
+                return Self::Done(ex.answer(client, worker, Answer::Failed(e)).await);
+            }
+        }
+        let waits = (client_wait, up_wait);
+        let max_headers = settings.limits.headers;
+        let response = final_response(client, &mut up, &mut up_buf, waits, max_headers, &endpoint_name).await;
+        let response = match response {
+            Ok(r) => r,
+            Err(ProxyError::UpstreamIo { source, .. })
+                if reused
+                    && up_buf.is_empty()
+                    && head.is_idempotent()
+                    && head.framing == Framing::Empty
+                    && source.kind() == io::ErrorKind::UnexpectedEof =>
+            {
+                // The pooled connection was closed by the upstream before it read our request.
+                return Self::Retry {
+                    error: None,
+                    stale: true,
+                };
+            }
+            Err(e) => {
+                ex.record.upstream_time = Some(started.elapsed());
+                return Self::Done(ex.answer(client, worker, Answer::Failed(e)).await);
+            }
+        };
+        ex.record.status = response.status;
+        let relay = Relay::of(head, &response, client.draining());
+        let mut pump = Pump {
+            client,
+            up: &mut up,
+            endpoint: &endpoint_name,
+            client_wait,
+            up_wait,
+        };
+        let result = relay_response(&mut pump, ex, &response, relay, up_buf).await;
+        ex.record.upstream_time = Some(started.elapsed());
+        let keep = match result {
+            Ok((sent, pool, buf)) => {
+                ex.record.bytes_out = sent;
+                if pool {
+                    worker.pool.put(upstream.id, endpoint, up, buf);
+                }
+                relay.keep_alive
+            }
+            Err((sent, e)) => {
+                ex.record.bytes_out = sent;
+                ex.note(worker, &e);
+                false
+            }
+        };
+        ex.finish(worker);
+        Self::Done(keep)
+    }
+}
+
+/// Reads response heads until the final one, passing interim (1xx) ones on
+/// to the client (a 100 the gateway already sent itself is dropped).
+async fn final_response(
+    client: &mut Client<'_>,
+    up: &mut Conn,
+    up_buf: &mut Vec<u8>,
+    (client_wait, up_wait): (Duration, Duration),
+    max_headers: usize,
+    endpoint: &str,
+) -> Result<Head, ProxyError> {
+    loop {
+        match body::read_response_head(up, up_buf, up_wait, max_headers, endpoint).await? {
+            r if r.status == 100 => {}
+            r if r.status == 101 => {
+                return Err(ProxyError::UpstreamProtocol {
+                    endpoint: endpoint.to_owned(),
+                    source: HttpError::Malformed("upgrade is not supported"),
+                });
+            }
+            r if r.status < 200 => drop(client.write(heads::interim(&r), client_wait).await?),
+            r => return Ok(r),
+        }
+    }
+}
+
+/// Runs the response policies, sends the head and streams the body; the
+/// bytes sent, whether the upstream connection may be pooled, and its buffer.
+async fn relay_response(
+    pump: &mut Pump<'_, '_>,
+    ex: &Exchange<'_>,
+    response: &Head,
+    relay: Relay,
+    up_buf: Vec<u8>,
+) -> Result<body::Sent, (u64, ProxyError)> {
+    let edits = if ex.chain.is_empty() {
+        crate::policy::HeaderEdits::default()
+    } else {
+        ex.chain.on_response(&ex.request, response)
+    };
+    let head = heads::client_response(ex, response, &edits, relay);
+    let (sent, reusable, up_buf) = match relay.framing {
+        Framing::Empty => {
+            let sent = head.len() as u64;
+            pump.client
+                .write(head, pump.client_wait)
+                .await
+                .map_err(|e| (sent, e))?;
+            // Some upstreams send a body to HEAD anyway; such a connection
+            // would answer the next request with stale bytes, so it is not reused.
+            let reusable = up_buf.is_empty() && ex.head().method() != "HEAD";
+            (sent, reusable, up_buf)
+        }
+        Framing::Length(n) => pump.length(n, head, up_buf).await?,
+        Framing::Chunked => pump.chunked(relay.rechunk, head, up_buf).await?,
+        Framing::UntilClose => pump.until_close(relay.rechunk, head, up_buf).await?,
+    };
+    Ok((sent, response.keep_alive && reusable, up_buf))
+}

@@ -1,0 +1,192 @@
+//! The heads the gateway forwards: the request head sent upstream and the
+//! response head sent to the client, each with hop-by-hop headers removed,
+//! the policies' edits applied and the forwarding headers set as configured.
+
+use std::net::IpAddr;
+
+use super::exchange::Exchange;
+use crate::config::{HostHeader, RouteConfig, XffMode};
+use crate::http::{self, Framing, Head, Version};
+use crate::policy::HeaderEdits;
+use crate::runtime::route::upstream_target;
+use crate::runtime::service::Upstream;
+
+/// `Via` with this hop appended to what an earlier hop wrote.
+fn via(earlier: Option<Vec<u8>>, version: Version) -> Vec<u8> {
+    let mut v = earlier.map_or_else(Vec::new, |mut v| {
+        v.extend_from_slice(b", ");
+        v
+    });
+    v.extend_from_slice(if version == Version::Http10 {
+        b"1.0 portcullis"
+    } else {
+        b"1.1 portcullis"
+    });
+    v
+}
+
+/// Appends `value` to a comma-separated list being collected.
+fn append(list: &mut Vec<u8>, value: &[u8]) {
+    if !list.is_empty() {
+        list.extend_from_slice(b", ");
+    }
+    list.extend_from_slice(value);
+}
+
+/// The request head sent to `endpoint` of `upstream`, from a client at
+/// `client` (over TLS when `tls`).
+pub(super) fn upstream_request(
+    ex: &Exchange<'_>,
+    route: &RouteConfig,
+    upstream: &Upstream,
+    endpoint: usize,
+    client: IpAddr,
+    tls: bool,
+) -> Vec<u8> {
+    let head = ex.head();
+    let edits = &ex.request.edits;
+    let fwd = ex.generation.settings.forwarded;
+    let mut out = Vec::with_capacity(head.wire_len() + 128);
+    out.extend_from_slice(head.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(upstream_target(route, head.target()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let client_host = head.host().unwrap_or("");
+    let host: &str = match &upstream.cfg.host_header {
+        HostHeader::Preserve if !client_host.is_empty() => client_host,
+        HostHeader::Preserve | HostHeader::Upstream => &upstream.cfg.endpoints[endpoint].authority,
+        HostHeader::Fixed(h) => h,
+    };
+    http::put_header(&mut out, b"host", host.as_bytes());
+    let mut xff: Option<Vec<u8>> = None;
+    let mut earlier_via: Option<Vec<u8>> = None;
+    let mut te: Option<Vec<u8>> = None;
+    for (name, value) in head.headers() {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            append(te.get_or_insert_with(Vec::new), value);
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"host") || head.is_hop_by_hop(name) || edits.removes(name) {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") && fwd.xff != XffMode::Off {
+            if fwd.xff == XffMode::Append {
+                append(xff.get_or_insert_with(Vec::new), value);
+            }
+            continue;
+        }
+        if (name.eq_ignore_ascii_case(b"x-forwarded-proto") && fwd.proto)
+            || (name.eq_ignore_ascii_case(b"x-forwarded-host") && fwd.host)
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"via") && fwd.via {
+            earlier_via = Some(value.to_vec());
+            continue;
+        }
+        http::put_header(&mut out, name, value);
+    }
+    if head.framing == Framing::Chunked {
+        http::put_header(
+            &mut out,
+            b"transfer-encoding",
+            te.as_deref().unwrap_or(b"chunked"),
+        );
+    }
+    if fwd.xff != XffMode::Off {
+        let mut x = xff.unwrap_or_default();
+        append(&mut x, client.to_string().as_bytes());
+        http::put_header(&mut out, b"x-forwarded-for", &x);
+    }
+    for (name, value) in &edits.add {
+        http::put_header(&mut out, name.as_bytes(), value.as_bytes());
+    }
+    if fwd.proto {
+        http::put_header(
+            &mut out,
+            b"x-forwarded-proto",
+            if tls { b"https" } else { b"http" },
+        );
+    }
+    if fwd.host && !client_host.is_empty() {
+        http::put_header(&mut out, b"x-forwarded-host", client_host.as_bytes());
+    }
+    if fwd.via {
+        http::put_header(&mut out, b"via", &via(earlier_via, head.version));
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// How a response is sent on to the client.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Relay {
+    /// The framing of what follows the head.
+    pub framing: Framing,
+    /// Whether the body is re-chunked (chunked or until-close, to an HTTP/1.1 client).
+    pub rechunk: bool,
+    /// Whether the client connection may carry another request.
+    pub keep_alive: bool,
+}
+
+impl Relay {
+    /// How `response` to `request` is relayed (`draining`: no further request).
+    pub fn of(request: &Head, response: &Head, draining: bool) -> Self {
+        let no_body = request.method() == "HEAD" || response.status == 204 || response.status == 304;
+        let framing = if no_body { Framing::Empty } else { response.framing };
+        let open_ended = matches!(framing, Framing::Chunked | Framing::UntilClose);
+        // An HTTP/1.0 client cannot read chunks: it gets raw bytes and a close.
+        let rechunk = request.version == Version::Http11 && open_ended;
+        let delimited = !open_ended || rechunk;
+        Self {
+            framing,
+            rechunk,
+            keep_alive: request.keep_alive && delimited && !draining,
+        }
+    }
+}
+
+/// The response head sent to the client, with the response policies' `edits`.
+pub(super) fn client_response(
+    ex: &Exchange<'_>,
+    response: &Head,
+    edits: &HeaderEdits,
+    relay: Relay,
+) -> Vec<u8> {
+    let fwd_via = ex.generation.settings.forwarded.via;
+    let mut out = Vec::with_capacity(response.wire_len() + 64);
+    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", response.status, response.reason()).as_bytes());
+    let mut earlier_via: Option<Vec<u8>> = None;
+    for (name, value) in response.headers() {
+        if response.is_hop_by_hop(name) || edits.removes(name) {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"via") && fwd_via {
+            earlier_via = Some(value.to_vec());
+            continue;
+        }
+        http::put_header(&mut out, name, value);
+    }
+    for (name, value) in edits.add.iter().chain(&ex.request.response_add) {
+        http::put_header(&mut out, name.as_bytes(), value.as_bytes());
+    }
+    if relay.rechunk {
+        http::put_header(&mut out, b"transfer-encoding", b"chunked");
+    }
+    if fwd_via {
+        http::put_header(&mut out, b"via", &via(earlier_via, response.version));
+    }
+    http::put_connection(&mut out, ex.head().version, relay.keep_alive);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// An interim (1xx) response, passed on as it came.
+pub(super) fn interim(response: &Head) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {} {}\r\n", response.status, response.reason()).into_bytes();
+    for (n, v) in response.headers() {
+        http::put_header(&mut out, n, v);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
