@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::io::{self, Listener, TcpConn};
+use super::io::{self, Listener, TcpConn, Transport as _};
 use crate::http::{self, HeadLimits};
 use crate::runtime::Shared;
 

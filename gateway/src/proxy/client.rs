@@ -11,6 +11,7 @@ use tokio::time::timeout;
 
 use super::conn::Conn;
 use super::error::ProxyError;
+use super::io::Transport as _;
 use crate::config::ProxySettings;
 use crate::http::{self, Head, HttpError};
 use crate::runtime::Shared;
@@ -150,8 +151,8 @@ impl<'c> Client<'c> {
     /// Half-closes and discards what the client still sends, so it reads our
     /// response instead of a reset.
     pub(super) async fn linger(&mut self) {
-        if let Conn::Plain(tcp) = &*self.conn {
-            tcp.shutdown_write();
+        if let Conn::Plain(stream) = &*self.conn {
+            stream.shutdown_write();
         }
         let deadline = tokio::time::Instant::now() + LINGER_TIME;
         let mut seen = 0;

@@ -5,7 +5,7 @@
 
 use std::io::{self, Read, Write};
 
-use super::io::TcpConn;
+use super::io::{Stream, Transport as _};
 
 /// Ciphertext read size; one TLS record plus header.
 const TLS_READ: usize = 17 * 1024;
@@ -13,16 +13,16 @@ const TLS_READ: usize = 17 * 1024;
 /// A connection the proxy reads requests from or forwards them to.
 #[derive(Debug)]
 pub enum Conn {
-    /// Cleartext TCP.
-    Plain(TcpConn),
-    /// TLS over TCP.
+    /// Cleartext.
+    Plain(Stream),
+    /// TLS over a stream.
     Tls(Box<TlsConn>),
 }
 
 /// TLS state of one connection.
 #[derive(Debug)]
 pub struct TlsConn {
-    tcp: TcpConn,
+    stream: Stream,
     tls: rustls::Connection,
     cipher_in: Vec<u8>,
     cipher_out: Vec<u8>,
@@ -34,10 +34,10 @@ fn tls_err(e: rustls::Error) -> io::Error {
 }
 
 impl Conn {
-    /// Wraps `tcp` in TLS and completes the handshake.
-    pub async fn tls(tcp: TcpConn, tls: impl Into<rustls::Connection>) -> io::Result<Self> {
+    /// Wraps `stream` in TLS and completes the handshake.
+    pub async fn tls(stream: Stream, tls: impl Into<rustls::Connection>) -> io::Result<Self> {
         let mut conn = TlsConn {
-            tcp,
+            stream,
             tls: tls.into(),
             cipher_in: Vec::new(),
             cipher_out: Vec::new(),
@@ -50,7 +50,7 @@ impl Conn {
     /// Reads into the spare capacity of `buf`, appending; `Ok(0)` is end of stream.
     pub async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         match self {
-            Self::Plain(tcp) => tcp.read(buf).await,
+            Self::Plain(stream) => stream.read(buf).await,
             Self::Tls(tls) => tls.read(buf).await,
         }
     }
@@ -58,7 +58,7 @@ impl Conn {
     /// Writes all of `buf`.
     pub async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         match self {
-            Self::Plain(tcp) => tcp.write_all(buf).await,
+            Self::Plain(stream) => stream.write_all(buf).await,
             Self::Tls(tls) => {
                 let res = tls.write_all(&buf).await;
                 (res, buf)
@@ -69,8 +69,8 @@ impl Conn {
     /// Shuts the connection down in both directions.
     pub fn shutdown(&self) {
         match self {
-            Self::Plain(tcp) => tcp.shutdown(),
-            Self::Tls(tls) => tls.tcp.shutdown(),
+            Self::Plain(stream) => stream.shutdown(),
+            Self::Tls(tls) => tls.stream.shutdown(),
         }
     }
 
@@ -97,8 +97,8 @@ impl Conn {
     /// Whether an idle (pooled) connection can carry another request.
     pub fn is_idle_and_open(&self) -> bool {
         match self {
-            Self::Plain(tcp) => tcp.is_idle_and_open(),
-            Self::Tls(tls) => tls.tcp.is_idle_and_open(),
+            Self::Plain(stream) => stream.is_idle_and_open(),
+            Self::Tls(tls) => tls.stream.is_idle_and_open(),
         }
     }
 
@@ -128,7 +128,7 @@ impl TlsConn {
         let mut cipher = std::mem::take(&mut self.cipher_in);
         cipher.clear();
         cipher.reserve(TLS_READ);
-        let (res, cipher) = self.tcp.read(cipher).await;
+        let (res, cipher) = self.stream.read(cipher).await;
         self.cipher_in = cipher;
         let n = res?;
         if n == 0 {
@@ -154,7 +154,7 @@ impl TlsConn {
             while self.tls.wants_write() {
                 self.tls.write_tls(&mut out)?;
             }
-            let (res, out) = self.tcp.write_all(out).await;
+            let (res, out) = self.stream.write_all(out).await;
             self.cipher_out = out;
             res?;
         }

@@ -20,7 +20,6 @@ use super::conn::Conn;
 use super::error::ProxyError;
 use super::exchange::Exchange;
 use super::heads::{self, Relay};
-use super::io::TcpConn;
 use crate::config::RouteConfig;
 use crate::http::{Framing, Head, HttpError};
 use crate::runtime::service::Upstream;
@@ -39,8 +38,12 @@ async fn connect(
         return Ok((conn, true, buf));
     }
     let ep = &upstream.cfg.endpoints[endpoint];
-    let tcp = match TcpConn::connect(ep.addr, upstream.cfg.connect_timeout).await {
-        Ok(tcp) => tcp,
+    let stream = match worker
+        .connector
+        .connect(ep.addr, upstream.cfg.connect_timeout)
+        .await
+    {
+        Ok(stream) => stream,
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {
             return Err(ProxyError::ConnectTimeout {
                 endpoint: ep.addr.to_string(),
@@ -54,7 +57,7 @@ async fn connect(
         }
     };
     let Some(tls) = &upstream.tls else {
-        return Ok((Conn::Plain(tcp), false, Vec::with_capacity(UPSTREAM_BUF)));
+        return Ok((Conn::Plain(stream), false, Vec::with_capacity(UPSTREAM_BUF)));
     };
     let name = upstream.server_names[endpoint].clone();
     let tls_err = |e: io::Error| ProxyError::UpstreamTls {
@@ -63,7 +66,7 @@ async fn connect(
     };
     let client =
         rustls::ClientConnection::new(tls.clone(), name).map_err(|e| tls_err(io::Error::other(e)))?;
-    match timeout(upstream.cfg.connect_timeout, Conn::tls(tcp, client)).await {
+    match timeout(upstream.cfg.connect_timeout, Conn::tls(stream, client)).await {
         Ok(Ok(conn)) => Ok((conn, false, Vec::with_capacity(UPSTREAM_BUF))),
         Ok(Err(e)) => Err(tls_err(e)),
         Err(_) => Err(ProxyError::ConnectTimeout {

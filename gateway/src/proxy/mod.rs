@@ -42,10 +42,24 @@ pub struct Worker {
     pub open: Cell<usize>,
     /// Cached metric handles.
     pub metrics: LocalMetrics,
+    /// How it reaches upstream endpoints.
+    pub connector: io::Connector,
     cached: RefCell<(u64, Arc<Generation>)>,
 }
 
 impl Worker {
+    /// A worker over `shared`, reaching upstreams through `connector`.
+    pub fn new(shared: Arc<Shared>, connector: io::Connector) -> Self {
+        Self {
+            pool: Pool::default(),
+            open: Cell::new(0),
+            metrics: LocalMetrics::new(shared.metrics.clone()),
+            connector,
+            cached: RefCell::new((0, shared.current())),
+            shared,
+        }
+    }
+
     /// The generation in force; a relaxed check of one counter unless a reload happened.
     pub fn current(&self) -> Arc<Generation> {
         let version = self.shared.version();
@@ -77,13 +91,7 @@ pub fn run_worker(
     mut added: tokio::sync::mpsc::UnboundedReceiver<NewListener>,
 ) {
     io::start(async move {
-        let worker = Rc::new(Worker {
-            shared: shared.clone(),
-            pool: Pool::default(),
-            open: Cell::new(0),
-            metrics: LocalMetrics::new(shared.metrics.clone()),
-            cached: RefCell::new((0, shared.current())),
-        });
+        let worker = Rc::new(Worker::new(shared.clone(), io::Connector::Tcp));
         for (addr, socket) in sockets {
             start_accepting(&worker, addr, socket);
         }
@@ -128,7 +136,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                     drop(tcp);
                     continue;
                 }
-                io::spawn(server::serve(worker.clone(), rt, tcp, peer));
+                io::spawn(server::serve(worker.clone(), rt, tcp.into(), peer));
             }
             Err(e) => {
                 if worker.shared.draining.load(Ordering::Acquire)

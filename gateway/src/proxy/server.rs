@@ -13,7 +13,7 @@ use super::Worker;
 use super::client::Client;
 use super::conn::Conn;
 use super::exchange;
-use super::io::TcpConn;
+use super::io::Stream;
 use crate::runtime::ListenerRt;
 use crate::telemetry::HandshakeLabels;
 
@@ -27,16 +27,16 @@ impl Drop for OpenGuard {
     }
 }
 
-/// Completes the TLS handshake of `tcp` if the listener has a context; `None` when it failed.
-async fn handshake(worker: &Worker, listener: &ListenerRt, tcp: TcpConn, peer: SocketAddr) -> Option<Conn> {
+/// Completes the TLS handshake of `stream` if the listener has a context; `None` when it failed.
+async fn handshake(worker: &Worker, listener: &ListenerRt, stream: Stream, peer: SocketAddr) -> Option<Conn> {
     let Some(config) = &listener.tls else {
-        return Some(Conn::Plain(tcp));
+        return Some(Conn::Plain(stream));
     };
     let handshake_timeout = worker.current().settings.timeouts.request_headers;
     let handshake = async {
         let server = rustls::ServerConnection::new(config.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        Conn::tls(tcp, server).await
+        Conn::tls(stream, server).await
     };
     let result = timeout(handshake_timeout, Box::pin(handshake)).await;
     let label = HandshakeLabels {
@@ -62,11 +62,11 @@ async fn handshake(worker: &Worker, listener: &ListenerRt, tcp: TcpConn, peer: S
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, tcp: TcpConn, peer: SocketAddr) {
+pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, stream: Stream, peer: SocketAddr) {
     worker.open.set(worker.open.get() + 1);
     worker.shared.metrics.open_connections.inc();
     let _guard = OpenGuard(worker.clone());
-    let Some(mut conn) = handshake(&worker, &listener, tcp, peer).await else {
+    let Some(mut conn) = handshake(&worker, &listener, stream, peer).await else {
         return;
     };
     let mut client = Client::new(

@@ -1,8 +1,12 @@
 //! The proxy's I/O layer: the only module that names the io_uring runtime.
 //!
-//! Routing, HTTP and TLS see owned-buffer `read`/`write_all`/`connect`/`close`
-//! and `spawn`/`start`; swapping tokio-uring for another completion-based
-//! runtime (compio) means rewriting this file only.
+//! Routing, HTTP and TLS see a [`Stream`] with owned-buffer `read`/`write_all`
+//! (the [`Transport`] operations) and `spawn`/`start`; swapping tokio-uring
+//! for another completion-based runtime (compio) means rewriting this file
+//! only. A stream is a TCP connection on the ring or, in tests, an in-memory
+//! one ([`mem`]), so the whole data path runs in plain `cargo test`.
+
+pub mod mem;
 
 use std::future::Future;
 use std::io;
@@ -11,6 +15,100 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio_uring::buf::BoundedBuf;
+
+/// The owned-buffer operations every connection offers, whatever carries it.
+/// Buffers are moved in and handed back, as a completion-based ring needs.
+pub trait Transport {
+    /// Reads into the spare capacity of `buf`, appending; `Ok(0)` is end of stream.
+    fn read(&self, buf: Vec<u8>) -> impl Future<Output = (io::Result<usize>, Vec<u8>)>;
+    /// Writes all of `buf`.
+    fn write_all(&self, buf: Vec<u8>) -> impl Future<Output = (io::Result<()>, Vec<u8>)>;
+    /// Whether an idle connection is still usable: no EOF, reset or stray bytes wait.
+    fn is_idle_and_open(&self) -> bool;
+    /// Shuts both directions down, completing any read still in flight.
+    fn shutdown(&self);
+    /// Sends the end of stream after what is queued, keeping the read side open.
+    fn shutdown_write(&self);
+}
+
+/// A connection of the data path. An enum rather than a `dyn Transport`:
+/// static dispatch, and no boxed future per operation.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP on the worker's ring.
+    Tcp(TcpConn),
+    /// In memory (tests).
+    Mem(mem::MemConn),
+}
+
+impl From<TcpConn> for Stream {
+    fn from(tcp: TcpConn) -> Self {
+        Self::Tcp(tcp)
+    }
+}
+
+impl From<mem::MemConn> for Stream {
+    fn from(conn: mem::MemConn) -> Self {
+        Self::Mem(conn)
+    }
+}
+
+impl Transport for Stream {
+    async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        match self {
+            Self::Tcp(c) => c.read(buf).await,
+            Self::Mem(c) => c.read(buf).await,
+        }
+    }
+
+    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match self {
+            Self::Tcp(c) => c.write_all(buf).await,
+            Self::Mem(c) => c.write_all(buf).await,
+        }
+    }
+
+    fn is_idle_and_open(&self) -> bool {
+        match self {
+            Self::Tcp(c) => c.is_idle_and_open(),
+            Self::Mem(c) => c.is_idle_and_open(),
+        }
+    }
+
+    fn shutdown(&self) {
+        match self {
+            Self::Tcp(c) => c.shutdown(),
+            Self::Mem(c) => c.shutdown(),
+        }
+    }
+
+    fn shutdown_write(&self) {
+        match self {
+            Self::Tcp(c) => c.shutdown_write(),
+            Self::Mem(c) => c.shutdown_write(),
+        }
+    }
+}
+
+/// How a worker reaches upstream endpoints.
+#[derive(Debug, Clone, Default)]
+pub enum Connector {
+    /// Real TCP.
+    #[default]
+    Tcp,
+    /// The in-memory peers of a [`mem::Network`] (tests).
+    Mem(mem::Network),
+}
+
+impl Connector {
+    /// Connects to `addr`, giving up after `timeout`.
+    pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<Stream> {
+        match self {
+            Self::Tcp => TcpConn::connect(addr, timeout).await.map(Stream::Tcp),
+            Self::Mem(net) => net.connect(addr).map(Stream::Mem),
+        }
+    }
+}
 
 /// Checks that this host lets the process create an io_uring.
 pub fn probe() -> Result<(), String> {
@@ -114,9 +212,11 @@ impl TcpConn {
         std.set_nonblocking(false)?;
         Ok(Self(tokio_uring::net::TcpStream::from_std(std)))
     }
+}
 
+impl Transport for TcpConn {
     /// Reads into the spare capacity of `buf`, appending; `Ok(0)` is end of stream.
-    pub async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+    async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         if buf.capacity() == buf.len() {
             buf.reserve(4096);
         }
@@ -126,7 +226,7 @@ impl TcpConn {
     }
 
     /// Writes all of `buf`.
-    pub async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         if buf.is_empty() {
             return (Ok(()), buf);
         }
@@ -136,7 +236,7 @@ impl TcpConn {
     /// Whether an idle connection is still usable: no EOF, reset or stray
     /// bytes from the peer are waiting (checked without blocking).
     #[expect(unsafe_code, reason = "tokio-uring's stream exposes only a raw descriptor")]
-    pub fn is_idle_and_open(&self) -> bool {
+    fn is_idle_and_open(&self) -> bool {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::{AsRawFd, BorrowedFd};
         let raw = self.0.as_raw_fd();
@@ -147,12 +247,12 @@ impl TcpConn {
     }
 
     /// Shuts both directions down, which also completes any read still in flight.
-    pub fn shutdown(&self) {
+    fn shutdown(&self) {
         let _ = self.0.shutdown(Shutdown::Both);
     }
 
     /// Sends FIN after what is queued, keeping the read side open.
-    pub fn shutdown_write(&self) {
+    fn shutdown_write(&self) {
         let _ = self.0.shutdown(Shutdown::Write);
     }
 }
