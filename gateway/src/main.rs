@@ -195,9 +195,8 @@ enum CidrArg {
 }
 
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("invalid CIDR {s:?}: expected e.g. 192.0.2.0/24, 2001:db8::/32 or 192.0.2.7"))
+    portcullis::config::parse_net(s)
+        .ok_or_else(|| format!("invalid CIDR {s:?}: expected e.g. 192.0.2.0/24, 2001:db8::/32 or 192.0.2.7"))
 }
 
 fn parse_cidr_or_stdin(s: &str) -> Result<CidrArg, String> {

@@ -426,6 +426,14 @@ impl Default for ProxySettings {
     }
 }
 
+/// An address prefix written as a CIDR (`192.0.2.0/24`, `2001:db8::/32`) or a
+/// single address (`192.0.2.7`, a /32 or /128).
+pub fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
 /// Parses `250ms`, `10s`, `2m` or `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

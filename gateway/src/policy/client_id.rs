@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use base64::Engine as _;
 use serde::Deserialize;
 
+use super::expr::Expr;
 use super::{Context, Denial, Policy, PolicyError, RequestView, Verdict, parse};
 use crate::config::ClientSecret;
 
@@ -38,27 +39,16 @@ enum Source {
 }
 
 fn source(expr: &str) -> Result<Source, PolicyError> {
-    let inner = expr
-        .trim()
-        .strip_prefix("#[")
-        .and_then(|e| e.strip_suffix(']'))
-        .unwrap_or("");
-    let pick = |prefix: &str| {
-        inner
-            .strip_prefix(prefix)
-            .and_then(|r| r.strip_suffix("']"))
-            .filter(|n| !n.is_empty() && !n.contains(['\'', '[', ']']))
-            .map(str::to_string)
+    let refusal = || {
+        format!(
+            "`{expr}`: only #[attributes.headers['NAME']] and #[attributes.queryParams['NAME']] are supported"
+        )
     };
-    if let Some(name) = pick("attributes.headers['") {
-        return Ok(Source::Header(name.to_ascii_lowercase()));
+    match Expr::parse_for(expr, |e| matches!(e, Expr::Header(_) | Expr::Query(_)), refusal)? {
+        Expr::Header(name) => Ok(Source::Header(name)),
+        Expr::Query(name) => Ok(Source::Query(name)),
+        _ => unreachable!("parse_for admitted only a header or a query parameter"),
     }
-    if let Some(name) = pick("attributes.queryParams['") {
-        return Ok(Source::Query(name));
-    }
-    Err(PolicyError::Config(format!(
-        "`{expr}`: only #[attributes.headers['NAME']] and #[attributes.queryParams['NAME']] are supported"
-    )))
 }
 
 /// A contract as this policy needs it.

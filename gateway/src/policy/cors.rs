@@ -9,12 +9,8 @@ use crate::http::Head;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct AllowedMethod {
     method_name: String,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     is_allowed: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn thirty() -> u32 {
@@ -47,7 +43,7 @@ struct OriginGroup {
 struct Config {
     #[serde(default)]
     origin_groups: Vec<OriginGroup>,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     public_resource: bool,
     #[serde(default)]
     support_credentials: bool,

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use super::expr::Expr;
 use super::{Denial, Policy, PolicyError, RequestView, Verdict, parse};
 
 #[derive(Deserialize)]
@@ -43,21 +44,12 @@ impl IpFilter {
                 None
             }
             Some(expr) => {
-                let name = expr
-                    .trim()
-                    .strip_prefix("#[attributes.headers['")
-                    .and_then(|r| r.strip_suffix("']]"))
-                    .filter(|n| !n.is_empty() && !n.contains(['\'', '[', ']']))
-                    .ok_or_else(|| {
-                        PolicyError::Config(format!(
-                            "ipExpression `{expr}`: only #[attributes.headers['NAME']] is supported"
-                        ))
-                    })?;
+                let name = Expr::header("ipExpression", expr)?;
                 let hops = c.trusted_hops.unwrap_or(1);
                 if hops == 0 {
                     return Err(PolicyError::Config("trustedHops must be at least 1".into()));
                 }
-                Some((name.to_ascii_lowercase(), hops))
+                Some((name, hops))
             }
         };
         if c.ips.is_empty() {
@@ -67,10 +59,9 @@ impl IpFilter {
             .ips
             .iter()
             .map(|text| {
-                text.parse::<IpNet>()
-                    .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                crate::config::parse_net(text)
                     .map(|n| n.trunc())
-                    .map_err(|_| PolicyError::Config(format!("`{text}` is not an IP address or CIDR")))
+                    .ok_or_else(|| PolicyError::Config(format!("`{text}` is not an IP address or CIDR")))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {

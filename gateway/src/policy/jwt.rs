@@ -11,6 +11,7 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use super::expr::Expr;
 use super::{Denial, Policy, PolicyError, RequestView, Verdict, parse};
 
 #[derive(Deserialize)]
@@ -55,7 +56,7 @@ struct Config {
     validate_aud_claim: bool,
     #[serde(default)]
     supported_audiences: Option<String>,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     mandatory_exp_claim: bool,
     #[serde(default)]
     mandatory_nbf_claim: bool,
@@ -66,7 +67,7 @@ struct Config {
     validate_custom_claim: bool,
     #[serde(default)]
     mandatory_custom_claims: Vec<CustomClaim>,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     skip_client_id_validation: bool,
     /// The claim naming the client application: `#[vars.claimSet.NAME]`.
     #[serde(default)]
@@ -83,10 +84,6 @@ fn bits256() -> u16 {
 
 fn text() -> String {
     "text".into()
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn sixty() -> u64 {
@@ -147,20 +144,10 @@ impl JwtValidation {
         let bad = |m: String| PolicyError::Config(m);
         let header = match c.jwt_origin.as_str() {
             "httpBearerAuthenticationHeader" => None,
-            "customExpression" => {
-                let expr = c.jwt_expression.as_deref().unwrap_or("");
-                let name = expr
-                    .trim()
-                    .strip_prefix("#[attributes.headers['")
-                    .and_then(|r| r.strip_suffix("']]"))
-                    .filter(|n| !n.is_empty() && !n.contains(['\'', '[', ']']))
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "jwtExpression `{expr}`: only #[attributes.headers['NAME']] is supported"
-                        ))
-                    })?;
-                Some(name.to_ascii_lowercase())
-            }
+            "customExpression" => Some(Expr::header(
+                "jwtExpression",
+                c.jwt_expression.as_deref().unwrap_or(""),
+            )?),
             other => {
                 return Err(bad(format!(
                     "jwtOrigin `{other}` is not httpBearerAuthenticationHeader or customExpression"

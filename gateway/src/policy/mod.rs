@@ -22,6 +22,7 @@
 mod basic_auth;
 mod client_id;
 mod cors;
+mod expr;
 mod headers;
 mod ip_filter;
 mod jwks;
@@ -369,6 +370,11 @@ pub fn build(
             available: AVAILABLE.join(", "),
         }),
     }
+}
+
+/// `true`: the default of the source gateway's flags that are on unless turned off.
+fn yes() -> bool {
+    true
 }
 
 /// Deserializes a policy's configuration, naming the field at fault.

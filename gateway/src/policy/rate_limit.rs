@@ -16,13 +16,15 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use super::expr::Expr;
 use super::{Denial, Policy, PolicyError, RequestView, Verdict, parse};
 
+/// One configured limit: so many requests per period.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Window {
-    maximum_requests: u64,
-    time_period_in_milliseconds: u64,
+pub(super) struct Window {
+    pub maximum_requests: u64,
+    pub time_period_in_milliseconds: u64,
 }
 
 #[derive(Deserialize)]
@@ -31,9 +33,9 @@ struct Config {
     rate_limits: Vec<Window>,
     #[serde(default)]
     key_selector: Option<String>,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     expose_headers: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     clusterizable: bool,
     /// Portcullis extension: what a cluster-wide limit does while Redis is unreachable.
     #[serde(default)]
@@ -49,10 +51,6 @@ enum FailMode {
     Open,
     /// Requests are refused with 503.
     Closed,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// What requests are counted together.
@@ -76,25 +74,18 @@ fn key(selector: Option<&str>) -> Result<Key, PolicyError> {
     let Some(selector) = selector.map(str::trim) else {
         return Ok(Key::Api);
     };
-    let inner = selector
-        .strip_prefix("#[")
-        .and_then(|s| s.strip_suffix(']'))
-        .unwrap_or("");
-    match inner {
-        "attributes.remoteAddress" => Ok(Key::ClientAddress),
-        "attributes.requestPath" => Ok(Key::Path),
-        "attributes.method" => Ok(Key::Method),
-        "authentication.clientId" => Ok(Key::ClientId),
-        _ => inner
-            .strip_prefix("attributes.headers['")
-            .and_then(|r| r.strip_suffix("']"))
-            .filter(|n| !n.is_empty() && !n.contains(['\'', '[', ']']))
-            .map(|n| Key::Header(n.to_ascii_lowercase()))
-            .ok_or_else(|| {
-                PolicyError::Config(format!(
-                    "keySelector `{selector}`: supported are #[attributes.remoteAddress], #[attributes.requestPath], #[attributes.method], #[attributes.headers['NAME']] and #[authentication.clientId]"
-                ))
-            }),
+    let refusal = || {
+        format!(
+            "keySelector `{selector}`: supported are #[attributes.remoteAddress], #[attributes.requestPath], #[attributes.method], #[attributes.headers['NAME']] and #[authentication.clientId]"
+        )
+    };
+    match Expr::parse_for(selector, |e| !matches!(e, Expr::Query(_)), refusal)? {
+        Expr::RemoteAddress => Ok(Key::ClientAddress),
+        Expr::RequestPath => Ok(Key::Path),
+        Expr::Method => Ok(Key::Method),
+        Expr::ClientId => Ok(Key::ClientId),
+        Expr::Header(name) => Ok(Key::Header(name)),
+        Expr::Query(_) => unreachable!("parse_for refused a query parameter"),
     }
 }
 

@@ -10,15 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::client_id::ClientIdEnforcement;
-use super::rate_limit::RateLimit;
+use super::rate_limit::{RateLimit, Window};
 use super::{Context, Denial, Policy, PolicyError, RequestView, Verdict, parse};
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Window {
-    maximum_requests: u64,
-    time_period_in_milliseconds: u64,
-}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -36,16 +29,12 @@ struct Config {
     client_id_expression: Option<String>,
     #[serde(default)]
     client_secret_expression: Option<String>,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     expose_headers: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     clusterizable: bool,
     /// Portcullis extension: the tiers and their windows (the source gateway keeps them in its control plane).
     tiers: Vec<Tier>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// Limits each client by its SLA tier.
