@@ -63,7 +63,7 @@ pub mod heartbeat_slot {
     pub const LEN: u32 = 4;
 }
 
-/// What XDP does for a listener when its gate is closed (see DESIGN.md, Gatekeeper).
+/// What XDP does for a listener when its gate is closed (see docs/architecture.md, the Gatekeeper at the NIC).
 pub mod gate_mode {
     /// Not gated at the NIC: only the ACLs apply (listeners managed by hand).
     pub const NONE: u32 = 0;

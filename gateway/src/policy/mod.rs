@@ -10,14 +10,14 @@
 //!
 //! A chain is built from configuration when it is loaded: a policy whose
 //! configuration is invalid is reported with a located error and keeps its
-//! API instance gated (see [`crate::gatekeeper`]), so a route never runs with
+//! API instance gated (the Gatekeeper), so a route never runs with
 //! a policy missing. Policies never see bodies and never log
 //! credentials.
 //!
-//! Deviation from STYLE.md: no associated per-policy context type. The chain
-//! holds policies of different types behind `dyn Policy`, which an associated
-//! type would forbid; per-request state lives in [`RequestView`] and the
-//! edit lists instead.
+//! No associated per-policy context type: the chain holds policies of
+//! different types behind `dyn Policy`, which an associated type would forbid;
+//! the per-request state is the exchange's [`RequestView`], handed to both
+//! phases (see docs/architecture.md, policy phases).
 
 mod basic_auth;
 mod client_id;
