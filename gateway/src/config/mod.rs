@@ -3,6 +3,7 @@
 //! Loading never stops at the first problem: every error found is reported,
 //! each with the file, line and field it is about.
 
+mod build;
 mod locate;
 mod model;
 pub mod raw;
@@ -135,7 +136,7 @@ impl Source for MemSource {
 /// Loads and validates every resource from `source`.
 pub fn load(source: &dyn Source) -> Result<Config, ConfigErrors> {
     let files = source.files().map_err(|e| ConfigErrors(vec![e]))?;
-    model::build(&files, &source.base_dir())
+    build::build(&files, &source.base_dir())
 }
 
 /// Loads a configuration directory.

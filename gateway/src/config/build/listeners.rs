@@ -1,0 +1,254 @@
+//! Pass 5: ApiInstances become routes on listeners; each listener is then
+//! checked whole (one scheme, one network, one TLS context) and its routes
+//! ordered for matching.
+
+use super::bindings::Bindings;
+use super::services::Named;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+
+use super::{
+    ApiDoc, Collector, api_service, check_host_pattern, check_namespace, network, normalize_base, side,
+};
+use crate::config::{Config, InboundTls, ListenerConfig, Origin, PolicySpec, RouteConfig, Url, parse_url};
+
+/// A listener being assembled.
+pub(super) struct ListenerDraft {
+    /// Whether its scheme is https.
+    https: bool,
+    /// Its routes, each with where its ApiInstance is named.
+    routes: Vec<(RouteConfig, Origin)>,
+    /// Its inbound TLS context, from an ApiInstance's tls binding.
+    tls: Option<InboundTls>,
+    /// Whether it faces the internet, and where that was first said.
+    network: Option<(bool, Origin)>,
+}
+
+/// What the ApiInstances came to.
+pub(super) struct Drafts<'a> {
+    pub listeners: BTreeMap<SocketAddr, ListenerDraft>,
+    /// Every ApiInstance name, with where it is defined.
+    pub api_names: HashMap<&'a str, Origin>,
+}
+
+/// The policies an ApiInstance lists itself, located.
+fn own_policies(api: &ApiDoc<'_>, c: &mut Collector) -> Vec<PolicySpec> {
+    let mut policies = Vec::new();
+    for (i, p) in api.spec.policies.iter().enumerate() {
+        let field = format!("spec.policies[{i}]");
+        check_namespace(
+            &api.doc,
+            &format!("{field}.policyRef.namespace"),
+            p.policy_ref.namespace.as_ref(),
+            c,
+        );
+        if p.rules.is_some() {
+            c.push(
+                &api.doc.at(&format!("{field}.rules")),
+                "policy rules are not supported; apply the policy to an ApiInstance of its own path",
+            );
+            continue;
+        }
+        policies.push(PolicySpec {
+            name: p.policy_ref.name.clone(),
+            config: p.config.clone(),
+            origin: api.doc.at(&format!("{field}.config")),
+            name_at: api.doc.at(&format!("{field}.policyRef.name")),
+        });
+    }
+    policies
+}
+
+/// The address an ApiInstance listens on, and whether it is https.
+fn listen_addr(api: &ApiDoc<'_>, c: &mut Collector) -> Option<(SocketAddr, Url)> {
+    let addr_at = api.doc.at("spec.address");
+    let url = match parse_url(&api.spec.address) {
+        Ok(u) => u,
+        Err(e) => {
+            c.push(&addr_at, e);
+            return None;
+        }
+    };
+    let Ok(ip) = url.host.parse::<IpAddr>() else {
+        c.push(
+            &addr_at,
+            format!(
+                "listen host `{}` must be an IP address (0.0.0.0 or [::] for all)",
+                url.host
+            ),
+        );
+        return None;
+    };
+    Some((SocketAddr::new(ip, url.port), url))
+}
+
+/// Turns every ApiInstance into a route on its listener's draft.
+pub(super) fn draft<'a>(
+    apis: &'a [ApiDoc<'_>],
+    bindings: &mut Bindings<'_>,
+    named: &Named,
+    out: &mut Config,
+    c: &mut Collector,
+) -> Drafts<'a> {
+    let mut drafts = Drafts {
+        listeners: BTreeMap::new(),
+        api_names: HashMap::new(),
+    };
+    for api in apis {
+        let name_at = api.doc.at("metadata.name");
+        if let Some(prev) = drafts.api_names.insert(&api.name, name_at.clone()) {
+            c.push(
+                &name_at,
+                format!(
+                    "ApiInstance `{}` is defined twice (also {}:{})",
+                    api.name, prev.file, prev.line
+                ),
+            );
+            continue;
+        }
+        let Some((listen, url)) = listen_addr(api, c) else {
+            continue;
+        };
+        for (i, host) in api.spec.hosts.iter().enumerate() {
+            if let Err(e) = check_host_pattern(host) {
+                c.push(&api.doc.at(&format!("spec.hosts[{i}]")), e);
+            }
+        }
+        let mut policies = own_policies(api, c);
+        policies.extend(bindings.take(&api.name));
+        let Some((service, upstream_path)) = api_service(api, out, named, c) else {
+            continue;
+        };
+        let max_body = api
+            .spec
+            .limits
+            .as_ref()
+            .and_then(|l| l.max_body_bytes)
+            .unwrap_or(out.proxy.max_body);
+        let route = RouteConfig {
+            api: api.name.clone(),
+            hosts: api.spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            base_path: normalize_base(&url.path),
+            service,
+            upstream_path,
+            max_body,
+            policies,
+        };
+        let entry = drafts.listeners.entry(listen).or_insert_with(|| ListenerDraft {
+            https: url.tls,
+            routes: Vec::new(),
+            tls: None,
+            network: None,
+        });
+        entry.add(api, listen, &url, route, name_at, bindings, c);
+    }
+    drafts
+}
+
+impl ListenerDraft {
+    /// Adds `api`'s route, checking it against what the listener already has.
+    #[expect(clippy::too_many_arguments, reason = "one route's whole context")]
+    fn add(
+        &mut self,
+        api: &ApiDoc<'_>,
+        listen: SocketAddr,
+        url: &Url,
+        route: RouteConfig,
+        name_at: Origin,
+        bindings: &mut Bindings<'_>,
+        c: &mut Collector,
+    ) {
+        let addr_at = api.doc.at("spec.address");
+        let ip = listen.ip();
+        let external = network(&api.doc, "spec.network", api.spec.network.as_deref(), &[ip], c);
+        match &self.network {
+            Some((other, at)) if *other != external => c.push(
+                &api.doc.at("spec.network"),
+                format!(
+                    "{listen} is {} here but {} at {}:{}; one port is one network",
+                    side(external),
+                    side(*other),
+                    at.file,
+                    at.line
+                ),
+            ),
+            Some(_) => {}
+            None => self.network = Some((external, api.doc.at("spec.address"))),
+        }
+        if self.https != url.tls {
+            c.push(
+                &addr_at,
+                format!("{listen} is used with both http and https; one port has one scheme"),
+            );
+            return;
+        }
+        if let Some(tls) = bindings.inbound.remove(&api.name) {
+            if !url.tls {
+                c.push(
+                    &tls.origin,
+                    format!(
+                        "ApiInstance `{}` has a tls binding but an http:// address; use https://",
+                        api.name
+                    ),
+                );
+            } else if self.tls.is_some() {
+                c.push(
+                    &tls.origin,
+                    format!("{listen} already has a TLS context from another ApiInstance; TLS is per port"),
+                );
+            } else {
+                self.tls = Some(tls);
+            }
+        }
+        if let Some((_, prev)) = self
+            .routes
+            .iter()
+            .find(|(r, _)| r.base_path == route.base_path && r.hosts == route.hosts)
+        {
+            c.push(
+                &addr_at,
+                format!(
+                    "route {listen}{} is already served by the ApiInstance at {}:{}",
+                    route.base_path, prev.file, prev.line
+                ),
+            );
+            return;
+        }
+        self.routes.push((route, name_at));
+    }
+}
+
+/// Checks every listener whole and puts it in `out`, its routes ordered for matching.
+pub(super) fn finish(
+    listeners: BTreeMap<SocketAddr, ListenerDraft>,
+    broken_tls: &HashSet<String>,
+    out: &mut Config,
+    c: &mut Collector,
+) {
+    for (addr, draft) in listeners {
+        if draft.https && draft.tls.is_none() {
+            if !draft.routes.iter().any(|(r, _)| broken_tls.contains(&r.api)) {
+                let (_, at) = &draft.routes[0];
+                c.push(
+                    at,
+                    format!("{addr} is https but no `tls` PolicyBinding targets an ApiInstance on it"),
+                );
+            }
+            continue;
+        }
+        let mut routes: Vec<RouteConfig> = draft.routes.into_iter().map(|(r, _)| r).collect();
+        // Host-specific routes before catch-alls, then longest base path first.
+        routes.sort_by(|a, b| {
+            a.hosts
+                .is_empty()
+                .cmp(&b.hosts.is_empty())
+                .then(b.base_path.len().cmp(&a.base_path.len()))
+        });
+        out.listeners.push(ListenerConfig {
+            addr,
+            external: draft.network.is_some_and(|(e, _)| e),
+            tls: draft.tls,
+            routes,
+        });
+    }
+}

@@ -1,0 +1,267 @@
+//! The Configuration resource: proxy and gateway-wide settings.
+
+use super::documents::Documents;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Collector, Doc, pem, secret_value};
+use crate::config::{
+    Config, GateLevel, GatewaySettings, ProxySettings, RedisConfig, XffMode, parse_duration, raw,
+    secret::Resolver,
+};
+
+/// The configuration with the Configuration resource's settings (or the
+/// defaults) and nothing served yet; its secret key (if any) is set up for
+/// the passes that follow.
+pub(super) fn configure(docs: &Documents<'_>, base: &Path, c: &mut Collector) -> Config {
+    let (proxy, mut gateway) = match &docs.configuration {
+        Some((doc, spec)) => {
+            if let Some(key_file) = spec.secrets.as_ref().and_then(|s| s.key_file.as_ref()) {
+                let path = Path::new(key_file);
+                c.resolver = Resolver::new(Some(if path.is_absolute() {
+                    path.to_path_buf()
+                } else {
+                    base.join(path)
+                }));
+            }
+            (proxy_settings(doc, spec, c), gateway_settings(doc, spec, base, c))
+        }
+        None => (ProxySettings::default(), GatewaySettings::default()),
+    };
+    gateway.cluster.clone_from(&docs.cluster);
+    Config {
+        listeners: Vec::new(),
+        services: Vec::new(),
+        proxy,
+        gateway,
+        contracts: Vec::new(),
+        warnings: Vec::new(),
+        dir: base.to_path_buf(),
+    }
+}
+
+pub(super) fn gateway_settings(
+    doc: &Doc,
+    spec: &raw::ConfigurationSpec,
+    base: &Path,
+    c: &mut Collector,
+) -> GatewaySettings {
+    let mut g = GatewaySettings::default();
+    if let Some(logging) = &spec.logging {
+        if logging.outputs.is_some() {
+            c.push(
+                &doc.at("spec.logging.outputs"),
+                "Fluent Bit outputs are not supported: logs go to stderr (journald under systemd); remove `outputs`",
+            );
+        }
+        if let Some(level) = logging.runtime_logs.as_ref().and_then(|r| r.log_level.as_ref()) {
+            if ["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+                g.log_level.clone_from(level);
+            } else {
+                c.push(
+                    &doc.at("spec.logging.runtimeLogs.logLevel"),
+                    format!("`{level}` is not error, warn, info, debug or trace"),
+                );
+            }
+        }
+        g.access_logs = logging.access_logs.unwrap_or(true);
+    }
+    if let Some(redis) = spec.shared_storage.as_ref().and_then(|s| s.redis.as_ref()) {
+        let at = doc.at("spec.sharedStorage.redis.address");
+        let valid = redis
+            .address
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !valid {
+            c.push(&at, format!("`{}` is not host:port", redis.address));
+        }
+        let password = redis
+            .password
+            .as_ref()
+            .and_then(|p| secret_value(doc, "spec.sharedStorage.redis.password", p, base, c));
+        let tls = redis.tls.as_ref().map(|t| {
+            t.trusted_ca.as_ref().and_then(|ca| {
+                pem(ca, base)
+                    .map_err(|e| c.push(&doc.at("spec.sharedStorage.redis.tls.trustedCA"), e))
+                    .ok()
+            })
+        });
+        g.redis = Some(RedisConfig {
+            address: redis.address.clone(),
+            username: redis.username.clone(),
+            password,
+            db: redis.db.unwrap_or(0),
+            tls,
+        });
+    }
+    if let Some(gk) = &spec.gatekeeper {
+        let at = doc.at("spec.gatekeeper.level");
+        match &gk.level {
+            None => {}
+            Some(serde_yaml_ng::Value::String(level)) => match level.as_str() {
+                "strict" => g.gate_level = GateLevel::Strict,
+                "flexible" => g.gate_level = GateLevel::Flexible,
+                "disabled" => g.gate_level = GateLevel::Disabled,
+                other => c.push(&at, format!("`{other}` is not strict, flexible or disabled")),
+            },
+            Some(serde_yaml_ng::Value::Bool(on)) => {
+                g.gate_level = if *on {
+                    GateLevel::Strict
+                } else {
+                    GateLevel::Disabled
+                };
+                let spelled = if *on { "strict" } else { "disabled" };
+                c.warnings
+                    .push(at.error(format!("`{on}` is a legacy spelling; write `{spelled}`")));
+            }
+            Some(_) => c.push(&at, "expected strict, flexible or disabled"),
+        }
+        g.block_edit = gk.block_edit.unwrap_or(true);
+        match gk.nic_action.as_deref() {
+            None | Some("answer") => {}
+            Some("drop") => g.nic_drop = true,
+            Some(other) => c.push(
+                &doc.at("spec.gatekeeper.nicAction"),
+                format!("`{other}` is not answer or drop"),
+            ),
+        }
+    }
+    g
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one check per Configuration field, in field order"
+)]
+pub(super) fn proxy_settings(doc: &Doc, spec: &raw::ConfigurationSpec, c: &mut Collector) -> ProxySettings {
+    let mut s = ProxySettings::default();
+    let Some(p) = &spec.proxy else { return s };
+    if let Some(w) = p.workers {
+        if w == 0 || w > 1024 {
+            c.push(
+                &doc.at("spec.proxy.workers"),
+                "workers must be 1-1024 (leave it out for one per CPU)",
+            );
+        } else {
+            s.workers = w;
+        }
+    }
+    if let Some(a) = &p.admin {
+        if a == "off" {
+            s.admin = None;
+        } else {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) => s.admin = Some(addr),
+                Err(_) => c.push(
+                    &doc.at("spec.proxy.admin"),
+                    format!("`{a}` is not ip:port or `off`"),
+                ),
+            }
+        }
+    }
+    if let Some(l) = &p.limits {
+        let mut positive = |v: Option<usize>, field: &str, slot: &mut usize| {
+            if let Some(v) = v {
+                if v == 0 {
+                    c.push(&doc.at(field), "must be greater than zero");
+                } else {
+                    *slot = v;
+                }
+            }
+        };
+        positive(
+            l.request_line_bytes,
+            "spec.proxy.limits.requestLineBytes",
+            &mut s.limits.request_line,
+        );
+        positive(
+            l.header_bytes,
+            "spec.proxy.limits.headerBytes",
+            &mut s.limits.header_bytes,
+        );
+        positive(l.headers, "spec.proxy.limits.headers", &mut s.limits.headers);
+        positive(
+            l.max_connections,
+            "spec.proxy.limits.maxConnections",
+            &mut s.max_connections,
+        );
+        if let Some(b) = l.max_body_bytes {
+            s.max_body = b;
+        }
+        if s.limits.request_line > s.limits.header_bytes {
+            c.push(
+                &doc.at("spec.proxy.limits.requestLineBytes"),
+                "the request line limit exceeds the header bytes limit",
+            );
+        }
+    }
+    if let Some(t) = &p.timeouts {
+        let mut set = |v: &Option<String>, field: &str, slot: &mut Duration| {
+            if let Some(v) = v {
+                match parse_duration(v) {
+                    Ok(d) => *slot = d,
+                    Err(e) => c.push(&doc.at(field), e),
+                }
+            }
+        };
+        set(
+            &t.request_headers,
+            "spec.proxy.timeouts.requestHeaders",
+            &mut s.timeouts.request_headers,
+        );
+        set(&t.idle, "spec.proxy.timeouts.idle", &mut s.timeouts.idle);
+        set(
+            &t.upstream_connect,
+            "spec.proxy.timeouts.upstreamConnect",
+            &mut s.timeouts.upstream_connect,
+        );
+        set(
+            &t.upstream_response,
+            "spec.proxy.timeouts.upstreamResponse",
+            &mut s.timeouts.upstream_response,
+        );
+    }
+    if let Some(f) = &p.forwarded {
+        match f.x_forwarded_for.as_deref() {
+            None | Some("append") => {}
+            Some("replace") => s.forwarded.xff = XffMode::Replace,
+            Some("off") => s.forwarded.xff = XffMode::Off,
+            Some(other) => c.push(
+                &doc.at("spec.proxy.forwarded.xForwardedFor"),
+                format!("`{other}` is not append, replace or off"),
+            ),
+        }
+        s.forwarded.proto = f.x_forwarded_proto.unwrap_or(true);
+        s.forwarded.host = f.x_forwarded_host.unwrap_or(true);
+        s.forwarded.via = f.via.unwrap_or(true);
+    }
+    s
+}
+
+pub(super) fn from_config<T: for<'de> Deserialize<'de>>(
+    doc: &Doc,
+    value: &serde_yaml_ng::Value,
+    c: &mut Collector,
+) -> Option<T> {
+    let value = if value.is_null() {
+        serde_yaml_ng::Value::Mapping(serde_yaml_ng::Mapping::new())
+    } else {
+        value.clone()
+    };
+    match serde_yaml_ng::from_value::<T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let message = e.to_string();
+            let field = message
+                .split_once(": ")
+                .filter(|(p, _)| !p.contains(' '))
+                .map(|(p, _)| format!("spec.config.{p}"));
+            let field = field.unwrap_or_else(|| "spec.config".into());
+            c.push(&doc.at(&field), message);
+            None
+        }
+    }
+}
