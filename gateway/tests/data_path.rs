@@ -100,10 +100,15 @@ struct Gateway {
 }
 
 fn gateway(resources: &str) -> Gateway {
+    gateway_in(&std::env::temp_dir(), resources)
+}
+
+/// A gateway whose relative file names resolve against `dir`.
+fn gateway_in(dir: &std::path::Path, resources: &str) -> Gateway {
     let files = vec![("gateway.yaml".to_owned(), format!("{SETTINGS}{resources}"))];
     let config = config::load(&MemSource {
         files,
-        base: std::env::temp_dir(),
+        base: dir.to_path_buf(),
     })
     .unwrap_or_else(|e| panic!("configuration: {e}"));
     let generation = Generation::build(config, None).unwrap_or_else(|e| panic!("generation: {e}"));
@@ -787,6 +792,79 @@ fn header_policies_edit_both_heads() {
                 && !seen[0].to_ascii_lowercase().contains("x-debug"),
             "{}",
             seen[0]
+        );
+    });
+}
+
+#[test]
+fn rate_limiting_counts_per_key() {
+    run(|log| async move {
+        let limit = "    - policyRef:
+        name: rate-limiting-flex
+      config:
+        keySelector: \"#[attributes.remoteAddress]\"
+        rateLimits:
+          - maximumRequests: 2
+            timePeriodInMilliseconds: 60000
+";
+        let gw = gateway(&api("orders", "/orders", limit));
+        let _up = ok_upstream(&gw);
+        let get = "GET /orders/1 HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut first = Vec::new();
+        for _ in 0..3 {
+            first.push(gw.connect_from("192.0.2.1:1000").send(get).await.0);
+        }
+        let other = gw.connect_from("192.0.2.2:1000").send(get).await.0;
+        assert_eq!(
+            first.iter().map(|r| status(r)).collect::<Vec<_>>(),
+            [200, 200, 429],
+            "{}",
+            log.text()
+        );
+        assert!(first[0].contains("ratelimit-remaining: 1\r\n"), "{}", first[0]);
+        assert!(first[2].contains("retry-after: "), "{}", first[2]);
+        assert_eq!(status(&other), 200, "another client has its own count");
+    });
+}
+
+#[test]
+fn basic_authentication_checks_the_credentials_file() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = std::env::temp_dir().join(format!("portcullis-basic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join("users.txt"))
+        .expect("the credentials file");
+    std::io::Write::write_all(
+        &mut file,
+        b"alice:sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\n",
+    )
+    .expect("written");
+    let policy = "    - policyRef:\n        name: http-basic-authentication-flex\n      config:\n        credentialsFile: users.txt\n";
+    let gw = gateway_in(&dir, &api("orders", "/orders", policy));
+    std::fs::remove_dir_all(&dir).expect("removed");
+    run(|log| async move {
+        let _up = ok_upstream(&gw);
+        let with =
+            |auth: &str| format!("GET /orders/1 HTTP/1.1\r\nHost: a\r\nAuthorization: Basic {auth}\r\n\r\n");
+        let (none, _) = gw.send("GET /orders/1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(
+            status(&none) == 401
+                && none.contains("www-authenticate: Basic realm=\"portcullis\", charset=\"UTF-8\""),
+            "{none}"
+        );
+        assert_eq!(status(&gw.send(&with(&basic("alice", "wrong"))).await.0), 401);
+        assert_eq!(status(&gw.send(&with(&basic("bob", "password"))).await.0), 401);
+        assert_eq!(status(&gw.send(&with(&basic("alice", "password"))).await.0), 200);
+        assert_eq!(
+            log.text().matches("error=\"unauthorized\"").count(),
+            3,
+            "{}",
+            log.text()
         );
     });
 }

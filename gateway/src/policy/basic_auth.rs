@@ -190,10 +190,6 @@ impl BasicAuth {
 }
 
 impl Policy for BasicAuth {
-    fn name(&self) -> &'static str {
-        "http-basic-authentication"
-    }
-
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         let Some(b64) = request
             .head

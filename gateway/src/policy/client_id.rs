@@ -180,10 +180,6 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Policy for ClientIdEnforcement {
-    fn name(&self) -> &'static str {
-        "client-id-enforcement"
-    }
-
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         let (Some(id), secret) = self.credentials(request) else {
             return unauthorized();

@@ -148,10 +148,6 @@ fn header<'a>(head: &'a Head, name: &str) -> Option<&'a str> {
 }
 
 impl Policy for Cors {
-    fn name(&self) -> &'static str {
-        "cors"
-    }
-
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         let head = request.head;
         let (Some(origin), Some(method)) = (

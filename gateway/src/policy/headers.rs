@@ -127,10 +127,6 @@ fn inject(pairs: &[(String, String)], edits: &mut HeaderEdits) {
 }
 
 impl Policy for Injection {
-    fn name(&self) -> &'static str {
-        "header-injection"
-    }
-
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         inject(&self.inbound, &mut request.edits);
         Verdict::Continue
@@ -196,10 +192,6 @@ impl Removal {
 }
 
 impl Policy for Removal {
-    fn name(&self) -> &'static str {
-        "header-removal"
-    }
-
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         request.edits.remove.extend(self.inbound.iter().cloned());
         Verdict::Continue

@@ -94,14 +94,6 @@ impl Policy for IpFilter {
             .then_some((self.allow, self.nets.as_slice()))
     }
 
-    fn name(&self) -> &'static str {
-        if self.allow {
-            "ip-allowlist"
-        } else {
-            "ip-blocklist"
-        }
-    }
-
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         let Some(client) = self.client(request) else {
             // No trustworthy address: an allowlist cannot admit it, a blocklist cannot refuse it.

@@ -332,10 +332,6 @@ fn refuse(why: &str) -> Verdict {
 }
 
 impl Policy for JwtValidation {
-    fn name(&self) -> &'static str {
-        "jwt-validation"
-    }
-
     fn needs_contracts(&self) -> bool {
         self.clients.is_some()
     }

@@ -167,9 +167,6 @@ pub struct RequestView<'a> {
 
 /// One configured step of an API instance.
 pub trait Policy: Send + Sync + fmt::Debug {
-    /// The policy's name as configured.
-    fn name(&self) -> &'static str;
-
     /// Runs when a routed request head has been read, before any upstream is
     /// chosen. `Continue` hands on to the next policy; `Respond` and `Deny`
     /// end the exchange with that answer and skip the rest of the chain.

@@ -274,10 +274,6 @@ impl RateLimit {
 }
 
 impl Policy for RateLimit {
-    fn name(&self) -> &'static str {
-        "rate-limiting"
-    }
-
     fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
         let key = self.key_of(request);
         self.check(request, &key)

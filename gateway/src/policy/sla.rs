@@ -143,10 +143,6 @@ impl SlaRateLimit {
 }
 
 impl Policy for SlaRateLimit {
-    fn name(&self) -> &'static str {
-        "rate-limiting-sla-based"
-    }
-
     fn needs_contracts(&self) -> bool {
         true
     }

@@ -138,10 +138,6 @@ impl SpikeControl {
 }
 
 impl Policy for SpikeControl {
-    fn name(&self) -> &'static str {
-        "spike-control"
-    }
-
     fn on_request(&self, _request: &mut RequestView<'_>) -> Verdict {
         if self.shared.admit() {
             return Verdict::Continue;

@@ -31,10 +31,6 @@ impl ResponseTimeout {
 }
 
 impl Policy for ResponseTimeout {
-    fn name(&self) -> &'static str {
-        "response-timeout"
-    }
-
     fn response_timeout(&self) -> Option<Duration> {
         Some(self.0)
     }
