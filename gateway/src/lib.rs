@@ -2,11 +2,13 @@
 //! ACLs at the NIC from pinned eBPF maps, and an io_uring reverse proxy
 //! terminates HTTP/1.1 and TLS and forwards to upstream services.
 //!
-//! A request's path reads from the module names: [`config`] says what is
-//! served, [`tls`] holds the certificates, [`proxy`] accepts and routes,
-//! [`gatekeeper`] says whether the route is open, [`policy`] applies its
-//! policies, the proxy forwards, [`telemetry`] records it. [`xdp`] is the only module that touches
-//! the kernel's BPF side.
+//! The modules are layers that point one way (docs/architecture.md; the
+//! rule is checked by `tests/layers.rs`), lowest first: [`http`] (the codec),
+//! [`xdp`] (the only module that touches the kernel's BPF side) and
+//! [`telemetry`]; [`config`] says what is served; [`tls`] and [`store`];
+//! [`policy`]; [`gatekeeper`] says whether a route is open; [`runtime`] holds
+//! the generation in force; [`proxy`] is the data path over it; and
+//! [`supervisor`] runs it all as `portcullis run`.
 
 pub mod config;
 pub mod gatekeeper;

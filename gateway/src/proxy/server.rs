@@ -77,8 +77,11 @@ pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, stream: Stream
     );
     let mut first = true;
     loop {
-        let settings = worker.current().settings.clone();
-        let head = match client.read_head(&worker.shared, &settings, first).await {
+        let generation = worker.current();
+        let head = match client
+            .read_head(&worker.shared, &generation.settings, first)
+            .await
+        {
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(e) => {
