@@ -110,3 +110,38 @@ fn report(dir: &Path, errors: &ConfigErrors) -> anyhow::Error {
     }
     anyhow::anyhow!("{} configuration error(s) in {}", errors.0.len(), dir.display())
 }
+
+/// `portcullis registration inspect`: who the replica is and until when.
+pub fn inspect_registration(file: &Path) -> anyhow::Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("a registration file name")?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let config = config::load(&config::MemSource {
+        files: vec![(name, text)],
+        base: dir.to_path_buf(),
+    })
+    .map_err(|e| report(dir, &e))?;
+    let registration = config
+        .registration
+        .with_context(|| format!("{} holds no Registration", file.display()))?;
+    let cert = std::fs::read(&registration.certificate)
+        .with_context(|| format!("reading {}", registration.certificate.display()))?;
+    let expires = portcullis::control::ca::expiry(&cert).context("the certificate's expiry")?;
+    let now = portcullis::control::now_unix();
+    println!("replica:       {}", registration.replica);
+    println!("cluster:       {}", registration.cluster);
+    println!("control plane: {}", registration.control_plane);
+    println!(
+        "certificate:   {} (expires at unix {expires}, {})",
+        registration.certificate.display(),
+        if expires > now {
+            format!("in {} s", expires - now)
+        } else {
+            "EXPIRED: register again with a new token".to_owned()
+        }
+    );
+    Ok(())
+}

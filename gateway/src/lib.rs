@@ -11,6 +11,7 @@
 //! [`supervisor`] runs it all as `portcullis run`.
 
 pub mod config;
+pub mod control;
 pub mod gatekeeper;
 pub mod http;
 pub mod policy;

@@ -60,6 +60,28 @@ enum Command {
     /// Manage connection ACLs (global deny list, per-listener allow/deny lists).
     #[command(subcommand)]
     Acl(AclCommand),
+    /// Run or administer the control plane of connected mode.
+    #[command(subcommand, name = "control-plane")]
+    ControlPlane(ControlPlaneCommand),
+    /// Register this replica with a control plane: a key pair made here, a
+    /// certificate from the control plane, and a registration file (all 0600).
+    Register {
+        /// `https://HOST:PORT` of the control plane.
+        #[arg(long)]
+        control_plane: String,
+        /// The one-time token from `control-plane token create`.
+        #[arg(long, env = "PORTCULLIS_REGISTRATION_TOKEN")]
+        token: String,
+        /// This replica's name.
+        #[arg(long)]
+        name: String,
+        /// Where to write the registration (the configuration directory).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Read a registration file.
+    #[command(subcommand)]
+    Registration(RegistrationCommand),
     /// Show API instances with their gates, and what XDP holds: interfaces,
     /// listeners, gate modes, ACL sizes and counters. Works while the proxy is down.
     Status {
@@ -70,6 +92,71 @@ enum Command {
         #[arg(long, env = "PORTCULLIS_STATE_DIR", default_value = "/var/lib/portcullis")]
         state_dir: std::path::PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ControlPlaneCommand {
+    /// Create the control plane's CA and server certificate in DIR.
+    Init {
+        /// The control plane's directory.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// A name or address replicas reach it by (besides localhost); repeatable.
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Make one-time registration tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Refuse REPLICA's certificates from its next request on.
+    Revoke {
+        /// The control plane's directory.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The replica's name.
+        replica: String,
+    },
+    /// Serve registrations and the snapshots of DIR/clusters/<cluster>/*.yaml.
+    Serve {
+        /// The control plane's directory.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Where to listen.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: std::net::SocketAddr,
+        /// Lifetime of the replica certificates it issues (`30d`, `12h`, `20s`).
+        #[arg(long, default_value = "30d", value_parser = parse_lifetime)]
+        cert_lifetime: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new token for a cluster; it works once and never after it expires.
+    Create {
+        /// The control plane's directory.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The gateway cluster the registering replica joins.
+        #[arg(long)]
+        cluster: String,
+        /// How long the token can be used (`24h`, `10m`).
+        #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
+        ttl: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistrationCommand {
+    /// Print the replica, cluster, control plane and certificate expiry of FILE.
+    Inspect {
+        /// A registration file (`registration.yaml`).
+        file: std::path::PathBuf,
+    },
+}
+
+fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    portcullis::config::parse_duration(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,7 +304,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let default_filter = if matches!(cli.command, Command::Run { .. }) {
+    let default_filter = if matches!(
+        cli.command,
+        Command::Run { .. } | Command::ControlPlane(ControlPlaneCommand::Serve { .. })
+    ) {
         "info"
     } else {
         "warn"
@@ -336,6 +426,24 @@ fn run(cli: Cli, set_level: &supervisor::SetLevel) -> anyhow::Result<()> {
             println!("listener {listener} removed");
         }
         Command::Acl(command) => acl(&instance, command)?,
+        Command::ControlPlane(command) => control_plane(command)?,
+        Command::Register {
+            control_plane,
+            token,
+            name,
+            out,
+        } => {
+            let registered = portcullis::control::client::register(&control_plane, &token, &name, &out)?;
+            println!(
+                "registered replica {name} in cluster {} with {control_plane}; wrote {} (certificate expires at unix {})",
+                registered.cluster,
+                registered.file.display(),
+                registered.expires_unix
+            );
+        }
+        Command::Registration(RegistrationCommand::Inspect { file }) => {
+            commands::inspect_registration(&file)?;
+        }
         Command::Status { json, state_dir } => {
             let status = status(&instance, &state_dir)?;
             if json {
@@ -344,6 +452,40 @@ fn run(cli: Cli, set_level: &supervisor::SetLevel) -> anyhow::Result<()> {
                 print_status(&status)?;
             }
         }
+    }
+    Ok(())
+}
+
+fn control_plane(command: ControlPlaneCommand) -> anyhow::Result<()> {
+    use portcullis::control::server;
+    match command {
+        ControlPlaneCommand::Init { dir, san } => {
+            let fingerprint = server::init(&dir, &san)?;
+            println!(
+                "control plane CA created in {} (fingerprint sha256:{fingerprint})",
+                dir.display()
+            );
+            println!(
+                "desired state goes in {}/clusters/<cluster>/*.yaml",
+                dir.display()
+            );
+        }
+        ControlPlaneCommand::Token(TokenCommand::Create { dir, cluster, ttl }) => {
+            println!("{}", server::create_token(&dir, &cluster, ttl)?);
+        }
+        ControlPlaneCommand::Revoke { dir, replica } => {
+            server::revoke(&dir, &replica)?;
+            println!("replica {replica} revoked: refused from its next request on");
+        }
+        ControlPlaneCommand::Serve {
+            dir,
+            listen,
+            cert_lifetime,
+        } => server::serve(&server::ServeOptions {
+            dir,
+            listen,
+            cert_lifetime,
+        })?,
     }
     Ok(())
 }

@@ -83,6 +83,7 @@ fn sections() -> Vec<(&'static str, Vec<&'static str>)> {
         ("certificate", fields::<raw::CertificateRef>()),
         ("Secret fields", fields::<raw::InlineSecret>()),
         ("Contract.spec", fields::<raw::ContractSpec>()),
+        ("Registration.spec", fields::<raw::RegistrationSpec>()),
         ("Configuration.spec", fields::<raw::ConfigurationSpec>()),
         ("Configuration.spec.logging", fields::<raw::LoggingSpec>()),
         (

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["http", "xdp", "telemetry"],
     &["config"],
-    &["tls", "store"],
+    &["tls", "store", "control"],
     &["policy"],
     &["gatekeeper"],
     &["runtime"],

@@ -29,6 +29,8 @@ pub struct Config {
     pub warnings: Vec<ConfigError>,
     /// The directory relative file references resolve against.
     pub dir: PathBuf,
+    /// This replica's control plane, in connected mode.
+    pub registration: Option<RegistrationConfig>,
 }
 
 impl Config {
@@ -47,8 +49,28 @@ impl Config {
             contracts: Vec::new(),
             warnings: Vec::new(),
             dir: dir.to_path_buf(),
+            registration: None,
         }
     }
+}
+
+/// A replica's registration with its control plane (connected mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationConfig {
+    /// The replica's name.
+    pub replica: String,
+    /// Its gateway cluster.
+    pub cluster: String,
+    /// `https://HOST:PORT` of the control plane.
+    pub control_plane: String,
+    /// The replica's certificate file.
+    pub certificate: PathBuf,
+    /// The replica's key file (checked 0600).
+    pub key: PathBuf,
+    /// The control plane's CA file.
+    pub ca_bundle: PathBuf,
+    /// Where the resource is.
+    pub origin: Origin,
 }
 
 /// Gatekeeper level (see docs/architecture.md, the Gatekeeper).
@@ -443,6 +465,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
         _ => return Err(format!("`{text}` is not a duration like 250ms, 10s, 2m or 1h")),
     };
     if d.is_zero() {

@@ -274,6 +274,23 @@ pub struct ContractSpec {
     pub apis: Vec<String>,
 }
 
+/// `kind: Registration`: this replica's identity with its control plane
+/// (written by `portcullis register`; connected mode).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistrationSpec {
+    /// The gateway cluster the control plane put the replica in.
+    pub cluster: String,
+    /// `https://HOST:PORT` of the control plane.
+    pub control_plane: String,
+    /// The replica's certificate (PEM file, relative to the directory).
+    pub certificate: String,
+    /// The replica's private key (PEM file, mode 0600).
+    pub key: String,
+    /// The control plane's CA (PEM file).
+    pub ca_bundle: String,
+}
+
 /// `kind: Configuration`: gateway-wide settings.
 #[derive(Debug, Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -29,6 +29,18 @@ pub(super) fn open(options: &RunOptions) -> Option<Cache> {
 /// What to serve when the source cannot be read at start: the cache, gated
 /// under `strict`; or nothing at all until the source is back.
 pub(super) fn serve_from(dir: &Path, cache: Option<&Cache>) -> Generation {
+    if let Some(generation) = cached(dir, cache) {
+        return generation;
+    }
+    tracing::warn!("nothing to serve until the configuration source can be read");
+    match Generation::build(config::Config::empty(dir), None) {
+        Ok(g) => g,
+        Err(e) => unreachable!("a configuration without listeners or services has nothing to fail: {e}"),
+    }
+}
+
+/// The last-known-good configuration, gated under `strict`, if there is a usable one.
+pub(super) fn cached(dir: &Path, cache: Option<&Cache>) -> Option<Generation> {
     let snapshot = match cache.map(|c| c.load(dir)) {
         Some(Ok(Some(snapshot))) => Some(snapshot),
         Some(Ok(None)) => {
@@ -52,11 +64,11 @@ pub(super) fn serve_from(dir: &Path, cache: Option<&Cache>) -> Generation {
                     "applying the last-known-good cache"
                 );
                 if level != GateLevel::Strict {
-                    return generation;
+                    return Some(generation);
                 }
                 let mut gates = generation.gates.clone();
                 gates.close_unreachable();
-                return generation.with_gates(gates);
+                return Some(generation.with_gates(gates));
             }
             Err(errors) => tracing::error!(
                 errors = %errors,
@@ -64,11 +76,7 @@ pub(super) fn serve_from(dir: &Path, cache: Option<&Cache>) -> Generation {
             ),
         }
     }
-    tracing::warn!("nothing to serve until the configuration source can be read");
-    match Generation::build(config::Config::empty(dir), None) {
-        Ok(g) => g,
-        Err(e) => unreachable!("a configuration without listeners or services has nothing to fail: {e}"),
-    }
+    None
 }
 
 /// Writes the cache when everything in `generation` is applied and open.

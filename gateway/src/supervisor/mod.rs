@@ -32,6 +32,7 @@ use crate::store::cache::Cache;
 use crate::telemetry::Metrics;
 use nic::Nic;
 use report::{GATES_FILE, GateReport};
+use source::Remote;
 
 /// Why `portcullis run` could not start or stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,9 @@ pub enum SupervisorError {
     /// Signals could not be blocked or waited for.
     #[error("signals: {0}")]
     Signals(#[source] nix::Error),
+    /// Connected mode could not start (the registration's files).
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// What `portcullis run` needs besides the configuration it reads.
@@ -118,6 +122,8 @@ impl Mirror {
 #[derive(Debug)]
 struct Supervisor {
     dir: PathBuf,
+    /// The control plane's side of the source (connected mode).
+    remote: Option<Arc<Remote>>,
     shared: Arc<Shared>,
     handles: Handles,
     cache: Option<Cache>,
@@ -158,22 +164,10 @@ impl Supervisor {
 pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorError> {
     io::probe().map_err(SupervisorError::IoUring)?;
     let dir = options.config.as_path();
-    let config_error = |errors: ConfigErrors| SupervisorError::Config {
-        dir: dir.to_path_buf(),
-        errors,
-    };
     let cache = lkg::open(options);
-    let (generation, source_files) = match source::read(dir) {
-        Ok(files) => {
-            let files = files.map_err(config_error)?;
-            let generation = source::load(dir, files.clone(), None).map_err(config_error)?;
-            (generation, Some(files))
-        }
-        Err(e) => {
-            tracing::warn!(config = %dir.display(), error = %e, "configuration source unreachable");
-            (lkg::serve_from(dir, cache.as_ref()), None)
-        }
-    };
+    let remote = connect(dir)?;
+    let readable = std::fs::read_dir(dir).is_ok();
+    let (generation, source_files) = first_generation(dir, remote.as_deref(), cache.as_ref())?;
     reload::log_policy_errors(&generation);
     reload::log_gates(&Gates::default(), &generation.gates);
     if let Some(files) = source_files.clone() {
@@ -215,6 +209,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
     }
     let mut supervisor = Supervisor {
         dir: dir.to_path_buf(),
+        remote,
         shared,
         handles,
         cache,
@@ -229,7 +224,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
             tracing::error!(error = %e, "no heartbeat: XDP keeps every listener gated");
         }
     }
-    watch::watch(dir, source_files.is_some())?;
+    watch::watch(dir, readable)?;
     tracing::info!(workers, config = %dir.display(), "portcullis running");
     loop {
         match signals.wait().map_err(SupervisorError::Signals)? {
@@ -248,6 +243,73 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
             }
         }
     }
+}
+
+/// The generation a start serves, and the source files it was read from
+/// (`None` when it comes from the last-known-good cache, or lacks the control
+/// plane's part, so it is not remembered as last-known-good).
+fn first_generation(
+    dir: &std::path::Path,
+    remote: Option<&Remote>,
+    cache: Option<&Cache>,
+) -> Result<(Generation, Option<source::Files>), SupervisorError> {
+    let config_error = |errors: ConfigErrors| SupervisorError::Config {
+        dir: dir.to_path_buf(),
+        errors,
+    };
+    let waiting = remote.is_some_and(|r| !r.wait_first(FIRST_SNAPSHOT_WAIT));
+    Ok(match source::read(dir, remote) {
+        Ok(files) if waiting => {
+            tracing::warn!(
+                "the control plane cannot be reached; its APIs come from the last-known-good cache if there is one"
+            );
+            match lkg::cached(dir, cache) {
+                Some(generation) => (generation, None),
+                None => (
+                    source::load(dir, files.map_err(config_error)?, None).map_err(config_error)?,
+                    None,
+                ),
+            }
+        }
+        Ok(files) => {
+            let files = files.map_err(config_error)?;
+            let generation = source::load(dir, files.clone(), None).map_err(config_error)?;
+            (generation, Some(files))
+        }
+        Err(e) => {
+            tracing::warn!(config = %dir.display(), error = %e, "configuration source unreachable");
+            (lkg::serve_from(dir, cache), None)
+        }
+    })
+}
+
+/// Longest a start waits for the control plane's first snapshot before it
+/// treats the control plane as unreachable.
+const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
+
+/// Connected mode, when the local configuration holds a registration: the
+/// control plane followed on a thread of its own, each snapshot a reload.
+fn connect(dir: &std::path::Path) -> Result<Option<Arc<Remote>>, SupervisorError> {
+    let Ok(Ok(files)) = source::read(dir, None) else {
+        return Ok(None);
+    };
+    let Some(registration) = source::parse(dir, files).ok().and_then(|c| c.registration) else {
+        return Ok(None);
+    };
+    let remote = Arc::new(Remote::default());
+    let delivered = remote.clone();
+    crate::control::client::follow(&registration, 0, remote.link.clone(), move |snapshot| {
+        tracing::info!(version = snapshot.version, cluster = %snapshot.cluster, "snapshot received from the control plane");
+        delivered.deliver(snapshot);
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGHUP);
+    })?;
+    tracing::info!(
+        replica = %registration.replica,
+        cluster = %registration.cluster,
+        control_plane = %registration.control_plane,
+        "connected mode: following the control plane"
+    );
+    Ok(Some(remote))
 }
 
 /// Every worker's listening sockets, and their duplicates.

@@ -56,7 +56,13 @@ impl Supervisor {
     /// configuration is in force.
     pub(super) fn reload(&mut self) {
         let started = Instant::now();
-        let (files, config) = match source::read_config(&self.dir) {
+        if self.remote.as_ref().is_some_and(|r| !r.has_snapshot()) {
+            tracing::info!(
+                "reload deferred: the control plane's first snapshot has not arrived; local changes apply with it"
+            );
+            return;
+        }
+        let (files, config) = match source::read_config(&self.dir, self.remote.as_deref()) {
             Ok(Some(read)) => read,
             Ok(None) => return,
             Err(e) => return rejected(&e),

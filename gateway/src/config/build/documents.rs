@@ -17,6 +17,8 @@ pub(super) struct Documents<'a> {
     pub contracts: Vec<(Doc<'a>, String, raw::ContractSpec)>,
     /// The gateway cluster's name: the Configuration's `metadata.name`.
     pub cluster: String,
+    /// The replica's registration, with its name (connected mode).
+    pub registration: Option<(Doc<'a>, String, raw::RegistrationSpec)>,
 }
 
 /// The kind of every document of `text`; `None` marks one to skip (empty, or already reported).
@@ -53,6 +55,7 @@ pub(super) fn read<'a>(
         configuration: None,
         contracts: Vec::new(),
         cluster: String::from("default"),
+        registration: None,
     };
     for ((file, text), index) in files.iter().zip(indexes) {
         let kinds = kinds(file, text, index, c);
@@ -128,10 +131,24 @@ impl<'a> Documents<'a> {
                     self.contracts.push((doc, t.metadata.name, t.spec));
                 }
             }
+            "Registration" => {
+                if let Some(t) = typed::<raw::RegistrationSpec>(file, de, &mut c.errors) {
+                    check_envelope(&doc, &t.api_version, &t.metadata, c);
+                    if let Some((first, _, _)) = &self.registration {
+                        let at = first.at("metadata");
+                        c.push(
+                            &doc.at("kind"),
+                            format!("a second Registration; the first is at {}:{}", at.file, at.line),
+                        );
+                    } else {
+                        self.registration = Some((doc, t.metadata.name, t.spec));
+                    }
+                }
+            }
             other => c.push(
                 &doc.at("kind"),
                 format!(
-                    "unknown kind `{other}`; expected ApiInstance, Service, PolicyBinding, Configuration or Contract"
+                    "unknown kind `{other}`; expected ApiInstance, Service, PolicyBinding, Configuration, Contract or Registration"
                 ),
             ),
         }

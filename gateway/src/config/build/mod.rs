@@ -200,12 +200,14 @@ pub(super) fn build(files: &[(String, String)], base: &Path) -> Result<Config, C
     let indexes: Vec<LineIndex> = files.iter().map(|(_, text)| LineIndex::build(text)).collect();
     let docs = documents::read(files, &indexes, &mut c);
     let mut out = settings::configure(&docs, base, &mut c);
+    out.registration = settings::registration(&docs, base, &mut c);
     let services = services::named(&docs.services, &mut out, &mut c);
     let mut bound = bindings::sort(&docs.bindings, &services, base, &mut out, &mut c);
     let drafts = listeners::draft(&docs.apis, &mut bound, &services, &mut out, &mut c);
     bindings::report_unbound(&docs.bindings, &bound, &drafts.api_names, &mut c);
     listeners::finish(drafts.listeners, &bound.broken_tls, &mut out, &mut c);
-    if out.listeners.is_empty() && c.errors.is_empty() {
+    // A registered replica may start with nothing local: its APIs come from the control plane.
+    if out.listeners.is_empty() && out.registration.is_none() && c.errors.is_empty() {
         c.errors.push(ConfigError {
             file: files.first().map(|f| f.0.clone()).unwrap_or_default(),
             line: 1,

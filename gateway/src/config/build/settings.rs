@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use super::{Collector, Doc, pem, secret_value};
 use crate::config::{
-    Config, GateLevel, GatewaySettings, ProxySettings, RedisConfig, XffMode, parse_duration, raw,
-    secret::Resolver,
+    Config, GateLevel, GatewaySettings, ProxySettings, RedisConfig, RegistrationConfig, XffMode,
+    parse_duration, parse_url, raw, secret::Resolver,
 };
 
 /// The configuration with the Configuration resource's settings (or the
@@ -40,6 +40,7 @@ pub(super) fn configure(docs: &Documents<'_>, base: &Path, c: &mut Collector) ->
         contracts: Vec::new(),
         warnings: Vec::new(),
         dir: base.to_path_buf(),
+        registration: None,
     }
 }
 
@@ -264,4 +265,83 @@ pub(super) fn from_config<T: for<'de> Deserialize<'de>>(
             None
         }
     }
+}
+
+/// Why `path` may not hold a secret, if group or others can read it.
+fn loose(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mode = std::fs::metadata(path).ok()?.mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{} is readable by group or others (mode {mode:o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
+/// The replica's registration, its files checked: the registration and the
+/// key must be private to the gateway's user, the certificate and CA must exist.
+pub(super) fn registration(
+    docs: &Documents<'_>,
+    base: &Path,
+    c: &mut Collector,
+) -> Option<RegistrationConfig> {
+    let (doc, replica, spec) = docs.registration.as_ref()?;
+    let mut ok = true;
+    let resolve = |p: &str| {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    if let Some(why) = loose(&base.join(doc.file)) {
+        c.push(&doc.at("metadata"), why);
+        ok = false;
+    }
+    match parse_url(&spec.control_plane) {
+        Ok(url) if url.tls => {}
+        Ok(_) => {
+            c.push(
+                &doc.at("spec.controlPlane"),
+                "the control plane is reached over https:// only",
+            );
+            ok = false;
+        }
+        Err(e) => {
+            c.push(&doc.at("spec.controlPlane"), e);
+            ok = false;
+        }
+    }
+    let key = resolve(&spec.key);
+    if !key.exists() {
+        c.push(&doc.at("spec.key"), format!("{} does not exist", key.display()));
+        ok = false;
+    } else if let Some(why) = loose(&key) {
+        c.push(&doc.at("spec.key"), why);
+        ok = false;
+    }
+    for (field, file) in [
+        ("spec.certificate", &spec.certificate),
+        ("spec.caBundle", &spec.ca_bundle),
+    ] {
+        if !resolve(file).exists() {
+            c.push(
+                &doc.at(field),
+                format!("{} does not exist", resolve(file).display()),
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| RegistrationConfig {
+        replica: replica.clone(),
+        cluster: spec.cluster.clone(),
+        control_plane: spec.control_plane.trim_end_matches('/').to_owned(),
+        certificate: resolve(&spec.certificate),
+        key,
+        ca_bundle: resolve(&spec.ca_bundle),
+        origin: doc.at("metadata"),
+    })
 }
