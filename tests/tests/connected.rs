@@ -25,6 +25,7 @@ struct ControlPlane {
     dir: PathBuf,
     log: PathBuf,
     ns: PathBuf,
+    lifetime: String,
 }
 
 fn portcullis(args: &[&str]) -> Command {
@@ -41,12 +42,18 @@ impl ControlPlane {
     }
 
     fn start(ns: &NetNs, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_for(ns, dir, "1h")
+    }
+
+    /// Like [`ControlPlane::start`], issuing certificates that live `lifetime`.
+    fn start_for(ns: &NetNs, dir: &Path, lifetime: &str) -> anyhow::Result<Self> {
         let log = dir.join("control-plane.log");
         let mut cp = Self {
             child: None,
             dir: dir.to_path_buf(),
             log,
             ns: ns.path(),
+            lifetime: lifetime.to_owned(),
         };
         cp.restart(ns)?;
         Ok(cp)
@@ -65,7 +72,7 @@ impl ControlPlane {
                 "--listen",
                 CP,
                 "--cert-lifetime",
-                "1h",
+                &self.lifetime,
                 "--dir",
             ])
             .arg(&self.dir)
@@ -476,5 +483,77 @@ fn levels_decide_a_start_while_the_control_plane_is_down() -> anyhow::Result<()>
         Ok(version_of(&ns) == (200, "v1".into()))
     })
     .with_context(|| gw.log_text())?;
+    Ok(())
+}
+
+#[test]
+fn certificates_renew_under_load_without_a_restart() -> anyhow::Result<()> {
+    let ns = NetNs::new("cn")?;
+    let home = TempDir::new("cnc")?;
+    let cp_dir = home.0.join("cp");
+    ControlPlane::init(&cp_dir)?;
+    let cp = ControlPlane::start_for(&ns, &cp_dir, "20s")?;
+    cp.publish("prod", "orders.yaml", &orders("v1"))?;
+    let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    up.expect_header("x-policy");
+    let r = replica(&ns, &cp, "flexible")?;
+    let gw = r.start(&ns)?;
+    wait_for("v1 applied", || Ok(version_of(&ns) == (200, "v1".into()))).with_context(|| gw.log_text())?;
+    let first = std::fs::read_to_string(r.dir.0.join("registration.yaml"))?;
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let gw_addr: SocketAddr = GW.parse()?;
+        ns.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if status_of(&request_plain(gw_addr)) == Some(200) {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    // Three renewals of a 20-second certificate: the first at about 13 s, then every 13 s.
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    while gw.log_text().matches("certificate renewed").count() < 3 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "three renewals within 60 s: {}",
+            gw.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The control plane still knows the replica: an edit after the renewals arrives.
+    cp.publish("prod", "orders.yaml", &orders("v2"))?;
+    wait_for("v2 after the renewals", || Ok(version_of(&ns).1 == "v2")).with_context(|| gw.log_text())?;
+    stop.store(true, Ordering::Relaxed);
+    load.join()
+        .map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let now = std::fs::read_to_string(r.dir.0.join("registration.yaml"))?;
+    ensure!(
+        now != first && mode(&r.dir.0.join("registration.yaml")) == 0o600,
+        "the registration was rewritten 0600: {now}"
+    );
+    ensure!(
+        !r.dir.0.join("replica.crt").exists(),
+        "the first certificate is gone"
+    );
+    ensure!(
+        cp.log_text().matches("replica renewed").count() >= 3,
+        "{}",
+        cp.log_text()
+    );
+    println!(
+        "renewal: {ok} requests answered 200 across 3 renewals, {failed} failed, {} without their policies",
+        up.unmarked()
+    );
+    ensure!(
+        ok > 100 && failed == 0 && up.unmarked() == 0,
+        "{ok} ok, {failed} failed"
+    );
     Ok(())
 }

@@ -161,7 +161,8 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = now_unix();
         let expires_unix = now + lifetime.as_secs().max(1);
-        params.not_before = time_at(now.saturating_sub(60))?;
+        // Only this control plane verifies it, on the clock that issued it: no back-dating.
+        params.not_before = time_at(now)?;
         params.not_after = time_at(expires_unix)?;
         let serial = random_serial()?;
         params.serial_number = Some(serial.clone());
@@ -330,7 +331,16 @@ pub fn identity(der: &[u8]) -> Option<(String, String)> {
 
 /// Expiry (Unix seconds) of the first certificate of `pem`.
 pub fn expiry(pem: &[u8]) -> Option<u64> {
+    validity(pem).map(|(_, not_after)| not_after)
+}
+
+/// `(not before, not after)` (Unix seconds) of the first certificate of `pem`.
+pub fn validity(pem: &[u8]) -> Option<(u64, u64)> {
     let der = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-    u64::try_from(cert.validity().not_after.timestamp()).ok()
+    let v = cert.validity();
+    Some((
+        u64::try_from(v.not_before.timestamp()).ok()?,
+        u64::try_from(v.not_after.timestamp()).ok()?,
+    ))
 }

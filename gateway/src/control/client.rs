@@ -176,7 +176,25 @@ pub fn register(url: &str, token: &str, replica: &str, out: &Path) -> Result<Reg
     create_private(&files[1], key.serialize_pem().as_bytes())?;
     create_private(&files[2], issued.certificate.as_bytes())?;
     create_private(&files[3], issued.ca.as_bytes())?;
-    let registration = format!(
+    let registration = registration_text(
+        replica,
+        &issued.cluster,
+        &endpoint.url,
+        CERT_FILE,
+        KEY_FILE,
+        CA_FILE,
+    );
+    create_private(&files[0], registration.as_bytes())?;
+    Ok(Registered {
+        file: files[0].clone(),
+        cluster: issued.cluster,
+        expires_unix: issued.expires_unix,
+    })
+}
+
+/// The registration resource naming these files (relative to its directory).
+fn registration_text(replica: &str, cluster: &str, url: &str, cert: &str, key: &str, ca: &str) -> String {
+    format!(
         "# Written by `portcullis register`; keep it and the files it names private (0600).
 apiVersion: portcullis.dev/v1alpha1
 kind: Registration
@@ -185,19 +203,101 @@ metadata:
 spec:
   cluster: {cluster}
   controlPlane: {url}
-  certificate: {CERT_FILE}
-  key: {KEY_FILE}
-  caBundle: {CA_FILE}
-",
-        cluster = issued.cluster,
-        url = endpoint.url,
-    );
-    create_private(&files[0], registration.as_bytes())?;
-    Ok(Registered {
-        file: files[0].clone(),
-        cluster: issued.cluster,
-        expires_unix: issued.expires_unix,
-    })
+  certificate: {cert}
+  key: {key}
+  caBundle: {ca}
+"
+    )
+}
+
+/// What a replica presents to its control plane, renewed in place.
+struct Identity {
+    /// The registration file.
+    file: PathBuf,
+    registration: RegistrationConfig,
+    tls: Arc<rustls::ClientConfig>,
+    /// `(not before, not after)` of the certificate in use.
+    validity: (u64, u64),
+}
+
+impl Identity {
+    fn load(file: &Path, registration: &RegistrationConfig) -> Result<Self, ControlError> {
+        let cert =
+            std::fs::read(&registration.certificate).map_err(super::io_error(&registration.certificate))?;
+        let tls = ca::mtls_client(
+            &std::fs::read(&registration.ca_bundle).map_err(super::io_error(&registration.ca_bundle))?,
+            &cert,
+            &read_private(&registration.key)?,
+        )?;
+        let validity = ca::validity(&cert).ok_or_else(|| {
+            ControlError::Pki(format!(
+                "{} holds no readable certificate",
+                registration.certificate.display()
+            ))
+        })?;
+        Ok(Self {
+            file: file.to_path_buf(),
+            registration: registration.clone(),
+            tls,
+            validity,
+        })
+    }
+
+    /// When to renew: at two thirds of the certificate's lifetime.
+    fn renew_at(&self) -> u64 {
+        let (from, to) = self.validity;
+        from + to.saturating_sub(from) * 2 / 3
+    }
+
+    /// A new key and certificate over the current identity, written beside
+    /// the registration, which is then rewritten to name them (one atomic
+    /// rename switches); the old files go. New connections use the new identity.
+    fn renew(&mut self, endpoint: &Endpoint) -> Result<u64, ControlError> {
+        let r = &self.registration;
+        let (key, csr) = key_and_csr(&r.replica)?;
+        let body = serde_json::to_vec(&super::protocol::RenewRequest { csr })
+            .map_err(|e| ControlError::Pki(e.to_string()))?;
+        let (status, answer) = endpoint.exchange(&self.tls, "POST /v1/renew", &body, EXCHANGE_TIMEOUT)?;
+        if status != 200 {
+            return Err(endpoint.refused(status, &answer));
+        }
+        let issued: Issued = serde_json::from_slice(&answer).map_err(|e| ControlError::Protocol {
+            url: endpoint.url.clone(),
+            reason: format!("renewal answer: {e}"),
+        })?;
+        let dir = self.file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let dir = dir.as_path();
+        let stamp = issued.expires_unix;
+        let (cert_name, key_name) = (format!("replica-{stamp}.crt"), format!("replica-{stamp}.key"));
+        let (cert_path, key_path) = (dir.join(&cert_name), dir.join(&key_name));
+        create_private(&key_path, key.serialize_pem().as_bytes())?;
+        create_private(&cert_path, issued.certificate.as_bytes())?;
+        let ca_name = r
+            .ca_bundle
+            .strip_prefix(dir)
+            .map_or_else(|_| r.ca_bundle.display().to_string(), |p| p.display().to_string());
+        let text = registration_text(
+            &r.replica,
+            &r.cluster,
+            &r.control_plane,
+            &cert_name,
+            &key_name,
+            &ca_name,
+        );
+        super::replace_private(&self.file, text.as_bytes())?;
+        let (old_cert, old_key) = (r.certificate.clone(), r.key.clone());
+        let mut renewed = r.clone();
+        renewed.certificate = cert_path;
+        renewed.key = key_path;
+        let file = self.file.clone();
+        *self = Self::load(&file, &renewed)?;
+        for old in [old_cert, old_key] {
+            if old.starts_with(dir) {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        Ok(issued.expires_unix)
+    }
 }
 
 /// The connection state a replica reports (for logs and `status`).
@@ -209,31 +309,44 @@ pub struct Link {
     pub version: AtomicU64,
 }
 
-/// Long-polls the control plane of `registration` for snapshots newer than
-/// `after`, on a thread of its own, handing each to `deliver`; reconnects with
-/// jittered backoff. Runs until the process ends.
+/// Long-polls the control plane of `registration` (read from `file`) for
+/// snapshots newer than `after`, on a thread of its own, handing each to
+/// `deliver`; renews the certificate at two thirds of its lifetime and
+/// reconnects with jittered backoff. Runs until the process ends.
 pub fn follow(
+    file: &Path,
     registration: &RegistrationConfig,
     after: u64,
     link: Arc<Link>,
     deliver: impl Fn(Snapshot) + Send + 'static,
 ) -> Result<(), ControlError> {
     let endpoint = Endpoint::parse(&registration.control_plane)?;
-    let tls = ca::mtls_client(
-        &std::fs::read(&registration.ca_bundle).map_err(super::io_error(&registration.ca_bundle))?,
-        &std::fs::read(&registration.certificate).map_err(super::io_error(&registration.certificate))?,
-        &read_private(&registration.key)?,
-    )?;
+    let mut identity = Identity::load(file, registration)?;
     let cluster = registration.cluster.clone();
     link.version.store(after, Ordering::Release);
     std::thread::Builder::new()
         .name("control-plane".into())
         .spawn(move || {
             let mut backoff = Duration::from_millis(100);
+            let mut told_expired = false;
             loop {
+                let now = super::now_unix();
+                if now >= identity.renew_at() && now < identity.validity.1 {
+                    match identity.renew(&endpoint) {
+                        Ok(expires_unix) => tracing::info!(expires_unix, "certificate renewed; new connections use it"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "certificate renewal failed; retrying");
+                            sleep_jittered(&mut backoff);
+                            continue;
+                        }
+                    }
+                }
                 let after = link.version.load(Ordering::Acquire);
-                let wait = super::server::LONG_POLL + EXCHANGE_TIMEOUT;
-                match endpoint.exchange(&tls, &format!("GET /v1/snapshot?after={after}"), &[], wait) {
+                // Wake in time to renew.
+                let poll = identity.renew_at().saturating_sub(now).clamp(1, super::server::LONG_POLL.as_secs());
+                let request = format!("GET /v1/snapshot?after={after}&wait={poll}");
+                let wait = Duration::from_secs(poll) + EXCHANGE_TIMEOUT;
+                match endpoint.exchange(&identity.tls, &request, &[], wait) {
                     Ok((200, body)) => match serde_json::from_slice::<Snapshot>(&body) {
                         Ok(snapshot) if snapshot.cluster == cluster && snapshot.version > after => {
                             backoff = Duration::from_millis(100);
@@ -258,7 +371,16 @@ pub fn follow(
                         sleep_jittered(&mut backoff);
                     }
                     Err(e) => {
-                        if link.connected.load(Ordering::Acquire) {
+                        if super::now_unix() >= identity.validity.1 {
+                            if !told_expired {
+                                tracing::error!(
+                                    expired_unix = identity.validity.1,
+                                    certificate = %identity.registration.certificate.display(),
+                                    "the replica's certificate expired: what is applied stays in force; register again with a new token (portcullis control-plane token create, then portcullis register)"
+                                );
+                                told_expired = true;
+                            }
+                        } else if link.connected.load(Ordering::Acquire) {
                             tracing::warn!(error = %e, "control plane lost; what is applied stays in force, reconnecting");
                         }
                         mark(&link, false, &endpoint.url);

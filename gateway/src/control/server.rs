@@ -253,13 +253,17 @@ impl Plane {
                 self.with_replica(peer.as_ref(), |name, replica| self.renew(name, replica, &body))
             }
             ("GET", "/v1/snapshot") => {
-                let after = head
-                    .target()
-                    .split_once("after=")
-                    .and_then(|(_, v)| v.split('&').next())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-                self.with_replica(peer.as_ref(), |name, replica| self.snapshot(name, replica, after))
+                let param = |key: &str| {
+                    head.target()
+                        .split_once('?')
+                        .and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix(key)))
+                        .and_then(|v| v.parse::<u64>().ok())
+                };
+                let after = param("after=").unwrap_or(0);
+                let wait = param("wait=").map_or(LONG_POLL, |s| Duration::from_secs(s).min(LONG_POLL));
+                self.with_replica(peer.as_ref(), |name, replica| {
+                    self.snapshot(name, replica, after, wait)
+                })
             }
             _ => refuse(404, "no such endpoint"),
         };
@@ -395,9 +399,10 @@ impl Plane {
         }
     }
 
-    /// The cluster's snapshot once its version is above `after` (204 after [`LONG_POLL`]).
-    fn snapshot(&self, name: &str, replica: &Replica, after: u64) -> Answer {
-        let deadline = Instant::now() + LONG_POLL;
+    /// The cluster's snapshot once its version is above `after` (204 after
+    /// `wait`, at most [`LONG_POLL`]).
+    fn snapshot(&self, name: &str, replica: &Replica, after: u64, wait: Duration) -> Answer {
+        let deadline = Instant::now() + wait;
         let Ok(mut by_cluster) = self.published.by_cluster.lock() else {
             return refuse(503, "control plane state poisoned");
         };

@@ -298,7 +298,8 @@ fn connect(dir: &std::path::Path) -> Result<Option<Arc<Remote>>, SupervisorError
     };
     let remote = Arc::new(Remote::default());
     let delivered = remote.clone();
-    crate::control::client::follow(&registration, 0, remote.link.clone(), move |snapshot| {
+    let file = dir.join(&registration.origin.file);
+    crate::control::client::follow(&file, &registration, 0, remote.link.clone(), move |snapshot| {
         tracing::info!(version = snapshot.version, cluster = %snapshot.cluster, "snapshot received from the control plane");
         delivered.deliver(snapshot);
         let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGHUP);
