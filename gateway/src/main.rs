@@ -694,6 +694,36 @@ fn print_gates(out: &mut impl std::io::Write, report: &Value) -> anyhow::Result<
         "  {:<24} {:<24} {:<9} {:<20} {:>10}",
         "api", "listener", "gate", "reason", "since"
     )?;
+    if let Some(cp) = report["control_plane"].as_object() {
+        let field = |k: &str| cp.get(k).cloned().unwrap_or(Value::Null);
+        let version = field("snapshot_version").as_u64().unwrap_or(0);
+        let expires = field("certificate_expires_unix").as_u64().unwrap_or(0);
+        writeln!(
+            out,
+            "control plane {} (replica {}, cluster {}): {}; snapshot {}; certificate {}",
+            field("url").as_str().unwrap_or("?"),
+            field("replica").as_str().unwrap_or("?"),
+            field("cluster").as_str().unwrap_or("?"),
+            if field("connected") == true {
+                "connected"
+            } else {
+                "NOT CONNECTED: what is applied stays in force"
+            },
+            if version == 0 {
+                "none applied yet".to_owned()
+            } else {
+                format!(
+                    "v{version}, published {} s ago",
+                    ago(&field("snapshot_published_unix"))
+                )
+            },
+            if expires > now {
+                format!("expires in {} s", expires - now)
+            } else {
+                "EXPIRED: register again with a new token".to_owned()
+            }
+        )?;
+    }
     for api in report["apis"].as_array().into_iter().flatten() {
         writeln!(
             out,

@@ -356,6 +356,16 @@ fn edits_on_the_control_plane_are_enforced_and_its_outage_changes_nothing() -> a
     cp.publish("prod", "orders.yaml", &orders("v2"))?;
     wait_for("v2 enforced", || Ok(version_of(&ns) == (200, "v2".into()))).with_context(|| gw.log_text())?;
     gw.wait_log("gate applying", "the edit was applied behind the gate")?;
+    let status = || {
+        run_ok(portcullis(&["status", "--state-dir"]).arg(r.dir.0.with_extension("state")))
+            .unwrap_or_default()
+    };
+    wait_for("status shows the link", || {
+        Ok(status().contains(&format!(
+            "control plane {CP_URL} (replica gw-a, cluster prod): connected; snapshot v2"
+        )))
+    })
+    .with_context(status)?;
 
     // Traffic while the control plane is killed, an edit waits for it, and it comes back.
     let stop = Arc::new(AtomicBool::new(false));
@@ -382,6 +392,10 @@ fn edits_on_the_control_plane_are_enforced_and_its_outage_changes_nothing() -> a
     std::thread::sleep(Duration::from_millis(300));
     cp.kill();
     gw.wait_log("control plane lost", "the replica noticed the outage")?;
+    wait_for("status shows the outage", || {
+        Ok(status().contains("NOT CONNECTED"))
+    })
+    .with_context(status)?;
     std::thread::sleep(Duration::from_millis(500));
     cp.publish("prod", "orders.yaml", &orders("v3"))?;
     std::thread::sleep(Duration::from_millis(300));
@@ -526,12 +540,13 @@ fn certificates_renew_under_load_without_a_restart() -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The control plane still knows the replica: an edit after the renewals arrives.
-    cp.publish("prod", "orders.yaml", &orders("v2"))?;
-    wait_for("v2 after the renewals", || Ok(version_of(&ns).1 == "v2")).with_context(|| gw.log_text())?;
     stop.store(true, Ordering::Relaxed);
     load.join()
         .map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+    // The control plane still knows the replica: an edit after the renewals arrives
+    // (after the load: the edit is applied behind the gate, which answers 503 meanwhile).
+    cp.publish("prod", "orders.yaml", &orders("v2"))?;
+    wait_for("v2 after the renewals", || Ok(version_of(&ns).1 == "v2")).with_context(|| gw.log_text())?;
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     let now = std::fs::read_to_string(r.dir.0.join("registration.yaml"))?;
     ensure!(

@@ -307,6 +307,10 @@ pub struct Link {
     pub connected: AtomicBool,
     /// The newest snapshot version received.
     pub version: AtomicU64,
+    /// When that snapshot was published (Unix seconds).
+    pub published_unix: AtomicU64,
+    /// When the certificate in use expires (Unix seconds).
+    pub cert_expires_unix: AtomicU64,
 }
 
 /// Long-polls the control plane of `registration` (read from `file`) for
@@ -324,6 +328,8 @@ pub fn follow(
     let mut identity = Identity::load(file, registration)?;
     let cluster = registration.cluster.clone();
     link.version.store(after, Ordering::Release);
+    link.cert_expires_unix
+        .store(identity.validity.1, Ordering::Release);
     std::thread::Builder::new()
         .name("control-plane".into())
         .spawn(move || {
@@ -333,7 +339,10 @@ pub fn follow(
                 let now = super::now_unix();
                 if now >= identity.renew_at() && now < identity.validity.1 {
                     match identity.renew(&endpoint) {
-                        Ok(expires_unix) => tracing::info!(expires_unix, "certificate renewed; new connections use it"),
+                        Ok(expires_unix) => {
+                            link.cert_expires_unix.store(expires_unix, Ordering::Release);
+                            tracing::info!(expires_unix, "certificate renewed; new connections use it");
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "certificate renewal failed; retrying");
                             sleep_jittered(&mut backoff);
@@ -352,6 +361,7 @@ pub fn follow(
                             backoff = Duration::from_millis(100);
                             mark(&link, true, &endpoint.url);
                             link.version.store(snapshot.version, Ordering::Release);
+                            link.published_unix.store(snapshot.published_unix, Ordering::Release);
                             deliver(snapshot);
                         }
                         Ok(snapshot) => tracing::warn!(

@@ -100,6 +100,7 @@ pub fn stop_signals() -> SigSet {
 struct Mirror {
     nic: Option<Nic>,
     report: PathBuf,
+    remote: Option<Arc<Remote>>,
 }
 
 impl Mirror {
@@ -112,10 +113,34 @@ impl Mirror {
     }
 
     fn report(&self, generation: &Generation) {
-        if let Err(e) = GateReport::of(generation).write(&self.report) {
-            tracing::warn!(path = %self.report.display(), error = %e, "gate report not written; `portcullis status` shows older states");
-        }
+        write_report(&self.report, generation, self.remote.as_deref());
     }
+}
+
+/// Writes the gates of `generation` (and the control-plane link) to `path`.
+fn write_report(path: &std::path::Path, generation: &Generation, remote: Option<&Remote>) {
+    let mut report = GateReport::of(generation);
+    report.control_plane = remote.map(Remote::status);
+    if let Err(e) = report.write(path) {
+        tracing::warn!(path = %path.display(), error = %e, "gate report not written; `portcullis status` shows older states");
+    }
+}
+
+/// Rewrites the report every second in connected mode, so `status` shows the link as it is.
+fn refresh_report(path: PathBuf, shared: Arc<Shared>, remote: Arc<Remote>) -> Result<(), SupervisorError> {
+    std::thread::Builder::new()
+        .name("report".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                write_report(&path, &shared.current(), Some(&remote));
+            }
+        })
+        .map_err(|source| SupervisorError::Spawn {
+            what: "the report refresher",
+            source,
+        })?;
+    Ok(())
 }
 
 /// The running gateway as the supervisor holds it.
@@ -176,6 +201,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
     let mirror = Mirror {
         nic: nic::open(&options.instance, &generation),
         report: options.state_dir.join(GATES_FILE),
+        remote: remote.clone(),
     };
     mirror.report(&generation);
     set_level(&generation.config.gateway.log_level);
@@ -204,6 +230,9 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
     let signals = stop_signals();
     signals.thread_block().map_err(SupervisorError::Signals)?;
     start_workers(&shared, per_worker)?;
+    if let Some(remote) = &remote {
+        refresh_report(options.state_dir.join(GATES_FILE), shared.clone(), remote.clone())?;
+    }
     if let Some(socket) = admin_socket {
         start_admin(&shared, socket, workers)?;
     }
@@ -296,7 +325,7 @@ fn connect(dir: &std::path::Path) -> Result<Option<Arc<Remote>>, SupervisorError
     let Some(registration) = source::parse(dir, files).ok().and_then(|c| c.registration) else {
         return Ok(None);
     };
-    let remote = Arc::new(Remote::default());
+    let remote = Arc::new(Remote::new(registration.clone()));
     let delivered = remote.clone();
     let file = dir.join(&registration.origin.file);
     crate::control::client::follow(&file, &registration, 0, remote.link.clone(), move |snapshot| {

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::Generation;
 
+/// Writes so far: one temporary file per write, as the supervisor and the refresher may write at once.
+static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// File in the state directory where the gates in force are reported.
 pub const GATES_FILE: &str = "gates.json";
 
@@ -23,6 +26,28 @@ pub struct GateReport {
     pub level: String,
     /// Every API instance's gate, by name.
     pub apis: Vec<ApiGate>,
+    /// The control plane this replica follows (connected mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<ControlStatus>,
+}
+
+/// A replica's link to its control plane, as `portcullis status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlStatus {
+    /// `https://HOST:PORT`.
+    pub url: String,
+    /// This replica's name.
+    pub replica: String,
+    /// Its gateway cluster.
+    pub cluster: String,
+    /// Whether the last exchange succeeded.
+    pub connected: bool,
+    /// The newest snapshot applied (0: none yet).
+    pub snapshot_version: u64,
+    /// When that snapshot was published (Unix seconds).
+    pub snapshot_published_unix: u64,
+    /// When the replica's certificate expires (Unix seconds).
+    pub certificate_expires_unix: u64,
 }
 
 /// One API instance's gate in a [`GateReport`].
@@ -75,6 +100,7 @@ impl GateReport {
             written_unix: unix(SystemTime::now()),
             level: generation.config.gateway.gate_level.label().to_owned(),
             apis,
+            control_plane: None,
         }
     }
 
@@ -84,7 +110,8 @@ impl GateReport {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = path.with_extension("tmp");
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{n}"));
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -130,6 +157,15 @@ mod tests {
                 detail: "rate-limiting: bad".into(),
                 since_unix: 3,
             }],
+            control_plane: Some(ControlStatus {
+                url: "https://cp:7443".into(),
+                replica: "gw-a".into(),
+                cluster: "prod".into(),
+                connected: true,
+                snapshot_version: 4,
+                snapshot_published_unix: 5,
+                certificate_expires_unix: 6,
+            }),
         };
         report.write(&dir.join(GATES_FILE)).expect("written");
         let (path, back) = GateReport::read(&dir).expect("read back");

@@ -5,21 +5,48 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{self, ConfigErrors, Source as _};
+use super::report::ControlStatus;
+use crate::config::{self, ConfigErrors, RegistrationConfig, Source as _};
 use crate::control::client::Link;
 use crate::control::protocol::Snapshot;
 use crate::runtime::Generation;
 
 /// What the control plane last sent (connected mode).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Remote {
     latest: Mutex<Option<Snapshot>>,
     arrived: Condvar,
     /// The connection's state.
     pub link: Arc<Link>,
+    registration: RegistrationConfig,
 }
 
 impl Remote {
+    /// Nothing received yet from the control plane of `registration`.
+    pub fn new(registration: RegistrationConfig) -> Self {
+        Self {
+            latest: Mutex::new(None),
+            arrived: Condvar::new(),
+            link: Arc::default(),
+            registration,
+        }
+    }
+
+    /// The link as `portcullis status` shows it.
+    pub fn status(&self) -> ControlStatus {
+        use std::sync::atomic::Ordering::Acquire;
+        let r = &self.registration;
+        ControlStatus {
+            url: r.control_plane.clone(),
+            replica: r.replica.clone(),
+            cluster: r.cluster.clone(),
+            connected: self.link.connected.load(Acquire),
+            snapshot_version: self.link.version.load(Acquire),
+            snapshot_published_unix: self.link.published_unix.load(Acquire),
+            certificate_expires_unix: self.link.cert_expires_unix.load(Acquire),
+        }
+    }
+
     /// Keeps `snapshot` as the one to apply.
     pub fn deliver(&self, snapshot: Snapshot) {
         if let Ok(mut latest) = self.latest.lock() {
