@@ -689,11 +689,6 @@ fn print_gates(out: &mut impl std::io::Write, report: &Value) -> anyhow::Result<
             "DOWN: gated listeners are answered by XDP"
         }
     )?;
-    writeln!(
-        out,
-        "  {:<24} {:<24} {:<9} {:<20} {:>10}",
-        "api", "listener", "gate", "reason", "since"
-    )?;
     if let Some(cp) = report["control_plane"].as_object() {
         let field = |k: &str| cp.get(k).cloned().unwrap_or(Value::Null);
         let version = field("snapshot_version").as_u64().unwrap_or(0);
@@ -724,6 +719,11 @@ fn print_gates(out: &mut impl std::io::Write, report: &Value) -> anyhow::Result<
             }
         )?;
     }
+    writeln!(
+        out,
+        "  {:<24} {:<24} {:<9} {:<20} {:>10}",
+        "api", "listener", "gate", "reason", "since"
+    )?;
     for api in report["apis"].as_array().into_iter().flatten() {
         writeln!(
             out,

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the gateway in namespaces of its own: one client
 //! allowed and one dropped at the NIC, a route gated until its contracts are
-//! loaded and then opened, and XDP answering while the proxy is down.
+//! loaded and then opened, XDP answering while the proxy is down, and a
+//! replica in connected mode following a control plane through an outage.
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -114,6 +115,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     }
 
     stopped_steps(&topo, good, (&creds, &inventory), (&tls, &url), proxy)?;
+    connected_steps(&topo, good, &bin, &dir.0)?;
     let status_args = ["status", "--state-dir", &state.display().to_string()];
     println!("\n== portcullis status");
     print!("{}", gw.cli(&status_args)?);
@@ -234,6 +236,256 @@ fn stopped_steps(
             "reset by XDP (a 503 would need TLS)"
         }
     );
+    Ok(())
+}
+
+/// A control plane in the gateway's namespace, killed on drop.
+struct ControlPlane(std::process::Child);
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const CP_LISTEN: &str = "127.0.0.1:7443";
+
+fn serve_control_plane(
+    topo: &Topology,
+    bin: &std::path::Path,
+    cp: &std::path::Path,
+) -> anyhow::Result<ControlPlane> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cp.join("control-plane.log"))?;
+    let child = topo
+        .gw
+        .command(bin)
+        .args(["control-plane", "serve", "--listen", CP_LISTEN, "--dir"])
+        .arg(cp)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting the control plane")?;
+    let addr: SocketAddr = CP_LISTEN.parse()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while !topo.gw.run(move || {
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200)).is_ok()
+    })? {
+        ensure!(Instant::now() < deadline, "the control plane did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(ControlPlane(child))
+}
+
+/// The pushed API, tagged with `version` by a header-injection policy.
+fn pushed_api(listen: &str, version: &str) -> String {
+    format!(
+        "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: catalog
+spec:
+  address: http://{listen}/catalog
+  services:
+    up:
+      address: http://127.0.0.1:9000/
+  policies:
+    - policyRef:
+        name: header-injection-flex
+      config:
+        outboundHeaders:
+          - key: x-policy-version
+            value: \"{version}\"
+"
+    )
+}
+
+/// What the connected-mode part of the demo runs.
+struct Connected {
+    server: ControlPlane,
+    replica: GatewayProcess,
+    cp: std::path::PathBuf,
+    cluster: std::path::PathBuf,
+    listen: String,
+    state: std::path::PathBuf,
+}
+
+/// Runs `portcullis` with `args`, outside the namespaces; its stdout.
+fn cli(bin: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(bin).args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "portcullis {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A control plane with one cluster's API, and a replica registered with it and running.
+fn connected_setup(
+    topo: &Topology,
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<Connected> {
+    let cp = dir.join("control-plane");
+    let cp_arg = cp.display().to_string();
+    println!("\n== connected mode: portcullis control-plane init --dir {cp_arg}");
+    println!(
+        "   {}",
+        cli(bin, &["control-plane", "init", "--dir", &cp_arg])?
+            .trim_end()
+            .replace('\n', "\n   ")
+    );
+    let listen = SocketAddr::new(topo.gw_ip(false), 8081).to_string();
+    let cluster = cp.join("clusters/demo");
+    std::fs::create_dir_all(&cluster)?;
+    std::fs::write(cluster.join("catalog.yaml"), pushed_api(&listen, "v1"))?;
+    let server = serve_control_plane(topo, bin, &cp)?;
+    let token = cli(
+        bin,
+        &[
+            "control-plane",
+            "token",
+            "create",
+            "--dir",
+            &cp_arg,
+            "--cluster",
+            "demo",
+            "--ttl",
+            "10m",
+        ],
+    )?;
+    let conf = dir.join("replica-b");
+    std::fs::create_dir_all(&conf)?;
+    std::fs::write(
+        conf.join("settings.yaml"),
+        "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\nmetadata:\n  name: demo\nspec:\n  proxy:\n    workers: 1\n    admin: 127.0.0.1:9902\n",
+    )?;
+    let register = topo
+        .gw
+        .command(bin)
+        .args([
+            "register",
+            "--control-plane",
+            &format!("https://{CP_LISTEN}"),
+            "--token",
+            token.trim(),
+            "--name",
+            "replica-b",
+            "--out",
+        ])
+        .arg(&conf)
+        .output()?;
+    ensure!(
+        register.status.success(),
+        "register: {}",
+        String::from_utf8_lossy(&register.stderr)
+    );
+    println!(
+        "== portcullis register --name replica-b (key made here, files 0600)\n   {}",
+        String::from_utf8_lossy(&register.stdout).trim()
+    );
+    let state = dir.join("replica-b.state");
+    let envs: [(&str, &std::path::Path); 2] = [
+        ("PORTCULLIS_INSTANCE", std::path::Path::new("demo-replica-b")),
+        ("PORTCULLIS_STATE_DIR", &state),
+    ];
+    let replica = GatewayProcess::start_log(
+        &topo.gw,
+        bin,
+        &conf,
+        "127.0.0.1:9902".parse()?,
+        &envs,
+        &dir.join("replica-b.log"),
+    )?;
+    Ok(Connected {
+        server,
+        replica,
+        cp,
+        cluster,
+        listen,
+        state,
+    })
+}
+
+/// Connected mode: a control plane, a replica registering, a policy pushed
+/// and enforced, and the control plane stopped while traffic keeps flowing.
+fn connected_steps(
+    topo: &Topology,
+    good: std::net::IpAddr,
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let Connected {
+        mut server,
+        replica,
+        cp,
+        cluster,
+        listen,
+        state,
+    } = connected_setup(topo, bin, dir)?;
+    let url = format!("http://{listen}/catalog/hello");
+    let version = |topo: &Topology| -> anyhow::Result<String> {
+        let (_, text) = curl(topo, good, &["-i"], &url)?;
+        Ok(text
+            .lines()
+            .find(|l| l.starts_with("x-policy-version"))
+            .unwrap_or(first_line(&text))
+            .to_owned())
+    };
+    let wait_version = |topo: &Topology, want: &str| -> anyhow::Result<String> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let v = version(topo)?;
+            if v.contains(want) || Instant::now() > deadline {
+                return Ok(v);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    println!(
+        "== replica-b follows the control plane; curl {url}\n   {}",
+        wait_version(topo, "v1")?
+    );
+    std::fs::write(cluster.join("catalog.yaml"), pushed_api(&listen, "v2"))?;
+    println!(
+        "== the policy is edited on the control plane (v2): pushed, applied behind the gate\n   {}",
+        wait_version(topo, "v2")?
+    );
+    drop(server);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let still_answered = (0..20)
+        .filter(|_| version(topo).is_ok_and(|v| v.contains("v2")))
+        .count();
+    println!(
+        "== the control plane is stopped: {still_answered} of 20 requests still served with the v2 policy"
+    );
+    std::fs::write(cluster.join("catalog.yaml"), pushed_api(&listen, "v3"))?;
+    server = serve_control_plane(topo, bin, &cp)?;
+    println!(
+        "== an edit made while it was away (v3) is applied when it returns\n   {}",
+        wait_version(topo, "v3")?
+    );
+    println!("== portcullis status of replica-b");
+    let status = cli(
+        bin,
+        &[
+            "status",
+            "--instance",
+            "demo-replica-b",
+            "--state-dir",
+            &state.display().to_string(),
+        ],
+    )?;
+    for line in status.lines().take(4) {
+        println!("   {line}");
+    }
+    drop(replica);
+    drop(server);
     Ok(())
 }
 
