@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, request, run_ok, status_of};
+use portcullis_tests::http::{GatewayProcess, RedisServer, TempDir, Upstream, request, run_ok, status_of};
 use portcullis_tests::{NetNs, portcullis_bin, wait_for};
 
 const CP: &str = "127.0.0.1:7443";
@@ -570,5 +570,136 @@ fn certificates_renew_under_load_without_a_restart() -> anyhow::Result<()> {
         ok > 100 && failed == 0 && up.unmarked() == 0,
         "{ok} ok, {failed} failed"
     );
+    Ok(())
+}
+
+const REDIS: &str = "127.0.0.1:6390";
+const REDIS_PASSWORD: &str = "r3dis-connected-pw";
+
+/// A replica of the cluster `prod` named `name`, using shared storage and the cluster's cache `key`.
+fn redis_replica(ns: &NetNs, cp: &ControlPlane, name: &str, key: &Path) -> anyhow::Result<Replica> {
+    let dir = TempDir::new("crr")?;
+    dir.write_private("redis.password", REDIS_PASSWORD)?;
+    dir.write(
+        "settings.yaml",
+        &format!(
+            "{}  sharedStorage:\n    redis:\n      address: {REDIS}\n      username: gateway\n      password: ${{file:redis.password}}\n",
+            settings("flexible")
+        ),
+    )?;
+    register(ns, &cp.token("prod", "10m")?, name, &dir.0)?;
+    Ok(Replica {
+        dir,
+        key: key.to_path_buf(),
+    })
+}
+
+fn redis_cli(ns: &NetNs, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let out = ns
+        .command("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "6390",
+            "--user",
+            "gateway",
+            "--pass",
+            REDIS_PASSWORD,
+            "--no-auth-warning",
+        ])
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "redis-cli {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+#[test]
+fn replicas_share_an_encrypted_last_known_good_through_redis() -> anyhow::Result<()> {
+    let ns = NetNs::new("cs")?;
+    let home = TempDir::new("csc")?;
+    let cp_dir = home.0.join("cp");
+    ControlPlane::init(&cp_dir)?;
+    let mut cp = ControlPlane::start(&ns, &cp_dir)?;
+    cp.publish("prod", "orders.yaml", &orders("v1"))?;
+    let _up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    let _redis = RedisServer::start(&ns, &home.0, REDIS.parse()?, "gateway", REDIS_PASSWORD)?;
+    // The cluster's cache key: the operator gives every replica the same one; Redis never sees it.
+    let key = home.0.join("cluster.key");
+    run_ok(portcullis(&["secret", "keygen", "--out"]).arg(&key))?;
+    let (a, b, c) = (
+        redis_replica(&ns, &cp, "gw-a", &key)?,
+        redis_replica(&ns, &cp, "gw-b", &key)?,
+        redis_replica(&ns, &cp, "gw-c", &key)?,
+    );
+    let mut gw = a.start(&ns)?;
+    wait_for("v1 on replica a", || Ok(version_of(&ns) == (200, "v1".into())))
+        .with_context(|| gw.log_text())?;
+    gw.wait_log("copy stored in Redis", "replica a stored the cluster's copy")?;
+    gw.terminate()?;
+    gw.wait_exit(Duration::from_secs(15))?;
+    cp.kill();
+
+    // A new replica, no local cache, the control plane down: open from the Redis copy.
+    let mut gw = b.start(&ns)?;
+    ensure!(
+        version_of(&ns) == (200, "v1".into()),
+        "replica b from the cluster's copy: {}",
+        gw.log_text()
+    );
+    gw.wait_log(
+        "applying the cluster's last-known-good copy from Redis",
+        "b used the copy",
+    )?;
+    gw.terminate()?;
+    gw.wait_exit(Duration::from_secs(15))?;
+
+    // Nothing of the configuration is readable in Redis.
+    let keys = String::from_utf8(redis_cli(&ns, &["--scan"])?)?;
+    ensure!(!keys.trim().is_empty(), "the copy is in Redis");
+    for k in keys.lines().filter(|k| !k.is_empty()) {
+        ensure!(!k.contains("orders"), "a key names a resource: {k}");
+        let value = redis_cli(&ns, &["--raw", "GET", k])?;
+        let text = String::from_utf8_lossy(&value);
+        for secret in [
+            "orders",
+            "x-policy",
+            "header-injection",
+            "ApiInstance",
+            "127.0.0.1:9000",
+            REDIS_PASSWORD,
+        ] {
+            ensure!(!text.contains(secret), "{k} holds `{secret}` in clear");
+        }
+    }
+
+    // A tampered copy is refused and treated as absent.
+    let k = keys.lines().next().context("a key")?;
+    let value = redis_cli(&ns, &["--raw", "GET", k])?;
+    let mut tampered = value.clone();
+    let at = tampered.len() / 2;
+    tampered[at] ^= 0x01;
+    let file = home.0.join("tampered.bin");
+    std::fs::write(&file, &tampered[..tampered.len().saturating_sub(1)])?;
+    let set = ns
+        .command("sh")
+        .arg("-c")
+        .arg(format!(
+            "redis-cli -h 127.0.0.1 -p 6390 --user gateway --pass {REDIS_PASSWORD} --no-auth-warning -x SET {k} < {}",
+            file.display()
+        ))
+        .output()?;
+    ensure!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let gw = c.start(&ns)?;
+    ensure!(
+        version_of(&ns).0 == 0,
+        "a tampered copy is not applied: {}",
+        gw.log_text()
+    );
+    gw.wait_log("copy in Redis refused", "c refused the tampered copy")?;
     Ok(())
 }

@@ -83,6 +83,19 @@ impl Snapshot {
     }
 }
 
+/// First bytes of a cluster's shared copy, version 1.
+const SHARED_MAGIC: &[u8] = b"PCSLK1\n";
+
+/// What a cluster's shared copy holds: the control plane's snapshot the
+/// writing replica applied with every gate open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedCopy {
+    /// The snapshot's version.
+    pub version: u64,
+    /// Its files, as the control plane published them.
+    pub files: Vec<(String, String)>,
+}
+
 /// The cache file and its key.
 #[derive(Debug)]
 pub struct Cache {
@@ -136,6 +149,28 @@ impl Cache {
         file.write_all(&sealed).map_err(io)?;
         file.sync_all().map_err(io)?;
         fs::rename(&tmp, &self.path).map_err(io)
+    }
+
+    /// `copy` sealed for the shared storage of `cluster` (bound to the cluster,
+    /// so another cluster's value does not open as this one's).
+    pub fn seal_shared(&self, cluster: &str, copy: &SharedCopy) -> Result<Vec<u8>, CacheError> {
+        let plain = zeroize::Zeroizing::new(serde_json::to_vec(copy).map_err(|e| CacheError::Io {
+            path: self.path.clone(),
+            source: e.into(),
+        })?);
+        let aad = format!("portcullis-shared-last-known-good-v1:{cluster}");
+        let mut out = SHARED_MAGIC.to_vec();
+        out.extend(self.key.seal(&plain, aad.as_bytes()).map_err(CacheError::Key)?);
+        Ok(out)
+    }
+
+    /// Opens a value read from the shared storage of `cluster`; `None` when it
+    /// does not authenticate (altered, another key or another cluster).
+    pub fn open_shared(&self, cluster: &str, bytes: &[u8]) -> Option<SharedCopy> {
+        let sealed = bytes.strip_prefix(SHARED_MAGIC)?;
+        let aad = format!("portcullis-shared-last-known-good-v1:{cluster}");
+        let plain = self.key.open(sealed, aad.as_bytes()).ok()?;
+        serde_json::from_slice(&plain).ok()
     }
 
     /// The cached snapshot written for `source`; `Ok(None)` when there is none.
@@ -214,6 +249,32 @@ mod tests {
             cache.load(Path::new("/elsewhere")),
             Err(CacheError::OtherSource { .. })
         ));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_shared_copy_opens_only_for_its_cluster_and_unaltered() {
+        let dir = temp();
+        let cache = cache(&dir);
+        let copy = SharedCopy {
+            version: 7,
+            files: vec![("orders.yaml".into(), "kind: ApiInstance\n".into())],
+        };
+        let sealed = cache.seal_shared("prod", &copy).expect("sealed");
+        assert!(
+            !String::from_utf8_lossy(&sealed).contains("ApiInstance"),
+            "nothing in clear"
+        );
+        assert_eq!(cache.open_shared("prod", &sealed), Some(copy));
+        assert_eq!(
+            cache.open_shared("staging", &sealed),
+            None,
+            "bound to its cluster"
+        );
+        let mut altered = sealed.clone();
+        let last = altered.len() - 1;
+        altered[last] ^= 1;
+        assert_eq!(cache.open_shared("prod", &altered), None);
         let _ = fs::remove_dir_all(dir);
     }
 

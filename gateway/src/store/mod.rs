@@ -116,14 +116,14 @@ const SCRIPT: &str = "local v = redis.call('INCRBY', KEYS[1], ARGV[1])
 if tonumber(v) == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return v";
 
-/// Starts the store thread for `cfg`: it reconciles every registered counter set.
-pub fn start(cfg: &RedisConfig) -> Result<(), StoreError> {
+/// A Redis client for `cfg` (TLS with its CA bundle when configured).
+pub fn client(cfg: &RedisConfig) -> Result<redis::Client, StoreError> {
     let settings = |reason: String| StoreError::Settings {
         address: cfg.address.clone(),
         reason,
     };
-    let client = match &cfg.tls {
-        None => redis::Client::open(url(cfg)?).map_err(|e| settings(e.to_string()))?,
+    match &cfg.tls {
+        None => redis::Client::open(url(cfg)?).map_err(|e| settings(e.to_string())),
         Some(ca) => {
             // rustls needs a process-wide provider; the gateway uses ring everywhere.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -142,9 +142,47 @@ pub fn start(cfg: &RedisConfig) -> Result<(), StoreError> {
                     root_cert,
                 },
             )
-            .map_err(|e| settings(e.to_string()))?
+            .map_err(|e| settings(e.to_string()))
         }
-    };
+    }
+}
+
+/// Runs one Redis command off the data path, bounded to a second.
+fn one_shot<T: redis::FromRedisValue>(client: &redis::Client, cmd: &redis::Cmd) -> Result<T, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(1)));
+    runtime.block_on(async {
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| e.to_string())?;
+        cmd.query_async(&mut conn).await.map_err(|e| e.to_string())
+    })
+}
+
+/// The shared-storage key of a cluster's last-known-good copy.
+pub fn shared_key(cluster: &str) -> String {
+    format!("{KEY_PREFIX}:{cluster}:last-known-good")
+}
+
+/// Reads the value at `key`; `Ok(None)` when there is none.
+pub fn get(client: &redis::Client, key: &str) -> Result<Option<Vec<u8>>, String> {
+    one_shot(client, redis::cmd("GET").arg(key))
+}
+
+/// Writes `value` at `key`.
+pub fn set(client: &redis::Client, key: &str, value: &[u8]) -> Result<(), String> {
+    one_shot::<()>(client, redis::cmd("SET").arg(key).arg(value))
+}
+
+/// Starts the store thread for `cfg`: it reconciles every registered counter set.
+pub fn start(cfg: &RedisConfig) -> Result<(), StoreError> {
+    let client = client(cfg)?;
     let address = cfg.address.clone();
     std::thread::Builder::new()
         .name("store".into())

@@ -13,6 +13,7 @@ mod lkg;
 mod nic;
 mod reload;
 pub mod report;
+mod shared;
 mod source;
 mod watch;
 
@@ -151,7 +152,9 @@ struct Supervisor {
     remote: Option<Arc<Remote>>,
     shared: Arc<Shared>,
     handles: Handles,
-    cache: Option<Cache>,
+    cache: Option<Arc<Cache>>,
+    /// The cluster's last-known-good copy in Redis (connected mode with shared storage).
+    copy: Option<shared::ClusterCopy>,
     mirror: Mirror,
 }
 
@@ -189,14 +192,18 @@ impl Supervisor {
 pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorError> {
     io::probe().map_err(SupervisorError::IoUring)?;
     let dir = options.config.as_path();
-    let cache = lkg::open(options);
+    let cache = lkg::open(options).map(Arc::new);
     let remote = connect(dir)?;
+    let copy =
+        local_config(dir).and_then(|c| shared::ClusterCopy::open(&c, cache.as_ref(), &options.state_dir));
     let readable = std::fs::read_dir(dir).is_ok();
-    let (generation, source_files) = first_generation(dir, remote.as_deref(), cache.as_ref())?;
+    let (generation, source_files) =
+        first_generation(dir, remote.as_deref(), cache.as_deref(), copy.as_ref())?;
     reload::log_policy_errors(&generation);
     reload::log_gates(&Gates::default(), &generation.gates);
     if let Some(files) = source_files.clone() {
-        lkg::remember(cache.as_ref(), dir, files, &generation);
+        lkg::remember(cache.as_deref(), dir, files, &generation);
+        share(copy.as_ref(), remote.as_deref(), &generation);
     }
     let mirror = Mirror {
         nic: nic::open(&options.instance, &generation),
@@ -242,6 +249,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
         shared,
         handles,
         cache,
+        copy,
         mirror,
     };
     if supervisor.mirror.nic.is_some() {
@@ -281,6 +289,7 @@ fn first_generation(
     dir: &std::path::Path,
     remote: Option<&Remote>,
     cache: Option<&Cache>,
+    copy: Option<&shared::ClusterCopy>,
 ) -> Result<(Generation, Option<source::Files>), SupervisorError> {
     let config_error = |errors: ConfigErrors| SupervisorError::Config {
         dir: dir.to_path_buf(),
@@ -292,12 +301,12 @@ fn first_generation(
             tracing::warn!(
                 "the control plane cannot be reached; its APIs come from the last-known-good cache if there is one"
             );
-            match lkg::cached(dir, cache) {
+            let files = files.map_err(config_error)?;
+            let from_redis =
+                || copy.and_then(|c| c.fetch().and_then(|s| c.generation(dir, files.clone(), s)));
+            match lkg::cached(dir, cache).or_else(from_redis) {
                 Some(generation) => (generation, None),
-                None => (
-                    source::load(dir, files.map_err(config_error)?, None).map_err(config_error)?,
-                    None,
-                ),
+                None => (source::load(dir, files, None).map_err(config_error)?, None),
             }
         }
         Ok(files) => {
@@ -310,6 +319,28 @@ fn first_generation(
             (lkg::serve_from(dir, cache), None)
         }
     })
+}
+
+/// The local configuration alone (for the settings connected mode needs).
+fn local_config(dir: &std::path::Path) -> Option<crate::config::Config> {
+    let Ok(Ok(files)) = source::read(dir, None) else {
+        return None;
+    };
+    source::parse(dir, files).ok()
+}
+
+/// Stores the applied snapshot as the cluster's copy when everything in `generation` is open.
+fn share(copy: Option<&shared::ClusterCopy>, remote: Option<&Remote>, generation: &Generation) {
+    let (Some(copy), Some(remote)) = (copy, remote) else {
+        return;
+    };
+    let all_open = generation.gates.sorted().iter().all(|(_, g)| g.is_open());
+    if all_open
+        && generation.policy_errors.is_empty()
+        && let Some(snapshot) = remote.latest_copy()
+    {
+        copy.publish(&snapshot);
+    }
 }
 
 /// Longest a start waits for the control plane's first snapshot before it

@@ -116,7 +116,8 @@ impl Supervisor {
         log_policy_errors(&generation);
         log_gates(&current.gates, &generation.gates);
         self.publish(generation);
-        lkg::remember(self.cache.as_ref(), &self.dir, files, &self.shared.current());
+        lkg::remember(self.cache.as_deref(), &self.dir, files, &self.shared.current());
+        super::share(self.copy.as_ref(), self.remote.as_deref(), &self.shared.current());
         if let Ok(senders) = self.shared.new_listeners.lock() {
             for (sender, sockets) in senders.iter().zip(bound) {
                 for socket in sockets {

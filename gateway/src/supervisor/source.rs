@@ -74,6 +74,15 @@ impl Remote {
         true
     }
 
+    /// The snapshot to store as the cluster's copy.
+    pub fn latest_copy(&self) -> Option<crate::store::cache::SharedCopy> {
+        let latest = self.latest.lock().ok()?;
+        latest.as_ref().map(|s| crate::store::cache::SharedCopy {
+            version: s.version,
+            files: s.files.clone(),
+        })
+    }
+
     /// Whether a snapshot has arrived.
     pub fn has_snapshot(&self) -> bool {
         self.latest.lock().is_ok_and(|l| l.is_some())
