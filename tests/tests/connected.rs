@@ -70,7 +70,7 @@ impl ControlPlane {
                 "control-plane",
                 "serve",
                 "--listen",
-                CP,
+                "0.0.0.0:7443",
                 "--cert-lifetime",
                 &self.lifetime,
                 "--dir",
@@ -136,12 +136,17 @@ impl Drop for ControlPlane {
 
 /// `portcullis register` inside `ns`; its stdout, or its stderr as the error.
 fn register(ns: &NetNs, token: &str, name: &str, out: &Path) -> anyhow::Result<String> {
+    register_at(ns, CP_URL, token, name, out)
+}
+
+/// Like [`register`], with the control plane at `url`.
+fn register_at(ns: &NetNs, url: &str, token: &str, name: &str, out: &Path) -> anyhow::Result<String> {
     let output = ns
         .command(portcullis_bin())
         .args([
             "register",
             "--control-plane",
-            CP_URL,
+            url,
             "--token",
             token,
             "--name",
@@ -701,5 +706,122 @@ fn replicas_share_an_encrypted_last_known_good_through_redis() -> anyhow::Result
         gw.log_text()
     );
     gw.wait_log("copy in Redis refused", "c refused the tampered copy")?;
+    Ok(())
+}
+
+/// Load on one replica: `(200s, 503s, failures)` counted until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    counts: Arc<[AtomicU64; 3]>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+fn load(ns: &NetNs) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicU64; 3]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let (s, c) = (stop.clone(), counts.clone());
+    let gw: SocketAddr = GW.parse().expect("address");
+    let thread = ns.spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            let slot = match status_of(&request_plain(gw)) {
+                Some(200) => 0,
+                Some(503) => 1,
+                _ => 2,
+            };
+            c[slot].fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    Load { stop, counts, thread }
+}
+
+impl Load {
+    fn finish(self) -> anyhow::Result<[u64; 3]> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+        Ok([0, 1, 2].map(|i| self.counts[i].load(Ordering::Relaxed)))
+    }
+}
+
+#[test]
+fn two_replicas_follow_every_edit_and_no_request_skips_its_policies() -> anyhow::Result<()> {
+    let infra = NetNs::new("ci")?;
+    let (ns_a, ns_b) = (NetNs::new("ca")?, NetNs::new("cb")?);
+    let _va = portcullis_tests::Veth::join(&infra, &["10.71.1.1/24"], &ns_a, &["10.71.1.2/24"])?;
+    let _vb = portcullis_tests::Veth::join(&infra, &["10.71.2.1/24"], &ns_b, &["10.71.2.2/24"])?;
+    let home = TempDir::new("c2c")?;
+    let cp_dir = home.0.join("cp");
+    run_ok(
+        portcullis(&[
+            "control-plane",
+            "init",
+            "--san",
+            "10.71.1.1",
+            "--san",
+            "10.71.2.1",
+            "--dir",
+        ])
+        .arg(&cp_dir),
+    )?;
+    let mut cp = ControlPlane::start(&infra, &cp_dir)?;
+    cp.publish("prod", "orders.yaml", &orders("v1"))?;
+    let mut replicas = Vec::new();
+    for (ns, name, url) in [
+        (&ns_a, "gw-a", "https://10.71.1.1:7443"),
+        (&ns_b, "gw-b", "https://10.71.2.1:7443"),
+    ] {
+        let up = Upstream::start(ns, "127.0.0.1:9000".parse()?)?;
+        up.expect_header("x-policy");
+        let dir = TempDir::new("c2r")?;
+        dir.write("settings.yaml", &settings("flexible"))?;
+        register_at(ns, url, &cp.token("prod", "10m")?, name, &dir.0)?;
+        let key = dir.0.with_extension("cache-key");
+        let _ = std::fs::remove_file(&key);
+        run_ok(portcullis(&["secret", "keygen", "--out"]).arg(&key))?;
+        let r = Replica { dir, key };
+        let gw = r.start(ns)?;
+        replicas.push((ns, r, gw, up));
+    }
+    for (ns, _, gw, _) in &replicas {
+        wait_for("v1 on both replicas", || Ok(version_of(ns) == (200, "v1".into())))
+            .with_context(|| gw.log_text())?;
+    }
+    let loads: Vec<Load> = replicas.iter().map(|(ns, ..)| load(ns)).collect();
+    // Edits pushed one after another; the control plane and one replica restarted on the way.
+    for n in 2..=8 {
+        let version = format!("v{n}");
+        cp.publish("prod", "orders.yaml", &orders(&version))?;
+        if n == 4 {
+            cp.kill();
+            cp.restart(&infra)?;
+        }
+        if n == 6 {
+            let (ns, r, gw, _) = &mut replicas[0];
+            gw.terminate()?;
+            gw.wait_exit(Duration::from_secs(15))?;
+            *gw = r.start(ns)?;
+        }
+        for (ns, _, gw, _) in &replicas {
+            wait_for("the edit on both replicas", || Ok(version_of(ns).1 == version))
+                .with_context(|| format!("{version}: {}", gw.log_text()))?;
+        }
+    }
+    let mut totals = Vec::new();
+    for (l, (_, _, gw, up)) in loads.into_iter().zip(&replicas) {
+        let [ok, gated, failed] = l.finish()?;
+        totals.push((ok, gated, failed, up.unmarked(), up.requests()));
+        gw.wait_log("gate applying", "edits were applied behind the gate")?;
+    }
+    println!(
+        "two replicas, 7 edits, a control-plane and a gateway restart: (200, 503, failed, leaks, upstream requests) per replica {totals:?}"
+    );
+    for (ok, _, _, leaks, seen) in &totals {
+        ensure!(*ok > 50 && *seen > 50, "traffic flowed: {totals:?}");
+        ensure!(
+            *leaks == 0,
+            "requests reached an upstream without their policies: {totals:?}"
+        );
+    }
     Ok(())
 }

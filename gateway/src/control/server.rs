@@ -24,7 +24,7 @@ use crate::config::{self, ConfigErrors, MemSource, Source as _};
 use crate::http::{self, HeadLimits};
 
 /// How often the clusters' directories are read for changes.
-pub const SCAN_EVERY: Duration = Duration::from_millis(200);
+pub const SCAN_EVERY: Duration = Duration::from_millis(50);
 /// Longest a snapshot request waits for a newer version before answering 204.
 pub const LONG_POLL: Duration = Duration::from_secs(25);
 /// Largest request body accepted.
