@@ -3,6 +3,7 @@
 //! and says what it is doing.
 
 mod bench;
+mod bench_control;
 mod demo;
 mod setup;
 
@@ -56,6 +57,8 @@ enum Bench {
     Proxy,
     /// 503 rate answered by XDP vs the proxy, and policy edit → enforced latency.
     Gate,
+    /// Control-plane edit → enforced by each of two replicas (p50/p99).
+    Control,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +70,9 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { which: Bench::Xdp } => bench_xdp(),
         Task::Bench { which: Bench::Gate } => bench_gate(),
         Task::Bench { which: Bench::Proxy } => bench::proxy(),
+        Task::Bench {
+            which: Bench::Control,
+        } => bench_control::control(),
     }
 }
 
