@@ -416,9 +416,13 @@ fn edits_on_the_control_plane_are_enforced_and_its_outage_changes_nothing() -> a
     stop.store(true, Ordering::Relaxed);
     load.join()
         .map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, gated, failed) = (
+        ok.load(Ordering::Relaxed),
+        gated.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
     println!(
-        "connected: {ok} requests answered 200 through a control-plane outage, {failed} failed, {} without their policies",
+        "connected: {ok} requests answered 200 through a control-plane outage and return, {gated} gated while the pending edit was applied, {failed} failed, {} without their policies",
         up.unmarked()
     );
     ensure!(
@@ -623,52 +627,13 @@ fn redis_cli(ns: &NetNs, args: &[&str]) -> anyhow::Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-#[test]
-fn replicas_share_an_encrypted_last_known_good_through_redis() -> anyhow::Result<()> {
-    let ns = NetNs::new("cs")?;
-    let home = TempDir::new("csc")?;
-    let cp_dir = home.0.join("cp");
-    ControlPlane::init(&cp_dir)?;
-    let mut cp = ControlPlane::start(&ns, &cp_dir)?;
-    cp.publish("prod", "orders.yaml", &orders("v1"))?;
-    let _up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
-    let _redis = RedisServer::start(&ns, &home.0, REDIS.parse()?, "gateway", REDIS_PASSWORD)?;
-    // The cluster's cache key: the operator gives every replica the same one; Redis never sees it.
-    let key = home.0.join("cluster.key");
-    run_ok(portcullis(&["secret", "keygen", "--out"]).arg(&key))?;
-    let (a, b, c) = (
-        redis_replica(&ns, &cp, "gw-a", &key)?,
-        redis_replica(&ns, &cp, "gw-b", &key)?,
-        redis_replica(&ns, &cp, "gw-c", &key)?,
-    );
-    let mut gw = a.start(&ns)?;
-    wait_for("v1 on replica a", || Ok(version_of(&ns) == (200, "v1".into())))
-        .with_context(|| gw.log_text())?;
-    gw.wait_log("copy stored in Redis", "replica a stored the cluster's copy")?;
-    gw.terminate()?;
-    gw.wait_exit(Duration::from_secs(15))?;
-    cp.kill();
-
-    // A new replica, no local cache, the control plane down: open from the Redis copy.
-    let mut gw = b.start(&ns)?;
-    ensure!(
-        version_of(&ns) == (200, "v1".into()),
-        "replica b from the cluster's copy: {}",
-        gw.log_text()
-    );
-    gw.wait_log(
-        "applying the cluster's last-known-good copy from Redis",
-        "b used the copy",
-    )?;
-    gw.terminate()?;
-    gw.wait_exit(Duration::from_secs(15))?;
-
-    // Nothing of the configuration is readable in Redis.
-    let keys = String::from_utf8(redis_cli(&ns, &["--scan"])?)?;
+/// Scans Redis's whole keyspace: nothing of the configuration in clear. The keys.
+fn nothing_in_clear(ns: &NetNs) -> anyhow::Result<String> {
+    let keys = String::from_utf8(redis_cli(ns, &["--scan"])?)?;
     ensure!(!keys.trim().is_empty(), "the copy is in Redis");
     for k in keys.lines().filter(|k| !k.is_empty()) {
         ensure!(!k.contains("orders"), "a key names a resource: {k}");
-        let value = redis_cli(&ns, &["--raw", "GET", k])?;
+        let value = redis_cli(ns, &["--raw", "GET", k])?;
         let text = String::from_utf8_lossy(&value);
         for secret in [
             "orders",
@@ -681,24 +646,101 @@ fn replicas_share_an_encrypted_last_known_good_through_redis() -> anyhow::Result
             ensure!(!text.contains(secret), "{k} holds `{secret}` in clear");
         }
     }
+    Ok(keys)
+}
 
-    // A tampered copy is refused and treated as absent.
-    let k = keys.lines().next().context("a key")?;
-    let value = redis_cli(&ns, &["--raw", "GET", k])?;
+/// Flips one bit of the value at `key`.
+fn tamper(ns: &NetNs, dir: &Path, key: &str) -> anyhow::Result<()> {
+    let value = redis_cli(ns, &["--raw", "GET", key])?;
     let mut tampered = value.clone();
     let at = tampered.len() / 2;
     tampered[at] ^= 0x01;
-    let file = home.0.join("tampered.bin");
+    let file = dir.join("tampered.bin");
     std::fs::write(&file, &tampered[..tampered.len().saturating_sub(1)])?;
     let set = ns
         .command("sh")
         .arg("-c")
         .arg(format!(
-            "redis-cli -h 127.0.0.1 -p 6390 --user gateway --pass {REDIS_PASSWORD} --no-auth-warning -x SET {k} < {}",
+            "redis-cli -h 127.0.0.1 -p 6390 --user gateway --pass {REDIS_PASSWORD} --no-auth-warning -x SET {key} < {}",
             file.display()
         ))
         .output()?;
     ensure!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    Ok(())
+}
+
+#[test]
+fn replicas_share_an_encrypted_last_known_good_through_redis() -> anyhow::Result<()> {
+    let ns = NetNs::new("cs")?;
+    let home = TempDir::new("csc")?;
+    let cp_dir = home.0.join("cp");
+    ControlPlane::init(&cp_dir)?;
+    let mut cp = ControlPlane::start(&ns, &cp_dir)?;
+    cp.publish("prod", "orders.yaml", &orders("v1"))?;
+    let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    up.expect_header("x-policy");
+    let mut redis = RedisServer::start(&ns, &home.0, REDIS.parse()?, "gateway", REDIS_PASSWORD)?;
+    // The cluster's cache key: the operator gives every replica the same one; Redis never sees it.
+    let key = home.0.join("cluster.key");
+    run_ok(portcullis(&["secret", "keygen", "--out"]).arg(&key))?;
+    let (a, b, c) = (
+        redis_replica(&ns, &cp, "gw-a", &key)?,
+        redis_replica(&ns, &cp, "gw-b", &key)?,
+        redis_replica(&ns, &cp, "gw-c", &key)?,
+    );
+    let mut gw = a.start(&ns)?;
+    wait_for("v1 on replica a", || Ok(version_of(&ns) == (200, "v1".into())))
+        .with_context(|| gw.log_text())?;
+    gw.wait_log("copy stored in Redis", "replica a stored the cluster's copy")?;
+
+    // The control plane and Redis both killed under load: open routes keep answering,
+    // and an edit made meanwhile is applied (and shared) when they return.
+    let traffic = load(&ns);
+    std::thread::sleep(Duration::from_millis(200));
+    cp.kill();
+    redis.kill();
+    cp.publish("prod", "orders.yaml", &orders("v2"))?;
+    std::thread::sleep(Duration::from_millis(800));
+    ensure!(
+        version_of(&ns) == (200, "v1".into()),
+        "nothing changes while both are away"
+    );
+    redis.restart()?;
+    cp.restart(&ns)?;
+    wait_for("v2 after both return", || Ok(version_of(&ns).1 == "v2")).with_context(|| gw.log_text())?;
+    let [ok, gated, failed] = traffic.finish()?;
+    println!(
+        "control plane and Redis killed: {ok} answered 200, {gated} gated while v2 was applied, {failed} failed, {} without their policies",
+        up.unmarked()
+    );
+    ensure!(
+        ok > 50 && failed == 0 && up.unmarked() == 0,
+        "{ok} ok, {gated} gated, {failed} failed"
+    );
+    wait_for("the v2 copy stored", || {
+        Ok(gw.log_text().matches("copy stored in Redis").count() >= 2)
+    })
+    .with_context(|| gw.log_text())?;
+    gw.terminate()?;
+    gw.wait_exit(Duration::from_secs(15))?;
+    cp.kill();
+
+    // A new replica, no local cache, the control plane down: open from the Redis copy.
+    let mut gw = b.start(&ns)?;
+    ensure!(
+        version_of(&ns) == (200, "v2".into()),
+        "replica b from the cluster's copy: {}",
+        gw.log_text()
+    );
+    gw.wait_log(
+        "applying the cluster's last-known-good copy from Redis",
+        "b used the copy",
+    )?;
+    gw.terminate()?;
+    gw.wait_exit(Duration::from_secs(15))?;
+
+    let keys = nothing_in_clear(&ns)?;
+    tamper(&ns, &home.0, keys.lines().next().context("a key")?)?;
     let gw = c.start(&ns)?;
     ensure!(
         version_of(&ns).0 == 0,
@@ -823,5 +865,47 @@ fn two_replicas_follow_every_edit_and_no_request_skips_its_policies() -> anyhow:
             "requests reached an upstream without their policies: {totals:?}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn contracts_from_the_control_plane_open_a_gated_route() -> anyhow::Result<()> {
+    let ns = NetNs::new("ck")?;
+    let home = TempDir::new("ckc")?;
+    let cp_dir = home.0.join("cp");
+    ControlPlane::init(&cp_dir)?;
+    let cp = ControlPlane::start(&ns, &cp_dir)?;
+    let enforced = orders("v1").replace(
+        "  policies:\n",
+        "  policies:\n    - policyRef:\n        name: client-id-enforcement-flex\n",
+    );
+    cp.publish("prod", "orders.yaml", &enforced)?;
+    let _up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    let r = replica(&ns, &cp, "flexible")?;
+    let gw = r.start(&ns)?;
+    let gw_addr: SocketAddr = GW.parse()?;
+    let with_credentials = |ns: &NetNs| {
+        let raw = request(
+            ns,
+            gw_addr,
+            b"GET /orders/hello HTTP/1.1\r\nHost: api\r\nAuthorization: Basic bW9iaWxlOnBhc3N3b3Jk\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap_or_default();
+        status_of(&raw).unwrap_or(0)
+    };
+    wait_for("the route gated: no contract yet", || {
+        Ok(with_credentials(&ns) == 503)
+    })
+    .with_context(|| gw.log_text())?;
+    cp.publish(
+        "prod",
+        "contracts.yaml",
+        "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: Contract\nmetadata:\n  name: mobile\nspec:\n  clientId: mobile\n  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\n  apis: [orders]\n",
+    )?;
+    wait_for("open once the contract arrives", || {
+        Ok(with_credentials(&ns) == 200)
+    })
+    .with_context(|| gw.log_text())?;
+    ensure!(version_of(&ns).0 == 401, "without credentials: 401");
     Ok(())
 }
