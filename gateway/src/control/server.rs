@@ -349,15 +349,7 @@ impl Plane {
         match outcome {
             Ok((cluster, cert)) => {
                 tracing::info!(target: "audit", replica = name, cluster, serial = cert.serial, expires_unix = cert.expires_unix, "replica registered");
-                json(
-                    200,
-                    &Issued {
-                        cluster,
-                        certificate: cert.pem,
-                        ca: self.ca.cert_pem().to_owned(),
-                        expires_unix: cert.expires_unix,
-                    },
-                )
+                self.issued(cluster, cert)
             }
             Err(ControlError::Token(why)) => {
                 tracing::info!(target: "audit", replica = name, "registration refused: token {why}");
@@ -365,6 +357,19 @@ impl Plane {
             }
             Err(e) => refuse(400, e.to_string()),
         }
+    }
+
+    /// The answer carrying a certificate issued to a replica of `cluster`.
+    fn issued(&self, cluster: String, cert: ca::IssuedCert) -> Answer {
+        json(
+            200,
+            &Issued {
+                cluster,
+                certificate: cert.pem,
+                ca: self.ca.cert_pem().to_owned(),
+                expires_unix: cert.expires_unix,
+            },
+        )
     }
 
     fn renew(&self, name: &str, replica: &Replica, body: &[u8]) -> Answer {
@@ -385,15 +390,7 @@ impl Plane {
         match outcome {
             Ok(cert) => {
                 tracing::info!(target: "audit", replica = name, cluster, serial = cert.serial, expires_unix = cert.expires_unix, "replica renewed");
-                json(
-                    200,
-                    &Issued {
-                        cluster,
-                        certificate: cert.pem,
-                        ca: self.ca.cert_pem().to_owned(),
-                        expires_unix: cert.expires_unix,
-                    },
-                )
+                self.issued(cluster, cert)
             }
             Err(e) => refuse(400, e.to_string()),
         }
