@@ -905,3 +905,36 @@ fn contracts_from_the_control_plane_open_a_gated_route() -> anyhow::Result<()> {
     ensure!(version_of(&ns).0 == 401, "without credentials: 401");
     Ok(())
 }
+
+#[test]
+fn an_expired_certificate_is_a_clear_error_and_changes_nothing_applied() -> anyhow::Result<()> {
+    let (ns, home, cp_dir, _) = cluster("cx")?;
+    let _up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    // The control plane again, issuing certificates of 6 s; gone before the first renewal.
+    let mut cp = ControlPlane::start_for(&ns, &cp_dir, "6s")?;
+    let _keep = &home;
+    let r = replica(&ns, &cp, "flexible")?;
+    let gw = r.start(&ns)?;
+    wait_for("v1 applied", || Ok(version_of(&ns) == (200, "v1".into()))).with_context(|| gw.log_text())?;
+    cp.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !gw.log_text().contains("the replica's certificate expired") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no expiry error: {}",
+            gw.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        gw.log_text().contains("register again with a new token"),
+        "the error says the way back"
+    );
+    ensure!(
+        version_of(&ns) == (200, "v1".into()),
+        "what is applied stays in force"
+    );
+    let inspect = run_ok(portcullis(&["registration", "inspect"]).arg(r.dir.0.join("registration.yaml")))?;
+    ensure!(inspect.contains("EXPIRED"), "{inspect}");
+    Ok(())
+}
