@@ -11,6 +11,7 @@
 
 mod lkg;
 mod nic;
+mod notify;
 mod reload;
 pub mod report;
 mod shared;
@@ -262,6 +263,9 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
         }
     }
     watch::watch(dir, readable)?;
+    wait_ready(&supervisor.shared, workers);
+    notify::notify("READY=1\nSTATUS=gates held; policies applied or gated");
+    notify::watchdog(supervisor.shared.clone(), workers);
     tracing::info!(workers, config = %dir.display(), "portcullis running");
     loop {
         match signals.wait().map_err(SupervisorError::Signals)? {
@@ -270,6 +274,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
                 set_level(&supervisor.shared.current().config.gateway.log_level);
             }
             signal => {
+                notify::notify("STOPPING=1");
                 if let Some(n) = supervisor.mirror.nic.as_mut()
                     && let Err(e) = n.stop()
                 {
