@@ -25,9 +25,9 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
-    /// A private file is readable by group or others.
-    #[error("{} is readable by group or others (mode {mode:o}); run `chmod 600 {}`", .path.display(), .path.display())]
-    LooseMode { path: PathBuf, mode: u32 },
+    /// A private file cannot be read, or is readable by group or others.
+    #[error(transparent)]
+    Private(#[from] crate::config::secret::SecretError),
     /// A file to be created exists already.
     #[error("{} exists already; remove it or write elsewhere", .path.display())]
     Exists { path: PathBuf },
@@ -63,18 +63,10 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> ControlError + '_ {
     }
 }
 
-/// Reads `path`, refusing it if group or others can read it.
+/// Reads `path`, refusing it if group or others can read it (the
+/// configuration's own check for secret files).
 pub fn read_private(path: &Path) -> Result<Vec<u8>, ControlError> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).map_err(io_error(path))?;
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(ControlError::LooseMode {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    std::fs::read(path).map_err(io_error(path))
+    Ok(crate::config::secret::read_private(path)?.expose().to_vec())
 }
 
 /// Writes a new file with mode 0600; never overwrites.

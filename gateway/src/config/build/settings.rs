@@ -269,15 +269,10 @@ pub(super) fn from_config<T: for<'de> Deserialize<'de>>(
 
 /// Why `path` may not hold a secret, if group or others can read it.
 fn loose(path: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mode = std::fs::metadata(path).ok()?.mode() & 0o777;
-    (mode & 0o077 != 0).then(|| {
-        format!(
-            "{} is readable by group or others (mode {mode:o}); run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        )
-    })
+    match crate::config::secret::read_private(path) {
+        Err(e @ crate::config::secret::SecretError::Loose { .. }) => Some(e.to_string()),
+        _ => None,
+    }
 }
 
 /// The replica's registration, its files checked: the registration and the
