@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use portcullis_tests::http::{GatewayProcess, RedisServer, TempDir, Upstream, request, run_ok, status_of};
+use portcullis_tests::http::{
+    GatewayProcess, RedisServer, TempDir, Upstream, api_instance, request, run_ok, status_of,
+};
 use portcullis_tests::{NetNs, portcullis_bin, wait_for};
 
 const CP: &str = "127.0.0.1:7443";
@@ -278,17 +280,12 @@ spec:
 
 /// The cluster's API: `/orders` to the upstream, tagged by a policy with `version`.
 fn orders(version: &str) -> String {
-    format!(
-        "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: orders
-spec:
-  address: http://{GW}/orders
-  services:
-    up:
-      address: http://127.0.0.1:9000/
-  policies:
+    api_instance(
+        "orders",
+        &format!("http://{GW}/orders"),
+        "http://127.0.0.1:9000/",
+        &format!(
+            "  policies:
     - policyRef:
         name: header-injection-flex
       config:
@@ -299,6 +296,7 @@ spec:
           - key: x-version
             value: \"{version}\"
 "
+        ),
     )
 }
 

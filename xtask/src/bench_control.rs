@@ -8,7 +8,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use portcullis_harness::http::{GatewayProcess, TempDir, Upstream};
+use portcullis_harness::http::{GatewayProcess, TempDir, Upstream, api_instance};
 use portcullis_harness::{NetNs, Veth};
 
 use crate::{cargo, root, run as sh, setup};
@@ -26,25 +26,33 @@ impl Drop for Proc {
     }
 }
 
-fn api(version: usize) -> String {
-    format!(
-        "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: orders
-spec:
-  address: http://127.0.0.1:8080/orders
-  services:
-    up:
-      address: http://127.0.0.1:9000/
-  policies:
+/// An ApiInstance `name` at `address` to the upstream on :9000 whose every
+/// response a policy tags with `header: value` (what the demo and this
+/// benchmark push to show which policy is in force).
+pub(crate) fn tagged_api(name: &str, address: &str, header: &str, value: &str) -> String {
+    api_instance(
+        name,
+        address,
+        "http://127.0.0.1:9000/",
+        &format!(
+            "  policies:
     - policyRef:
         name: header-injection-flex
       config:
         outboundHeaders:
-          - key: x-version
-            value: \"{version}\"
+          - key: {header}
+            value: \"{value}\"
 "
+        ),
+    )
+}
+
+fn api(version: usize) -> String {
+    tagged_api(
+        "orders",
+        "http://127.0.0.1:8080/orders",
+        "x-version",
+        &version.to_string(),
     )
 }
 

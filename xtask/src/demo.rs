@@ -282,24 +282,11 @@ fn serve_control_plane(
 
 /// The pushed API, tagged with `version` by a header-injection policy.
 fn pushed_api(listen: &str, version: &str) -> String {
-    format!(
-        "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: catalog
-spec:
-  address: http://{listen}/catalog
-  services:
-    up:
-      address: http://127.0.0.1:9000/
-  policies:
-    - policyRef:
-        name: header-injection-flex
-      config:
-        outboundHeaders:
-          - key: x-policy-version
-            value: \"{version}\"
-"
+    crate::bench_control::tagged_api(
+        "catalog",
+        &format!("http://{listen}/catalog"),
+        "x-policy-version",
+        version,
     )
 }
 
