@@ -79,19 +79,20 @@ pub(super) fn cached(dir: &Path, cache: Option<&Cache>) -> Option<Generation> {
     None
 }
 
+/// Why `generation` may not become the last-known-good one (a gate closed,
+/// a policy failed); `None` when everything in it is applied and open.
+pub(super) fn not_good(generation: &Generation) -> Option<String> {
+    if let Some((api, _)) = generation.gates.sorted().into_iter().find(|(_, g)| !g.is_open()) {
+        return Some(format!("the gate of `{api}` is closed in this configuration"));
+    }
+    (!generation.policy_errors.is_empty()).then(|| "a policy failed in this configuration".to_owned())
+}
+
 /// Writes the cache when everything in `generation` is applied and open.
 pub(super) fn remember(cache: Option<&Cache>, dir: &Path, files: Files, generation: &Generation) {
     let Some(cache) = cache else { return };
-    let closed = generation.gates.sorted().into_iter().find(|(_, g)| !g.is_open());
-    if let Some((api, _)) = closed {
-        tracing::info!(
-            api,
-            "last-known-good cache kept: a gate is closed in this configuration"
-        );
-        return;
-    }
-    if !generation.policy_errors.is_empty() {
-        tracing::info!("last-known-good cache kept: a policy failed in this configuration");
+    if let Some(why) = not_good(generation) {
+        tracing::info!("last-known-good cache kept: {why}");
         return;
     }
     if let Err(e) = cache.store(&Snapshot::new(dir, files)) {

@@ -194,9 +194,12 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
     io::probe().map_err(SupervisorError::IoUring)?;
     let dir = options.config.as_path();
     let cache = lkg::open(options).map(Arc::new);
-    let remote = connect(dir)?;
-    let copy =
-        local_config(dir).and_then(|c| shared::ClusterCopy::open(&c, cache.as_ref(), &options.state_dir));
+    // The local files alone say whether this replica follows a control plane.
+    let local = local_config(dir);
+    let remote = connect(dir, local.as_ref())?;
+    let copy = local
+        .as_ref()
+        .and_then(|c| shared::ClusterCopy::open(c, cache.as_ref(), &options.state_dir));
     let readable = std::fs::read_dir(dir).is_ok();
     let (generation, source_files) =
         first_generation(dir, remote.as_deref(), cache.as_deref(), copy.as_ref())?;
@@ -339,9 +342,7 @@ fn share(copy: Option<&shared::ClusterCopy>, remote: Option<&Remote>, generation
     let (Some(copy), Some(remote)) = (copy, remote) else {
         return;
     };
-    let all_open = generation.gates.sorted().iter().all(|(_, g)| g.is_open());
-    if all_open
-        && generation.policy_errors.is_empty()
+    if lkg::not_good(generation).is_none()
         && let Some(snapshot) = remote.latest_copy()
     {
         copy.publish(&snapshot);
@@ -354,11 +355,11 @@ const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
 
 /// Connected mode, when the local configuration holds a registration: the
 /// control plane followed on a thread of its own, each snapshot a reload.
-fn connect(dir: &std::path::Path) -> Result<Option<Arc<Remote>>, SupervisorError> {
-    let Ok(Ok(files)) = source::read(dir, None) else {
-        return Ok(None);
-    };
-    let Some(registration) = source::parse(dir, files).ok().and_then(|c| c.registration) else {
+fn connect(
+    dir: &std::path::Path,
+    local: Option<&crate::config::Config>,
+) -> Result<Option<Arc<Remote>>, SupervisorError> {
+    let Some(registration) = local.and_then(|c| c.registration.clone()) else {
         return Ok(None);
     };
     let remote = Arc::new(Remote::new(registration.clone()));
