@@ -1,5 +1,6 @@
-//! The commands that work on files without running the gateway: `check`
-//! and `secret keygen` / `secret encrypt`; what they print is the binary's job.
+//! The commands that work on files without running the gateway: `check`,
+//! `secret keygen` / `secret encrypt` and the man pages; what they print is
+//! the binary's job.
 
 use std::path::Path;
 
@@ -144,4 +145,23 @@ pub fn inspect_registration(file: &Path) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// Writes one man page per command of `cli` into `dir`: `portcullis.1`,
+/// `portcullis-run.1`, `portcullis-xdp-attach.1`, ...
+pub fn manpages(cli: clap::Command, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cli = cli.version(env!("CARGO_PKG_VERSION"));
+    clap_mangen::generate_to(cli, dir)
+        .with_context(|| format!("writing the man pages into {}", dir.display()))
+}
+
+/// Prints the completion script of `cli` for `shell`.
+pub fn completions(shell: clap_complete::Shell, mut cli: clap::Command) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cli, "portcullis", &mut script);
+    std::io::stdout()
+        .write_all(&script)
+        .context("writing the completion script")
 }

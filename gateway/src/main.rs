@@ -4,7 +4,7 @@
 use std::{io::Write as _, process::ExitCode};
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use portcullis::supervisor::{self, report::GateReport};
 use portcullis::xdp::{
@@ -91,6 +91,18 @@ enum Command {
         /// Where `portcullis run` reports its gates.
         #[arg(long, env = "PORTCULLIS_STATE_DIR", default_value = "/var/lib/portcullis")]
         state_dir: std::path::PathBuf,
+    },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell the script is for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages, one per command, into DIR (the package does this).
+    #[command(hide = true)]
+    Manpages {
+        /// Directory to write `portcullis.1`, `portcullis-run.1`, ... into.
+        dir: std::path::PathBuf,
     },
 }
 
@@ -354,6 +366,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// `portcullis run`: every configuration error on its own line, then the failure.
+fn serve(options: &supervisor::RunOptions, set_level: &supervisor::SetLevel) -> anyhow::Result<()> {
+    supervisor::run(options, set_level).map_err(|e| {
+        if let supervisor::SupervisorError::Config { errors, .. } = &e {
+            for error in &errors.0 {
+                eprintln!("{error}");
+            }
+        }
+        e.into()
+    })
+}
+
 fn run(cli: Cli, set_level: &supervisor::SetLevel) -> anyhow::Result<()> {
     let instance = Instance::new(&cli.instance)?;
     match cli.command {
@@ -368,16 +392,11 @@ fn run(cli: Cli, set_level: &supervisor::SetLevel) -> anyhow::Result<()> {
                 cache_key,
                 instance: cli.instance.clone(),
             };
-            if let Err(e) = supervisor::run(&options, set_level) {
-                if let supervisor::SupervisorError::Config { errors, .. } = &e {
-                    for error in &errors.0 {
-                        eprintln!("{error}");
-                    }
-                }
-                return Err(e.into());
-            }
+            serve(&options, set_level)?;
         }
         Command::Check { dir, format } => commands::check(&dir, format)?,
+        Command::Completions { shell } => commands::completions(shell, Cli::command())?,
+        Command::Manpages { dir } => commands::manpages(Cli::command(), &dir)?,
         Command::Secret(SecretCommand::Keygen { out }) => commands::keygen(&out)?,
         Command::Secret(SecretCommand::Encrypt { key_file }) => commands::encrypt(&key_file)?,
         Command::Xdp(XdpCommand::Attach {

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_control;
+mod deb;
 mod demo;
 mod setup;
 
@@ -41,6 +42,12 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Build the Debian package into target/debian/ (and its -dbgsym), lintian-checked.
+    Deb {
+        /// The package version, if not the crate's.
+        #[arg(long)]
+        deb_version: Option<String>,
+    },
     /// Run a benchmark and print its table.
     Bench {
         /// Which benchmark.
@@ -67,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => setup::build_ebpf().map(drop),
         Task::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
         Task::Demo { once } => demo::run(once),
+        Task::Deb { deb_version } => deb::build(deb_version.as_deref()).map(drop),
         Task::Bench { which: Bench::Xdp } => bench_xdp(),
         Task::Bench { which: Bench::Gate } => bench_gate(),
         Task::Bench { which: Bench::Proxy } => bench::proxy(),
