@@ -3,6 +3,9 @@
 
 pub use portcullis_harness::*;
 
+pub mod load;
+pub mod vm;
+
 use std::net::IpAddr;
 
 use portcullis::xdp::{AclList, Counters, GateMode, Instance, ListenerAddr, Loaded, Maps};

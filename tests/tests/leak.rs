@@ -7,138 +7,18 @@
 //! attached. The upstream counts every request that arrives without the tag:
 //! it must stay 0. Totals are printed.
 
-use std::io::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, read_response};
+use portcullis_tests::http::{GatewayProcess, TempDir, Upstream};
+use portcullis_tests::load::{TAG, Tally, hammer, n, say, tagged_config};
 use portcullis_tests::{Gateway, Topology, portcullis_bin};
 
 const ROUNDS: usize = 100;
-const TAG: &str = "x-policies-applied";
-
-#[derive(Default)]
-struct Tally {
-    sent: AtomicU64,
-    ok: AtomicU64,
-    unauthorized: AtomicU64,
-    unavailable: AtomicU64,
-    other: AtomicU64,
-    failed: AtomicU64,
-}
-
-impl Tally {
-    fn count(&self, status: Option<u16>) {
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        let slot = match status {
-            Some(200) => &self.ok,
-            Some(401) => &self.unauthorized,
-            Some(503) => &self.unavailable,
-            Some(_) => &self.other,
-            None => &self.failed,
-        };
-        slot.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn line(&self, name: &str) -> String {
-        format!(
-            "{name}: sent {}, 200 {}, 401 {}, 503 {}, other {}, failed {}",
-            n(&self.sent),
-            n(&self.ok),
-            n(&self.unauthorized),
-            n(&self.unavailable),
-            n(&self.other),
-            n(&self.failed)
-        )
-    }
-}
-
-/// Writes past the test harness's output capture: the totals show in every run.
-fn say(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-fn n(slot: &AtomicU64) -> u64 {
-    slot.load(Ordering::Relaxed)
-}
-
-/// Requests in a loop, a few per connection, until `stop`.
-fn hammer(addr: SocketAddr, auth: Option<&'static str>, stop: &AtomicBool, tally: &Tally) {
-    let request = format!(
-        "GET /orders/hello HTTP/1.1\r\nHost: api\r\n{}\r\n",
-        auth.map(|a| format!("Authorization: Basic {a}\r\n"))
-            .unwrap_or_default()
-    );
-    let mut buf = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(mut conn) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-            tally.count(None);
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
-        };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-        for _ in 0..4 {
-            if conn.write_all(request.as_bytes()).is_err() {
-                tally.count(None);
-                break;
-            }
-            let status = read_response(&mut conn, &mut buf).ok();
-            let failed = status.is_none();
-            tally.count(status);
-            let closing = String::from_utf8_lossy(&buf)
-                .to_ascii_lowercase()
-                .contains("connection: close");
-            if failed || closing {
-                break;
-            }
-        }
-    }
-}
-
-fn config(addr: &str, edit: usize) -> String {
-    format!(
-        "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: Configuration
-metadata:
-  name: leak
-spec:
-  proxy:
-    workers: 2
-    admin: 127.0.0.1:9901
----
-{}apiVersion: gateway.mulesoft.com/v1alpha1
-kind: Contract
-metadata:
-  name: mobile
-spec:
-  clientId: mobile
-  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
-  apis: [orders]
----
-",
-        api_instance(
-            "orders",
-            &format!("http://{addr}/orders"),
-            "http://127.0.0.1:9000/",
-            &format!(
-                "  policies:
-    - policyRef:
-        name: client-id-enforcement-flex
-    - policyRef:
-        name: header-injection-flex
-      config:
-        inboundHeaders:
-          - key: {TAG}
-            value: \"edit-{edit}\"
-"
-            )
-        )
-    )
-}
 
 /// Writes the configuration the way a deploy tool should: a new file renamed into place.
 fn deploy(dir: &Path, text: &str) -> anyhow::Result<()> {
@@ -158,7 +38,7 @@ fn no_request_reaches_the_upstream_without_its_policies() -> anyhow::Result<()> 
     up.expect_header(TAG);
     let dir = TempDir::new("leak")?;
     let listen = SocketAddr::new(topo.gw_ip(false), 8080);
-    deploy(&dir.0, &config(&listen.to_string(), 0))?;
+    deploy(&dir.0, &tagged_config(&listen.to_string(), 0))?;
     let start = || {
         GatewayProcess::start_env(
             &topo.gw,
@@ -180,8 +60,7 @@ fn no_request_reaches_the_upstream_without_its_policies() -> anyhow::Result<()> 
         } else {
             (stop.clone(), authenticated.clone())
         };
-        // "mobile:password"
-        let auth = (n == 3).then_some("bW9iaWxlOnBhc3N3b3Jk");
+        let auth = (n == 3).then_some(portcullis_tests::load::MOBILE);
         clients.push(topo.client.spawn(move || hammer(listen, auth, &stop, &tally)));
     }
 
@@ -201,7 +80,7 @@ fn no_request_reaches_the_upstream_without_its_policies() -> anyhow::Result<()> 
         gw = start()?;
         // Policy edit, applied by the running gateway.
         edits += 1;
-        deploy(&dir.0, &config(&listen.to_string(), round + 1))?;
+        deploy(&dir.0, &tagged_config(&listen.to_string(), round + 1))?;
         gw.wait_log("configuration reloaded", &format!("edit {edits} not applied"))?;
     }
     let took = started.elapsed();

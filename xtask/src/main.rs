@@ -6,6 +6,7 @@ mod bench;
 mod bench_control;
 mod deb;
 mod demo;
+mod image;
 mod setup;
 
 use std::{
@@ -48,6 +49,12 @@ enum Task {
         #[arg(long)]
         deb_version: Option<String>,
     },
+    /// Build the VM image (qcow2) into target/image/ around the Debian package.
+    Image {
+        /// An already built package to install, instead of building one.
+        #[arg(long)]
+        deb: Option<PathBuf>,
+    },
     /// Run a benchmark and print its table.
     Bench {
         /// Which benchmark.
@@ -75,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter, no_lint } => test(filter.as_deref(), no_lint),
         Task::Demo { once } => demo::run(once),
         Task::Deb { deb_version } => deb::build(deb_version.as_deref()).map(drop),
+        Task::Image { deb } => image::build(deb).map(drop),
         Task::Bench { which: Bench::Xdp } => bench_xdp(),
         Task::Bench { which: Bench::Gate } => bench_gate(),
         Task::Bench { which: Bench::Proxy } => bench::proxy(),
@@ -155,13 +163,41 @@ fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
             .envs(env))?;
     }
     run(cargo().args(["build", "--workspace", "--bins"]).envs(env))?;
+    let appliance = appliance()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"]).envs(env);
     cmd.env("PORTCULLIS_BIN", root().join("target/debug/portcullis"));
+    cmd.env("PORTCULLIS_IMAGE", &appliance.image.qcow2)
+        .env("PORTCULLIS_DEB", &appliance.image.deb)
+        .env("PORTCULLIS_DEB_NEXT", &appliance.next);
     if let Some(filter) = filter {
         cmd.args(["--", filter]);
     }
     run_counting(&mut cmd)
+}
+
+/// What the appliance tests boot and install.
+struct Appliance {
+    image: image::Image,
+    next: PathBuf,
+}
+
+/// Two packages of this tree (the second a newer version, for the upgrade
+/// test) kept in target/debian/test/, and the image around the first.
+fn appliance() -> anyhow::Result<Appliance> {
+    setup::apt_install(image::PACKAGES)?;
+    let kept = root().join("target/debian/test");
+    std::fs::create_dir_all(&kept)?;
+    let keep = |built: deb::Built| -> anyhow::Result<PathBuf> {
+        let to = kept.join(built.deb.file_name().context("a package file name")?);
+        std::fs::copy(&built.deb, &to)?;
+        Ok(to)
+    };
+    let current = keep(deb::build(None)?)?;
+    let next_version = format!("{}-2", env!("CARGO_PKG_VERSION"));
+    let next = keep(deb::build(Some(&next_version))?)?;
+    let image = image::build(Some(current))?;
+    Ok(Appliance { image, next })
 }
 
 /// Runs `cargo test`, streaming its output, and closes with one summary line

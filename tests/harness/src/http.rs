@@ -202,6 +202,11 @@ impl Upstream {
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> anyhow::Result<Self> {
         let listener = ns.run(move || TcpListener::bind(addr))??;
+        Self::serve(listener, tls)
+    }
+
+    /// Serves on a listener already bound (in whatever namespace or machine).
+    pub fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let stats = Arc::new(UpstreamStats::default());
         let stop = Arc::new(AtomicBool::new(false));
