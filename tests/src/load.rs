@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::http::{api_instance, read_response};
+use crate::http::{api_instance, mobile_contract, read_response};
 
 /// The header the policy chain injects into every request it lets through.
 pub const TAG: &str = "x-policies-applied";
@@ -136,16 +136,7 @@ spec:
     workers: 2
     admin: 127.0.0.1:9901
 ---
-{}apiVersion: gateway.mulesoft.com/v1alpha1
-kind: Contract
-metadata:
-  name: mobile
-spec:
-  clientId: mobile
-  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
-  apis: [orders]
----
-",
+{}{}",
         api_instance(
             "orders",
             &format!("http://{addr}/orders"),
@@ -162,6 +153,25 @@ spec:
             value: \"edit-{edit}\"
 "
             )
-        )
+        ),
+        mobile_contract("orders")
     )
+}
+
+/// Fails unless nothing reached the upstream untagged, no unauthenticated
+/// request got through, and the API served both kinds of client meanwhile.
+pub fn no_leak(untagged: u64, anonymous: &Tally, authenticated: &Tally, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        untagged == 0,
+        "{what}: {untagged} requests reached the upstream without their policies"
+    );
+    anyhow::ensure!(
+        n(&anonymous.ok) == 0,
+        "{what}: an unauthenticated request was let through"
+    );
+    anyhow::ensure!(
+        n(&anonymous.unauthorized) > 0 && n(&authenticated.ok) > 0,
+        "{what}: the route must have been open around the events"
+    );
+    Ok(())
 }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, ensure};
-use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, curl};
+use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, curl, mobile_contract};
 use portcullis_tests::{NetNs, portcullis_bin, wait_for};
 
 fn settings(level: &str) -> String {
@@ -52,22 +52,6 @@ fn rate_limit(maximum: &str) -> String {
 }
 
 const CLIENT_ID: &str = "    - policyRef:\n        name: client-id-enforcement-flex\n";
-
-/// Client `mobile` with secret `password` (sha256), allowed on `apis`.
-fn contract(apis: &str) -> String {
-    format!(
-        "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: Contract
-metadata:
-  name: mobile
-spec:
-  clientId: mobile
-  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
-  apis: [{apis}]
----
-"
-    )
-}
 
 /// curl arguments carrying `mobile`'s credentials (Basic, the policy's default origin).
 const CREDENTIALS: [&str; 2] = ["-u", "mobile:password"];
@@ -183,7 +167,7 @@ fn missing_contracts_gate_until_they_are_loaded() -> anyhow::Result<()> {
         metrics(&ns)?.contains("reason=\"contracts_missing\"} 1"),
         "counted per reason"
     );
-    dir.write("contracts.yaml", &contract("orders"))?;
+    dir.write("contracts.yaml", &mobile_contract("orders"))?;
     wait_for("the contract", || {
         Ok(status(&ns, "/orders/hello", &both)? == Some(200))
     })?;
@@ -295,7 +279,7 @@ fn unreachable_source(level: &str) -> anyhow::Result<()> {
             "{}{}{}",
             settings(level),
             api("orders", CLIENT_ID),
-            contract("orders")
+            mobile_contract("orders")
         ),
     )?;
     let both = CREDENTIALS;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use portcullis_tests::http::{TempDir, read_response};
-use portcullis_tests::load::{MOBILE, TAG, Tally, hammer, n, say, tagged_config};
+use portcullis_tests::load::{MOBILE, TAG, Tally, hammer, no_leak, say, tagged_config};
 use portcullis_tests::vm::{GUEST_HTTP, Vm};
 
 fn env_path(name: &str) -> anyhow::Result<PathBuf> {
@@ -220,18 +220,7 @@ fn upgrade_and_roll_back(vm: &Vm, current: &Path, next: &Path) -> anyhow::Result
         say(&format!(
             "  upstream: {requests} requests, {untagged} without the policy tag (leaks)"
         ));
-        ensure!(
-            untagged == 0,
-            "{what}: {untagged} requests reached the upstream without their policies"
-        );
-        ensure!(
-            n(&anonymous.ok) == 0,
-            "{what}: an unauthenticated request was let through"
-        );
-        ensure!(
-            n(&authenticated.ok) > 0 && n(&anonymous.unauthorized) > 0,
-            "{what}: the API must have served around the swap"
-        );
+        no_leak(untagged, &anonymous, &authenticated, what)?;
         before = after;
     }
     ensure!(

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use nix::sys::signal::{SigSet, Signal};
-use portcullis_harness::http::{GatewayProcess, Issued, Pki, TempDir, Upstream};
+use portcullis_harness::http::{GatewayProcess, Issued, Pki, TempDir, Upstream, mobile_contract};
 use portcullis_harness::{Gateway, Topology};
 
 use crate::{cargo, root, run as sh, setup};
@@ -189,7 +189,7 @@ fn gatekeeper_steps(
         "inventory must be gated: {text}"
     );
     println!("   (its listener has no open route, so XDP answered: no socket, no proxy cycle)");
-    std::fs::write(conf.join("contracts.yaml"), CONTRACT)?;
+    std::fs::write(conf.join("contracts.yaml"), mobile_contract("inventory"))?;
     println!(
         "== a Contract for `mobile` is written to {}",
         conf.join("contracts.yaml").display()
@@ -479,16 +479,6 @@ fn connected_steps(
 fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or("")
 }
-
-const CONTRACT: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: Contract
-metadata:
-  name: mobile
-spec:
-  clientId: mobile
-  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
-  apis: [inventory]
-";
 
 fn demo_config(listener: &str, plain: &str, cert: &Issued) -> String {
     format!(

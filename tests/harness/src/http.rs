@@ -694,6 +694,23 @@ pub fn curl(ns: &NetNs, args: &[&str]) -> anyhow::Result<(i32, String, String)> 
     ))
 }
 
+/// A Contract for client `mobile` with secret `password` (sha256) on
+/// `apis` (`orders` or `orders, inventory`), ending in a `---`.
+pub fn mobile_contract(apis: &str) -> String {
+    format!(
+        "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Contract
+metadata:
+  name: mobile
+spec:
+  clientId: mobile
+  clientSecretHash: sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
+  apis: [{apis}]
+---
+"
+    )
+}
+
 /// An `ApiInstance` resource (and its `---`): `address` routed to `upstream`,
 /// with `extra` appended to its spec (indented two spaces, newline-terminated).
 pub fn api_instance(name: &str, address: &str, upstream: &str, extra: &str) -> String {
