@@ -174,6 +174,21 @@ fn register_at(ns: &NetNs, url: &str, token: &str, name: &str, out: &Path) -> an
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// The names in `dir`, sorted, and whether each is a link.
+fn listing(dir: &Path) -> anyhow::Result<Vec<(String, bool)>> {
+    let mut names = std::fs::read_dir(dir)?
+        .map(|e| {
+            let e = e?;
+            Ok((
+                e.file_name().to_string_lossy().into_owned(),
+                e.file_type()?.is_symlink(),
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    names.sort();
+    Ok(names)
+}
+
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata(path).map_or(0, |m| m.mode() & 0o777)
@@ -518,10 +533,21 @@ fn certificates_renew_under_load_without_a_restart() -> anyhow::Result<()> {
     cp.publish("prod", "orders.yaml", &orders("v1"))?;
     let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
     up.expect_header("x-policy");
+    // As the packaged unit has it: the registration in the state directory
+    // (writable), a link to it in the read-only conf.d.
     let r = replica(&ns, &cp, "flexible")?;
+    let state = TempDir::new("cns")?;
+    for file in ["registration.yaml", "replica.key", "replica.crt", "ca.crt"] {
+        std::fs::rename(r.dir.0.join(file), state.0.join(file))?;
+    }
+    std::os::unix::fs::symlink(
+        state.0.join("registration.yaml"),
+        r.dir.0.join("registration.yaml"),
+    )?;
+    let conf_before = listing(&r.dir.0)?;
     let gw = r.start(&ns)?;
     wait_for("v1 applied", || Ok(version_of(&ns) == (200, "v1".into()))).with_context(|| gw.log_text())?;
-    let first = std::fs::read_to_string(r.dir.0.join("registration.yaml"))?;
+    let first = std::fs::read_to_string(state.0.join("registration.yaml"))?;
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
@@ -556,14 +582,19 @@ fn certificates_renew_under_load_without_a_restart() -> anyhow::Result<()> {
     cp.publish("prod", "orders.yaml", &orders("v2"))?;
     wait_for("v2 after the renewals", || Ok(version_of(&ns).1 == "v2")).with_context(|| gw.log_text())?;
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    let now = std::fs::read_to_string(r.dir.0.join("registration.yaml"))?;
+    let now = std::fs::read_to_string(state.0.join("registration.yaml"))?;
     ensure!(
-        now != first && mode(&r.dir.0.join("registration.yaml")) == 0o600,
+        now != first && mode(&state.0.join("registration.yaml")) == 0o600,
         "the registration was rewritten 0600: {now}"
     );
     ensure!(
-        !r.dir.0.join("replica.crt").exists(),
+        !state.0.join("replica.crt").exists(),
         "the first certificate is gone"
+    );
+    ensure!(
+        listing(&r.dir.0)? == conf_before,
+        "renewal wrote into the configuration directory: {:?}",
+        listing(&r.dir.0)?
     );
     ensure!(
         cp.log_text().matches("replica renewed").count() >= 3,

@@ -236,7 +236,8 @@ impl Identity {
             ))
         })?;
         Ok(Self {
-            file: file.to_path_buf(),
+            // Renewal writes beside the real file, not beside a link to it.
+            file: std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()),
             registration: registration.clone(),
             tls,
             validity,

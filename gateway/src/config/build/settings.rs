@@ -284,12 +284,19 @@ pub(super) fn registration(
 ) -> Option<RegistrationConfig> {
     let (doc, replica, spec) = docs.registration.as_ref()?;
     let mut ok = true;
+    // Relative paths are beside the registration file itself: when conf.d
+    // holds a link to one kept in the state directory (where renewal can
+    // write under the packaged unit), beside its target.
+    let home = std::fs::canonicalize(base.join(doc.file))
+        .ok()
+        .and_then(|real| real.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| base.to_path_buf());
     let resolve = |p: &str| {
         let p = Path::new(p);
         if p.is_absolute() {
             p.to_path_buf()
         } else {
-            base.join(p)
+            home.join(p)
         }
     };
     if let Some(why) = loose(&base.join(doc.file)) {
