@@ -1,6 +1,6 @@
 //! `cargo xtask image`: the VM image, a qcow2 made only of Debian's packages
 //! and our own .deb, with no loop device and no mount outside a private
-//! mount namespace: debootstrap makes the root (cached under
+//! mount namespace: mmdebstrap makes the root (cached as a tar under
 //! [`CACHE`]), images/image/customize.sh finishes it in a chroot, `mkfs.ext4
 //! -d` and mtools write its file systems, and systemd-boot starts it on UEFI.
 
@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{deb, root, run, setup};
 
-/// Where the debootstrapped base is kept between builds (outside the repository).
+/// Where the base tar is kept between builds (outside the repository).
 pub const CACHE: &str = "/var/cache/portcullis/image";
 const SUITE: &str = "bookworm";
 const ESP_MIB: u64 = 96;
@@ -22,7 +22,7 @@ const CMDLINE: &str = "root=LABEL=portcullis-root ro net.ifnames=0 console=ttyS0
 
 /// The packages the image build and the VM test use.
 pub const PACKAGES: &[&str] = &[
-    "debootstrap",
+    "mmdebstrap",
     "e2fsprogs",
     "dosfstools",
     "mtools",
@@ -86,7 +86,7 @@ pub fn build(deb: Option<PathBuf>) -> anyhow::Result<Image> {
     Ok(Image { qcow2, deb })
 }
 
-/// The debootstrapped base for the package list, made once and kept under [`CACHE`].
+/// The base (mmdebstrap, minbase) for the package list, made once and kept as a tar under [`CACHE`].
 fn base() -> anyhow::Result<PathBuf> {
     let list = root().join("images/image/packages");
     let text = std::fs::read_to_string(&list).with_context(|| format!("reading {}", list.display()))?;
@@ -103,28 +103,18 @@ fn base() -> anyhow::Result<PathBuf> {
         return Ok(tar);
     }
     std::fs::create_dir_all(&cache)?;
-    let dir = cache.join(format!("base-{key:016x}.tmp"));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    println!(
-        "xtask: debootstrapping {SUITE} into {} (minutes, once)",
-        dir.display()
-    );
-    run(Command::new("debootstrap")
-        .args(["--variant=minbase", &format!("--include={}", packages.join(","))])
-        .arg(SUITE)
-        .arg(&dir)
-        .arg(mirror()))?;
+    println!("xtask: mmdebstrap {SUITE} into {} (minutes, once)", tar.display());
     let partial = tar.with_extension("partial");
-    run(Command::new("tar")
-        .args(["--numeric-owner", "-cpf"])
+    run(Command::new("mmdebstrap")
+        .args([
+            "--variant=minbase",
+            "--format=tar",
+            &format!("--include={}", packages.join(",")),
+        ])
+        .arg(SUITE)
         .arg(&partial)
-        .arg("-C")
-        .arg(&dir)
-        .arg("."))?;
+        .arg(mirror()))?;
     std::fs::rename(&partial, &tar)?;
-    std::fs::remove_dir_all(&dir)?;
     Ok(tar)
 }
 
