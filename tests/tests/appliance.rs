@@ -12,23 +12,7 @@ use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance};
 #[test]
 fn the_unit_scores_at_most_2_0_in_systemd_analyze_security() -> anyhow::Result<()> {
     let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/portcullis.service");
-    let out = std::process::Command::new("systemd-analyze")
-        .args(["security", "--offline=true"])
-        .arg(&unit)
-        .output()
-        .context("running systemd-analyze (systemd)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let score: f64 = text
-        .lines()
-        .find_map(|l| l.split("Overall exposure level for portcullis.service: ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| {
-            format!(
-                "no exposure level: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
+    let (score, text) = portcullis_tests::offline_exposure(&unit)?;
     println!("portcullis.service exposure: {score}");
     ensure!(score <= 2.0, "exposure {score} > 2.0:\n{text}");
     for needed in [

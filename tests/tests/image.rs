@@ -191,11 +191,7 @@ fn under_systemd(vm: &Vm) -> anyhow::Result<()> {
     );
     let security = vm.sh("systemd-analyze security portcullis.service | tail -1")?;
     say(&format!("live unit: {}", security.trim()));
-    let exposure: f64 = security
-        .split("level for portcullis.service:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    let exposure = portcullis_tests::exposure(&security, "portcullis.service")
         .with_context(|| format!("no exposure in {security:?}"))?;
     ensure!(exposure <= 2.0, "exposure {exposure} > 2.0");
     Ok(())

@@ -403,20 +403,9 @@ fn connected_setup(
 /// The hardened unit's exposure, and what builds the package and the image.
 fn appliance_steps() -> anyhow::Result<()> {
     println!("\n== the appliance (images/)");
-    let unit = root().join("images/portcullis.service");
-    let out = std::process::Command::new("systemd-analyze")
-        .args(["security", "--offline=true"])
-        .arg(&unit)
-        .output()
-        .context("running systemd-analyze")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let score = text
-        .lines()
-        .find(|l| l.contains("Overall exposure level"))
-        .with_context(|| format!("systemd-analyze printed no exposure: {text}"))?;
+    let (score, _) = portcullis_harness::offline_exposure(&root().join("images/portcullis.service"))?;
     println!(
-        "   portcullis.service (Type=notify, own user, 3 capabilities): {}",
-        score.trim()
+        "   portcullis.service (Type=notify, own user, 3 capabilities): systemd-analyze security exposure {score}"
     );
     println!(
         "   `cargo xtask deb`: target/debian/portcullis_<version>_amd64.deb with both units, man pages, completions"

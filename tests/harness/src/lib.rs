@@ -34,6 +34,38 @@ pub fn unique_name(tag: &str) -> String {
     format!("pc{pid}{tag}{n}")
 }
 
+/// The exposure score in `systemd-analyze security` output for `unit`
+/// (`portcullis.service`), if it holds one.
+pub fn exposure(text: &str, unit: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.split(&format!("Overall exposure level for {unit}: ")).nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `systemd-analyze security --offline=true` of a unit file: its score and
+/// the whole report.
+pub fn offline_exposure(unit_file: &std::path::Path) -> anyhow::Result<(f64, String)> {
+    use anyhow::Context as _;
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(unit_file)
+        .output()
+        .context("running systemd-analyze (systemd)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let name = unit_file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let score = exposure(&text, &name).with_context(|| {
+        format!(
+            "no exposure level for {name}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok((score, text))
+}
+
 /// How long [`wait_for`] waits.
 pub const WAIT: Duration = Duration::from_secs(10);
 
