@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::http::run_ok;
+
 /// The UEFI firmware (Debian's ovmf): code read-only, variables per VM.
 const FIRMWARE_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const FIRMWARE_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -53,14 +55,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn must(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
 impl Vm {
     /// Boots `image` (through a copy-on-write overlay: the image stays as
     /// built) with `seed` as its seed drive, and an SSH key of its own added
@@ -69,7 +63,7 @@ impl Vm {
         let dir = PathBuf::from("/var/tmp").join(crate::unique_name("pcvm"));
         std::fs::create_dir_all(&dir)?;
         let key = dir.join("key");
-        must(
+        run_ok(
             Command::new("ssh-keygen")
                 .args(["-q", "-t", "ed25519", "-N", ""])
                 .arg("-f")
@@ -77,7 +71,7 @@ impl Vm {
         )?;
         std::fs::copy(key.with_extension("pub"), seed.join("authorized_keys"))?;
         let seed_img = dir.join("seed.ext4");
-        must(
+        run_ok(
             Command::new("mkfs.ext4")
                 .args(["-q", "-L", "PORTCULLIS-SEED", "-d"])
                 .arg(seed)
@@ -85,7 +79,7 @@ impl Vm {
                 .arg("64M"),
         )?;
         let overlay = dir.join("disk.qcow2");
-        must(
+        run_ok(
             Command::new("qemu-img")
                 .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
                 .arg(image)
