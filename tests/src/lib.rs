@@ -37,6 +37,12 @@ impl Prog {
         Self { name, loaded, maps }
     }
 
+    /// Wraps a program the test loaded itself (its pins are the test's to remove).
+    pub fn from_parts(loaded: Loaded, maps: Maps) -> Self {
+        let name = maps.instance().name().to_owned();
+        Self { name, loaded, maps }
+    }
+
     /// Adds a listener; its address and id.
     pub fn listener(&mut self, addr: &str) -> (ListenerAddr, u32) {
         let listener: ListenerAddr = addr.parse().expect("listener");

@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Version of the map layout; pinned maps of another version are refused.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Most listeners one gateway instance guards; listener ids are `1..=MAX_LISTENERS`.
 pub const MAX_LISTENERS: u32 = 4096;
@@ -22,7 +22,9 @@ pub const DEFAULT_ACL_CAPACITY: u32 = 1 << 21;
 pub mod map_names {
     /// `HashMap<ListenerKey, ListenerValue>`.
     pub const LISTENERS: &str = "PC_LISTENERS";
-    /// `LpmTrie<AclV4, u32>`: every IPv4 ACL entry, scoped by [`super::AclScope`].
+    /// `LpmTrie<AclV4, u32>`: every IPv4 ACL entry, scoped by [`super::AclScope`],
+    /// valued by its prefix length. The record of the IPv4 lists; XDP reads the
+    /// tables derived from it ([`ACL4_TABLES`], [`ACL4_LONG`]).
     pub const ACL_V4: &str = "PC_ACL_V4";
     /// `LpmTrie<AclV6, u32>`: every IPv6 ACL entry, scoped by [`super::AclScope`].
     pub const ACL_V6: &str = "PC_ACL_V6";
@@ -32,8 +34,77 @@ pub mod map_names {
     pub const COUNTERS: &str = "PC_COUNTERS";
     /// `Array<u64>`: the proxy's heartbeat, indexed by [`super::heartbeat_slot`].
     pub const HEARTBEAT: &str = "PC_HEARTBEAT";
+    /// `Array<u32>`: [`super::port_bits`] of every port, indexed by [`super::port_slot`].
+    pub const PORTS: &str = "PC_PORTS";
+    /// `ArrayOfMaps<Array<u64>>`, indexed by [`super::list_slot`]: each IPv4
+    /// list's table of 2 bits per /24 ([`super::table_bits`]).
+    pub const ACL4_TABLES: &str = "PC_ACL4_TABLES";
+    /// `HashMap<Acl4Long, [u64; 4]>`: for a /24 holding prefixes longer than
+    /// /24, the 256 addresses they cover.
+    pub const ACL4_LONG: &str = "PC_ACL4_LONG";
     /// Every map, for pin management.
-    pub const ALL: [&str; 6] = [LISTENERS, ACL_V4, ACL_V6, CONFIG, COUNTERS, HEARTBEAT];
+    pub const ALL: [&str; 9] = [
+        LISTENERS,
+        ACL_V4,
+        ACL_V6,
+        CONFIG,
+        COUNTERS,
+        HEARTBEAT,
+        PORTS,
+        ACL4_TABLES,
+        ACL4_LONG,
+    ];
+}
+
+/// Words (`u64`) in one IPv4 list table: 2 bits for each of the 2^24 /24s (4 MiB).
+pub const TABLE_WORDS: u32 = 1 << 19;
+/// Slots of [`map_names::ACL4_TABLES`]: two generations of the global deny
+/// list and of each listener's deny and allow lists.
+pub const LIST_SLOTS: u32 = (MAX_LISTENERS + 1) * 4;
+/// Slots of [`map_names::PORTS`]: TCP ports, then UDP ports.
+pub const PORT_SLOTS: u32 = 2 << 16;
+
+/// The two bits an IPv4 list table holds for one /24.
+pub mod table_bits {
+    /// A prefix of length ≤ 24 in the list covers the whole /24.
+    pub const FULL: u64 = 1;
+    /// The list holds prefixes longer than /24 inside this /24: see `PC_ACL4_LONG`.
+    pub const LONG: u64 = 2;
+}
+
+/// Which listeners a port has, so that traffic for no listener costs one array read.
+pub mod port_bits {
+    /// An IPv4 wildcard listener (0.0.0.0).
+    pub const WILDCARD_V4: u32 = 1 << 0;
+    /// An IPv6 wildcard listener (::).
+    pub const WILDCARD_V6: u32 = 1 << 1;
+    /// An IPv4 listener on a specific address.
+    pub const SPECIFIC_V4: u32 = 1 << 2;
+    /// An IPv6 listener on a specific address.
+    pub const SPECIFIC_V6: u32 = 1 << 3;
+}
+
+/// Index into [`map_names::PORTS`] of a protocol and port (host byte order).
+#[inline]
+pub const fn port_slot(protocol: u8, port: u16) -> u32 {
+    let base = if protocol == proto::UDP { 1 << 16 } else { 0 };
+    base | port as u32
+}
+
+/// Index into [`map_names::ACL4_TABLES`] of one list in one generation.
+#[inline]
+pub const fn list_slot(kind: AclKind, generation: u32, listener: u32) -> u32 {
+    let kind = match kind {
+        AclKind::GlobalDeny | AclKind::Deny => 0,
+        AclKind::Allow => 2,
+    };
+    (listener % (MAX_LISTENERS + 1)) * 4 + kind + (generation & 1)
+}
+
+/// Where one /24's bit of a table lives: the word index and the bit shift.
+#[inline]
+pub const fn table_position(net24: u32) -> (u32, u32) {
+    (net24 >> 5, (net24 & 31) * 2)
 }
 
 /// Name of the XDP program in the object file.
@@ -221,6 +292,17 @@ pub struct AclV6 {
 }
 const _: () = assert!(core::mem::size_of::<AclV6>() == 20);
 
+/// Key of [`map_names::ACL4_LONG`]: one list's /24.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Acl4Long {
+    /// Scope of the list this /24 belongs to.
+    pub scope: AclScope,
+    /// The /24: the address's top 24 bits, host byte order.
+    pub net24: u32,
+}
+const _: () = assert!(core::mem::size_of::<Acl4Long>() == 8);
+
 /// Per-CPU verdict counters of one listener (slot 0: unattributed traffic).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -284,7 +366,8 @@ mod user {
     // invalid bit patterns, as aya::Pod requires.
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     mod pod {
-        use super::super::{AclV4, AclV6, Counters, ListenerKey, ListenerValue};
+        use super::super::{Acl4Long, AclV4, AclV6, Counters, ListenerKey, ListenerValue};
+        unsafe impl aya::Pod for Acl4Long {}
         unsafe impl aya::Pod for ListenerKey {}
         unsafe impl aya::Pod for ListenerValue {}
         unsafe impl aya::Pod for AclV4 {}
@@ -307,6 +390,20 @@ mod tests {
             AclScope::new(AclKind::Deny, 0, u32::MAX).0,
             [0x5f, 0xff, 0xff, 0xff]
         );
+    }
+
+    #[test]
+    fn slots_keep_lists_ports_and_tables_apart() {
+        assert_eq!(list_slot(AclKind::GlobalDeny, 0, 0), 0);
+        assert_eq!(list_slot(AclKind::GlobalDeny, 1, 0), 1);
+        assert_eq!(list_slot(AclKind::Deny, 0, 1), 4);
+        assert_eq!(list_slot(AclKind::Allow, 1, 1), 7);
+        assert_eq!(list_slot(AclKind::Allow, 1, MAX_LISTENERS), LIST_SLOTS - 1);
+        assert_eq!(port_slot(proto::TCP, 80), 80);
+        assert_eq!(port_slot(proto::UDP, 65535), PORT_SLOTS - 1);
+        assert_eq!(table_position(0x00_0000), (0, 0));
+        assert_eq!(table_position(0x00_0021), (1, 2));
+        assert_eq!(table_position(0xff_ffff), (TABLE_WORDS - 1, 62));
     }
 
     #[test]

@@ -18,16 +18,18 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    btf_maps,
     helpers::generated as helpers,
-    macros::{map, xdp},
+    macros::{btf_map, map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use portcullis_common::{
-    AclKind, AclScope, AclV4, AclV6, Counters, DEFAULT_ACL_CAPACITY, GATE_RESPONSE, GATE_RESPONSE_LEN,
-    GATE_RESPONSE_SUM, ListenerKey, ListenerValue, MAX_LISTENERS, UNATTRIBUTED, acl_flags, config_slot,
-    family, gate_mode, heartbeat_slot, proto,
+    Acl4Long, AclKind, AclScope, AclV4, AclV6, Counters, DEFAULT_ACL_CAPACITY, GATE_RESPONSE,
+    GATE_RESPONSE_LEN, GATE_RESPONSE_SUM, LIST_SLOTS, ListenerKey, ListenerValue, MAX_LISTENERS, PORT_SLOTS,
+    TABLE_WORDS, UNATTRIBUTED, acl_flags, config_slot, family, gate_mode, heartbeat_slot, list_slot,
+    port_bits, port_slot, proto, table_bits, table_position,
 };
 
 #[map]
@@ -42,6 +44,16 @@ static PC_CONFIG: Array<u32> = Array::pinned(config_slot::LEN, 0);
 static PC_COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_LISTENERS + 1, 0);
 #[map]
 static PC_HEARTBEAT: Array<u64> = Array::pinned(heartbeat_slot::LEN, 0);
+#[map]
+static PC_PORTS: Array<u32> = Array::pinned(PORT_SLOTS, 0);
+#[map]
+static PC_ACL4_LONG: HashMap<Acl4Long, [u64; 4]> = HashMap::pinned(DEFAULT_ACL_CAPACITY, BPF_F_NO_PREALLOC);
+/// One table per IPv4 list generation; the loader pins it by path.
+#[btf_map]
+static PC_ACL4_TABLES: btf_maps::ArrayOfMaps<
+    btf_maps::Array<u64, { TABLE_WORDS as usize }>,
+    { LIST_SLOTS as usize },
+> = btf_maps::ArrayOfMaps::new();
 
 /// The canned 503, where `bpf_xdp_store_bytes` can read it.
 static RESPONSE: [u8; GATE_RESPONSE_LEN] = GATE_RESPONSE;
@@ -141,14 +153,14 @@ fn judge_flow(ctx: &XdpContext, flow: &Flow) -> Verdict {
     let acl = listener.acl;
     if acl & acl_flags::DENY_ACTIVE != 0 {
         let generation = u32::from(acl & acl_flags::DENY_GEN != 0);
-        if acl_match(addrs, AclScope::new(AclKind::Deny, generation, id)) {
+        if acl_match(addrs, AclKind::Deny, generation, id) {
             count(id, |c| c.drop_listener_deny += 1);
             return Verdict::Drop;
         }
     }
     if acl & acl_flags::ALLOW_ACTIVE != 0 {
         let generation = u32::from(acl & acl_flags::ALLOW_GEN != 0);
-        if !acl_match(addrs, AclScope::new(AclKind::Allow, generation, id)) {
+        if !acl_match(addrs, AclKind::Allow, generation, id) {
             count(id, |c| c.drop_not_allowed += 1);
             return Verdict::Drop;
         }
@@ -160,8 +172,20 @@ fn judge_flow(ctx: &XdpContext, flow: &Flow) -> Verdict {
     Verdict::Pass
 }
 
+/// The listener a flow is for: the port's bits say whether to look for a
+/// specific-address listener, a wildcard one, or none at all.
 #[inline(always)]
 fn find_listener(flow: &Flow) -> Option<ListenerValue> {
+    let port = u16::from_be(flow.dport_be);
+    let bits = *PC_PORTS.get(port_slot(flow.proto, port))?;
+    let (specific, wildcard) = if flow.addrs.family == family::V4 {
+        (port_bits::SPECIFIC_V4, port_bits::WILDCARD_V4)
+    } else {
+        (port_bits::SPECIFIC_V6, port_bits::WILDCARD_V6)
+    };
+    if bits & (specific | wildcard) == 0 {
+        return None;
+    }
     let mut key = ListenerKey {
         addr: flow.addrs.dst,
         port_be: flow.dport_be,
@@ -169,10 +193,15 @@ fn find_listener(flow: &Flow) -> Option<ListenerValue> {
         family: flow.addrs.family,
         pad: 0,
     };
-    if let Some(value) = PC_LISTENERS.get_ptr(&key) {
-        // SAFETY: the pointer is into a live map element; the value is Copy
-        // and read once.
-        return Some(unsafe { *value });
+    if bits & specific != 0 {
+        if let Some(value) = PC_LISTENERS.get_ptr(&key) {
+            // SAFETY: the pointer is into a live map element; the value is
+            // Copy and read once.
+            return Some(unsafe { *value });
+        }
+    }
+    if bits & wildcard == 0 {
+        return None;
     }
     key.addr = [0; 16];
     // SAFETY: as above.
@@ -189,15 +218,36 @@ fn globally_denied(addrs: &Addrs) -> bool {
         return false;
     }
     let generation = u32::from(flags & acl_flags::DENY_GEN != 0);
-    acl_match(addrs, AclScope::new(AclKind::GlobalDeny, generation, 0))
+    acl_match(addrs, AclKind::GlobalDeny, generation, 0)
 }
 
+/// Whether the source is in one generation of a list. IPv4 reads the list's
+/// table (one word per 32 /24s) and, only for a /24 that holds longer
+/// prefixes, that /24's 256-bit map; IPv6 asks the trie.
 #[inline(always)]
-fn acl_match(addrs: &Addrs, scope: AclScope) -> bool {
+fn acl_match(addrs: &Addrs, kind: AclKind, generation: u32, listener: u32) -> bool {
+    let scope = AclScope::new(kind, generation, listener);
     if addrs.family == family::V4 {
-        let addr = [addrs.src[0], addrs.src[1], addrs.src[2], addrs.src[3]];
-        let key = Key::new(AclScope::BITS + 32, AclV4 { scope, addr });
-        PC_ACL_V4.get(&key).is_some()
+        let addr = u32::from_be_bytes([addrs.src[0], addrs.src[1], addrs.src[2], addrs.src[3]]);
+        let net24 = addr >> 8;
+        let (word, shift) = table_position(net24);
+        let Some(bits) = PC_ACL4_TABLES.get_value(list_slot(kind, generation, listener), &word) else {
+            return false;
+        };
+        let state = (*bits >> shift) & 3;
+        if state & table_bits::FULL != 0 {
+            return true;
+        }
+        if state & table_bits::LONG == 0 {
+            return false;
+        }
+        let Some(long) = PC_ACL4_LONG.get_ptr(&Acl4Long { scope, net24 }) else {
+            return false;
+        };
+        let host = addr & 0xff;
+        // SAFETY: the pointer is into a live map element, read once.
+        let covered = unsafe { (*long)[(host >> 6) as usize & 3] };
+        (covered >> (host & 63)) & 1 != 0
     } else {
         let key = Key::new(
             AclScope::BITS + 128,
@@ -208,6 +258,12 @@ fn acl_match(addrs: &Addrs, scope: AclScope) -> bool {
         );
         PC_ACL_V6.get(&key).is_some()
     }
+}
+
+/// The empty program: `cargo xtask bench xdp`'s floor.
+#[xdp]
+pub fn portcullis_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[inline(always)]

@@ -1,5 +1,7 @@
 //! Connection ACLs: one LPM trie per address family holds every list, each
-//! entry keyed by its list's [`AclScope`] followed by the source prefix.
+//! entry keyed by its list's [`AclScope`] followed by the source prefix and
+//! valued by its prefix length. The XDP program reads the IPv6 trie directly
+//! and, for IPv4, the tables derived from the trie (see `table.rs`).
 //!
 //! Single entries are added and removed in place. A whole list is replaced
 //! atomically: the new entries are written under the list's other generation,
@@ -13,7 +15,7 @@ use aya::maps::{MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use portcullis_common::{AclKind, AclScope, AclV4, AclV6, ListenerValue, acl_flags, config_slot, map_names};
 
-use super::{ListenerAddr, Maps, XdpError, maps::map_err};
+use super::{ListenerAddr, Maps, XdpError, maps::map_err, table::ListGen};
 
 /// `BPF_NOEXIST`: insert only if the exact prefix is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -163,9 +165,10 @@ impl Maps {
 
     /// Inserts one prefix under a scope; `Ok(false)` if it was already there.
     fn insert_entry(&mut self, scope: AclScope, net: &IpNet) -> Result<bool, XdpError> {
+        let len = u32::from(net.prefix_len());
         let result = match net {
-            IpNet::V4(v4) => self.acl_v4.insert(&key_v4(scope, *v4), 1, BPF_NOEXIST),
-            IpNet::V6(v6) => self.acl_v6.insert(&key_v6(scope, v6), 1, BPF_NOEXIST),
+            IpNet::V4(v4) => self.acl_v4.insert(&key_v4(scope, *v4), len, BPF_NOEXIST),
+            IpNet::V6(v6) => self.acl_v6.insert(&key_v6(scope, v6), len, BPF_NOEXIST),
         };
         match result {
             Ok(()) => Ok(true),
@@ -218,12 +221,45 @@ impl Maps {
         Ok(out)
     }
 
+    /// The IPv4 prefixes stored under one scope.
+    pub(crate) fn v4_entries(&self, scope: AclScope) -> Result<Vec<ipnet::Ipv4Net>, XdpError> {
+        Ok(v4_only(&self.scan(|s| s == scope)?))
+    }
+
+    /// Deletes every entry under the scopes `keep` accepts, their IPv4 tables first.
     fn delete_scopes(&mut self, keep: impl Fn(AclScope) -> bool) -> Result<usize, XdpError> {
         let stale = self.scan(keep)?;
+        let mut by_scope: std::collections::BTreeMap<[u8; 4], Vec<(AclScope, IpNet)>> =
+            std::collections::BTreeMap::new();
+        for entry in &stale {
+            by_scope.entry(entry.0.0).or_default().push(*entry);
+        }
+        for entries in by_scope.values() {
+            self.table_drop(ListGen::of(entries[0].0), &v4_only(entries))?;
+        }
         for (scope, net) in &stale {
             self.remove_entry(*scope, net)?;
         }
         Ok(stale.len())
+    }
+
+    /// Builds every IPv4 table from the trie, its values rewritten as prefix
+    /// lengths: taking over maps an ABI 2 program made.
+    pub(crate) fn rebuild_tables(&mut self) -> Result<(), XdpError> {
+        let mut by_scope: std::collections::BTreeMap<[u8; 4], Vec<ipnet::Ipv4Net>> =
+            std::collections::BTreeMap::new();
+        for (scope, net) in self.scan(|_| true)? {
+            if let IpNet::V4(v4) = net {
+                self.acl_v4
+                    .insert(&key_v4(scope, v4), u32::from(v4.prefix_len()), 0)
+                    .map_err(map_err(map_names::ACL_V4, "update"))?;
+                by_scope.entry(scope.0).or_default().push(v4);
+            }
+        }
+        for (scope, nets) in by_scope {
+            self.table_build(ListGen::of(AclScope(scope)), &nets)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn purge_listener_scopes(&mut self, id: u32) -> Result<(), XdpError> {
@@ -244,6 +280,9 @@ impl Maps {
         if !self.insert_entry(scope, &net)? {
             return Ok(false);
         }
+        if let IpNet::V4(v4) = net {
+            self.table_add(ListGen::of(scope), v4)?;
+        }
         state.len = state.len.saturating_add(1);
         state.active = true;
         self.set_list_state(list, value, state)?;
@@ -261,6 +300,9 @@ impl Maps {
                 cidr: net.to_string(),
                 list: list.to_string(),
             });
+        }
+        if let IpNet::V4(v4) = net {
+            self.table_remove(ListGen::of(scope), v4)?;
         }
         state.len = state.len.saturating_sub(1);
         if state.len == 0 {
@@ -288,6 +330,14 @@ impl Maps {
         for net in &nets {
             self.insert_entry(new_scope, net)?;
         }
+        let v4: Vec<ipnet::Ipv4Net> = nets
+            .iter()
+            .filter_map(|n| match n {
+                IpNet::V4(v4) => Some(*v4),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        self.table_build(ListGen::of(new_scope), &v4)?;
         let len = u32::try_from(nets.len()).unwrap_or(u32::MAX);
         self.set_list_state(
             list,
@@ -314,6 +364,16 @@ impl Maps {
     pub fn global_deny_len(&self) -> Result<u32, XdpError> {
         self.config_get(config_slot::GLOBAL_DENY_LEN)
     }
+}
+
+fn v4_only(entries: &[(AclScope, IpNet)]) -> Vec<ipnet::Ipv4Net> {
+    entries
+        .iter()
+        .filter_map(|(_, net)| match net {
+            IpNet::V4(v4) => Some(*v4),
+            IpNet::V6(_) => None,
+        })
+        .collect()
 }
 
 /// The trie holding entries of `net`'s family.

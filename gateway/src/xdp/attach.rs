@@ -21,9 +21,39 @@ use super::{BPFFS, Instance, OBJECT, XdpError, maps::map_err};
 #[derive(Debug)]
 pub struct Loaded {
     ebpf: Ebpf,
+    floor_loaded: bool,
 }
 
+/// The object's empty program, the floor `cargo xtask bench xdp` measures against.
+const FLOOR_PROGRAM: &str = "portcullis_floor";
+
 impl Loaded {
+    /// Runs the object's empty program (it passes everything) on `frame`
+    /// `repeat` times: the cost of a test run itself, beside the program's.
+    pub fn floor_run(&mut self, frame: &[u8], repeat: u32) -> Result<Duration, XdpError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(FLOOR_PROGRAM)
+            .ok_or(XdpError::Program {
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| XdpError::Program { source })?;
+        if !self.floor_loaded {
+            program.load().map_err(|source| XdpError::Program { source })?;
+            self.floor_loaded = true;
+        }
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let result = program
+            .test_run(options)
+            .map_err(|source| XdpError::Program { source })?;
+        Ok(result.duration)
+    }
+
     fn program(&mut self) -> Result<&mut Xdp, XdpError> {
         self.ebpf
             .program_mut(PROGRAM_NAME)
@@ -146,15 +176,30 @@ impl Instance {
         super::maps::check_layout(self)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(self.pin_dir())
+            .map_pin_path(map_names::ACL4_TABLES, self.map_pin(map_names::ACL4_TABLES))
             .map_max_entries(map_names::ACL_V4, acl_capacity)
             .map_max_entries(map_names::ACL_V6, acl_capacity)
+            .map_max_entries(map_names::ACL4_LONG, acl_capacity)
             .load(OBJECT)
             .map_err(|source| XdpError::Load { source })?;
         let mut maps = self.maps()?;
+        let abi = maps.config_get(config_slot::ABI)?;
+        if abi == super::maps::UPGRADABLE_ABI {
+            let _lock = maps.lock()?;
+            maps.rebuild_ports()?;
+            maps.rebuild_tables()?;
+            info!(
+                instance = self.name(),
+                "maps of ABI {abi} taken over: port bits and IPv4 tables built"
+            );
+        }
         maps.config
             .set(config_slot::ABI, ABI_VERSION, 0)
             .map_err(map_err(map_names::CONFIG, "write ABI version"))?;
-        let mut loaded = Loaded { ebpf };
+        let mut loaded = Loaded {
+            ebpf,
+            floor_loaded: false,
+        };
         loaded
             .program()?
             .load()

@@ -5,12 +5,16 @@ use std::{
     str::FromStr,
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use nix::fcntl::{Flock, FlockArg};
 use portcullis_common::{
-    ABI_VERSION, AclV4, AclV6, Counters, ListenerKey, ListenerValue, MAX_LISTENERS, config_slot, family,
-    map_names, proto,
+    ABI_VERSION, Acl4Long, AclV4, AclV6, Counters, ListenerKey, ListenerValue, MAX_LISTENERS, config_slot,
+    family, map_names, port_bits, port_slot, proto,
 };
+
+/// The map layout before the IPv4 tables and the port array (ABI 2): its maps
+/// are taken over, and what ABI 3 derives from them is built at load.
+pub(crate) const UPGRADABLE_ABI: u32 = 2;
 
 use super::{Instance, LOCK_DIR, XdpError};
 
@@ -148,6 +152,11 @@ pub struct Maps {
     pub(crate) config: Array<MapData, u32>,
     pub(crate) counters: PerCpuArray<MapData, Counters>,
     pub(crate) heartbeat: Array<MapData, u64>,
+    pub(crate) ports: Array<MapData, u32>,
+    pub(crate) acl4_tables: ArrayOfMaps<MapData, Array<MapData, u64>>,
+    /// The same map again, for the slot deletes aya does not offer.
+    pub(crate) acl4_tables_fd: MapData,
+    pub(crate) acl4_long: HashMap<MapData, Acl4Long, [u64; 4]>,
 }
 
 impl fmt::Debug for Maps {
@@ -182,9 +191,10 @@ pub(crate) fn expected_layout(name: &str) -> (u32, u32) {
         map_names::LISTENERS => (size(size_of::<ListenerKey>()), size(size_of::<ListenerValue>())),
         map_names::ACL_V4 => (size(4 + size_of::<AclV4>()), 4),
         map_names::ACL_V6 => (size(4 + size_of::<AclV6>()), 4),
-        map_names::CONFIG => (4, 4),
         map_names::COUNTERS => (4, size(size_of::<Counters>())),
         map_names::HEARTBEAT => (4, 8),
+        map_names::CONFIG | map_names::PORTS | map_names::ACL4_TABLES => (4, 4),
+        map_names::ACL4_LONG => (size(size_of::<Acl4Long>()), 32),
         _ => (0, 0),
     }
 }
@@ -217,7 +227,7 @@ pub(crate) fn check_layout(instance: &Instance) -> Result<(), XdpError> {
         let abi = array
             .get(&config_slot::ABI, 0)
             .map_err(map_err(map_names::CONFIG, "read ABI version"))?;
-        if abi != 0 && abi != ABI_VERSION {
+        if abi != 0 && abi != ABI_VERSION && abi != UPGRADABLE_ABI {
             return Err(XdpError::Layout {
                 instance: instance.name().to_owned(),
                 dir: instance.pin_dir().to_owned(),
@@ -251,7 +261,52 @@ impl Maps {
                 .map_err(map_err(map_names::COUNTERS, "open"))?,
             heartbeat: Array::try_from(open_pinned(instance, map_names::HEARTBEAT)?)
                 .map_err(map_err(map_names::HEARTBEAT, "open"))?,
+            ports: Array::try_from(open_pinned(instance, map_names::PORTS)?)
+                .map_err(map_err(map_names::PORTS, "open"))?,
+            acl4_tables: ArrayOfMaps::try_from(open_pinned(instance, map_names::ACL4_TABLES)?)
+                .map_err(map_err(map_names::ACL4_TABLES, "open"))?,
+            acl4_tables_fd: MapData::from_pin(instance.map_pin(map_names::ACL4_TABLES))
+                .map_err(map_err(map_names::ACL4_TABLES, "open pin"))?,
+            acl4_long: HashMap::try_from(open_pinned(instance, map_names::ACL4_LONG)?)
+                .map_err(map_err(map_names::ACL4_LONG, "open"))?,
         })
+    }
+
+    /// Recomputes one port's [`port_bits`] from the listeners on it. Called
+    /// before a listener is added (with it) and after one is removed, so the
+    /// bits never hide a listener from the XDP program.
+    fn refresh_port(&mut self, port: (Protocol, u16), adding: Option<&ListenerAddr>) -> Result<(), XdpError> {
+        let mut bits = 0;
+        let listeners = self.listeners()?;
+        let on_port = listeners
+            .iter()
+            .map(|l| &l.addr)
+            .chain(adding)
+            .filter(|l| (l.protocol, l.addr.port()) == port);
+        for listener in on_port {
+            bits |= match (listener.is_v4(), listener.addr.ip().is_unspecified()) {
+                (true, true) => port_bits::WILDCARD_V4,
+                (true, false) => port_bits::SPECIFIC_V4,
+                (false, true) => port_bits::WILDCARD_V6,
+                (false, false) => port_bits::SPECIFIC_V6,
+            };
+        }
+        self.ports
+            .set(port_slot(port.0.number(), port.1), bits, 0)
+            .map_err(map_err(map_names::PORTS, "update"))
+    }
+
+    /// Rebuilds every port's bits from the listeners (taking over ABI 2 maps).
+    pub(crate) fn rebuild_ports(&mut self) -> Result<(), XdpError> {
+        let ports: std::collections::BTreeSet<(Protocol, u16)> = self
+            .listeners()?
+            .iter()
+            .map(|l| (l.addr.protocol, l.addr.addr.port()))
+            .collect();
+        for port in ports {
+            self.refresh_port(port, None)?;
+        }
+        Ok(())
     }
 
     /// The instance these maps belong to.
@@ -322,6 +377,7 @@ impl Maps {
         // entries or counts under this id: start clean.
         self.purge_listener_scopes(id)?;
         self.reset_counters(id)?;
+        self.refresh_port((listener.protocol, listener.addr.port()), Some(listener))?;
         let value = ListenerValue {
             id,
             acl: 0,
@@ -344,6 +400,7 @@ impl Maps {
         self.listeners
             .remove(&listener.key())
             .map_err(map_err(map_names::LISTENERS, "remove"))?;
+        self.refresh_port((listener.protocol, listener.addr.port()), None)?;
         self.purge_listener_scopes(value.id)?;
         self.reset_counters(value.id)
     }
@@ -420,5 +477,6 @@ mod tests {
         assert_eq!(expected_layout(map_names::ACL_V6), (24, 4));
         assert_eq!(expected_layout(map_names::COUNTERS), (4, 104));
         assert_eq!(expected_layout(map_names::HEARTBEAT), (4, 8));
+        assert_eq!(expected_layout(map_names::ACL4_LONG), (8, 32));
     }
 }
