@@ -85,6 +85,31 @@ impl Drop for Prog {
     }
 }
 
+/// A seeded generator (PCG-style LCG), so a test or benchmark run repeats exactly.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 32 random bits.
+    pub fn next_u32(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        u32::try_from(self.0 >> 32).expect("shifted")
+    }
+
+    /// The next 128 random bits.
+    pub fn next_u128(&mut self) -> u128 {
+        (0..4).fold(0u128, |acc, _| (acc << 32) | u128::from(self.next_u32()))
+    }
+
+    /// A number below `n` (> 0).
+    pub fn below(&mut self, n: u32) -> u32 {
+        self.next_u32() % n
+    }
+}
+
 /// An address from its text.
 pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("address")

@@ -7,27 +7,17 @@ use std::net::Ipv4Addr;
 
 use ipnet::{IpNet, Ipv4Net};
 use portcullis::xdp::AclList;
-use portcullis_tests::{Prog, frames::Frame, ip};
+use portcullis_tests::{Prog, Rng, frames::Frame, ip};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
-/// A deterministic generator, so a failure reproduces.
-struct Rng(u64);
+/// Prefixes for the model test.
+trait Prefixes {
+    fn prefix(&mut self) -> Ipv4Net;
+}
 
-impl Rng {
-    fn next(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        u32::try_from(self.0 >> 32).expect("shifted")
-    }
-
-    fn below(&mut self, n: u32) -> u32 {
-        self.next() % n
-    }
-
+impl Prefixes for Rng {
     /// A prefix inside 10.0.0.0/14 (so prefixes overlap and nest), now and
     /// then a short one covering all of it, or more than a /8.
     fn prefix(&mut self) -> Ipv4Net {
@@ -39,7 +29,7 @@ impl Rng {
             10..=13 => 25 + self.below(7),
             _ => 32,
         };
-        let addr = 0x0a00_0000 | (self.next() & 0x0003_ffff);
+        let addr = 0x0a00_0000 | (self.next_u32() & 0x0003_ffff);
         Ipv4Net::new(Ipv4Addr::from(addr), u8::try_from(len).expect("≤ 32"))
             .expect("valid")
             .trunc()
@@ -53,7 +43,7 @@ fn probes(model: &BTreeSet<Ipv4Net>, rng: &mut Rng) -> Vec<Ipv4Addr> {
         out.extend([first, last, first.wrapping_sub(1), last.wrapping_add(1)]);
         out.push(first + rng.below(last - first + 1));
     }
-    out.extend((0..24).map(|_| 0x0a00_0000 | (rng.next() & 0x0003_ffff)));
+    out.extend((0..24).map(|_| 0x0a00_0000 | (rng.next_u32() & 0x0003_ffff)));
     out.into_iter().map(Ipv4Addr::from).collect()
 }
 

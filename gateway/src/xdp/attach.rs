@@ -31,37 +31,16 @@ impl Loaded {
     /// Runs the object's empty program (it passes everything) on `frame`
     /// `repeat` times: the cost of a test run itself, beside the program's.
     pub fn floor_run(&mut self, frame: &[u8], repeat: u32) -> Result<Duration, XdpError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(FLOOR_PROGRAM)
-            .ok_or(XdpError::Program {
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| XdpError::Program { source })?;
+        let program = named(&mut self.ebpf, FLOOR_PROGRAM)?;
         if !self.floor_loaded {
             program.load().map_err(|source| XdpError::Program { source })?;
             self.floor_loaded = true;
         }
-        let options = TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..TestRunOptions::default()
-        };
-        let result = program
-            .test_run(options)
-            .map_err(|source| XdpError::Program { source })?;
-        Ok(result.duration)
+        repeated(program, frame, repeat).map(|(_, took)| took)
     }
 
     fn program(&mut self) -> Result<&mut Xdp, XdpError> {
-        self.ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(XdpError::Program {
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| XdpError::Program { source })
+        named(&mut self.ebpf, PROGRAM_NAME)
     }
 
     /// Runs the program once on `frame` with `BPF_PROG_TEST_RUN`: returns the
@@ -84,17 +63,30 @@ impl Loaded {
     /// Runs the program on one frame `repeat` times with `BPF_PROG_TEST_RUN`:
     /// returns the XDP action and the mean time per run.
     pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration), XdpError> {
-        let program = self.program()?;
-        let options = TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..TestRunOptions::default()
-        };
-        let result = program
-            .test_run(options)
-            .map_err(|source| XdpError::Program { source })?;
-        Ok((result.return_value, result.duration))
+        repeated(self.program()?, frame, repeat)
     }
+}
+
+fn named<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, XdpError> {
+    ebpf.program_mut(name)
+        .ok_or(XdpError::Program {
+            source: ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| XdpError::Program { source })
+}
+
+/// One `BPF_PROG_TEST_RUN` of `repeat` runs: the action and the mean time per run.
+fn repeated(program: &mut Xdp, frame: &[u8], repeat: u32) -> Result<(u32, Duration), XdpError> {
+    let options = TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..TestRunOptions::default()
+    };
+    let result = program
+        .test_run(options)
+        .map_err(|source| XdpError::Program { source })?;
+    Ok((result.return_value, result.duration))
 }
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.

@@ -257,14 +257,18 @@ impl Maps {
         Ok((tables, long))
     }
 
-    /// Builds the table of a generation about to be published.
-    pub(crate) fn table_build(&mut self, list: ListGen, nets: &[Ipv4Net]) -> Result<(), XdpError> {
-        delete_slot(self.acl4_tables_fd.fd().as_fd(), list.slot).map_err(|io_error| {
+    fn clear_slot(&self, slot: u32) -> Result<(), XdpError> {
+        delete_slot(self.acl4_tables_fd.fd().as_fd(), slot).map_err(|io_error| {
             tables_err("clear a slot")(MapError::SyscallError(aya::sys::SyscallError {
                 call: "bpf_map_delete_elem",
                 io_error,
             }))
-        })?;
+        })
+    }
+
+    /// Builds the table of a generation about to be published.
+    pub(crate) fn table_build(&mut self, list: ListGen, nets: &[Ipv4Net]) -> Result<(), XdpError> {
+        self.clear_slot(list.slot)?;
         if nets.is_empty() {
             return Ok(());
         }
@@ -277,12 +281,7 @@ impl Maps {
 
     /// Drops a generation's table and long entries (`nets`: its IPv4 prefixes).
     pub(crate) fn table_drop(&mut self, list: ListGen, nets: &[Ipv4Net]) -> Result<(), XdpError> {
-        delete_slot(self.acl4_tables_fd.fd().as_fd(), list.slot).map_err(|io_error| {
-            tables_err("clear a slot")(MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_delete_elem",
-                io_error,
-            }))
-        })?;
+        self.clear_slot(list.slot)?;
         for net in nets {
             if let Span::Hosts { net24, .. } = span(*net) {
                 self.write_long(list, net24, &[0; 4])?;

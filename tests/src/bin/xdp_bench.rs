@@ -13,6 +13,7 @@ use anyhow::{Context as _, ensure};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use portcullis::xdp::{AclList, Instance, ListenerAddr, Loaded};
 use portcullis_tests::{
+    Rng,
     frames::{Frame, arp},
     remove_pins, unique_name,
 };
@@ -23,22 +24,14 @@ const REPEAT: u32 = 2_000_000;
 const SAMPLES: usize = 5;
 const SOURCES: usize = 50_000;
 
-/// A deterministic generator, so every run measures the same lists.
-struct Rng(u64);
+/// The lists and sources the benchmark draws, the same every run.
+trait Draw {
+    fn v4(&mut self, n: usize) -> Vec<IpNet>;
+    fn v6(&mut self, n: usize) -> Vec<IpNet>;
+    fn inside(&mut self, net: &IpNet) -> IpAddr;
+}
 
-impl Rng {
-    fn next_u32(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        u32::try_from(self.0 >> 32).expect("shifted")
-    }
-
-    fn next_u128(&mut self) -> u128 {
-        (0..4).fold(0u128, |acc, _| (acc << 32) | u128::from(self.next_u32()))
-    }
-
+impl Draw for Rng {
     /// IPv4 prefixes with a realistic spread of lengths.
     fn v4(&mut self, n: usize) -> Vec<IpNet> {
         (0..n)
