@@ -1,5 +1,9 @@
 //! `cargo xtask bench proxy`: wrk against Portcullis, nginx and haproxy
-//! (configured alike) and the upstream directly, in one namespace, one run.
+//! (configured alike, one worker per core) and the upstream directly, in one
+//! namespace, one run. Each cell is run [`REPEATS`] times with the proxies in
+//! a different order each round, and reports medians: req/s, p50/p99, and
+//! each proxy's own CPU per request (its processes' utime + stime over the
+//! requests wrk counted), the figure wrk's share of the cores cannot blur.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpStream};
@@ -13,9 +17,15 @@ use portcullis_harness::http::TempDir;
 
 use crate::{cargo, root, run as sh, setup};
 
-/// Worker processes/threads given to each proxy under test.
-const WORKERS: usize = 1;
 const DURATION: &str = "5s";
+/// Rounds of every cell; the order of the targets rotates each round.
+const REPEATS: usize = 3;
+
+/// Worker processes/threads given to each proxy under test: one per core,
+/// as users run them.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
 const UPSTREAM: &str = "127.0.0.1:9000";
 
 /// A process killed on drop.
@@ -82,6 +92,63 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    requests: u64,
+    /// The target's own CPU per request, µs (0 when not measured).
+    cpu_us: f64,
+}
+
+/// User + system CPU seconds of a process and all its descendants (nginx's
+/// master and workers, every thread of the others).
+fn tree_cpu_seconds(root: u32) -> f64 {
+    let stat = |pid: u32| -> Option<(u32, u64)> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+        let ppid = fields.get(1)?.parse().ok()?;
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((ppid, ticks))
+    };
+    let mut procs = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                && let Some((ppid, ticks)) = stat(pid)
+            {
+                procs.push((pid, ppid, ticks));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut ticks = 0;
+    while let Some(pid) = tree.pop() {
+        for (child, ppid, t) in &procs {
+            if *child == pid {
+                ticks += t;
+            }
+            if *ppid == pid {
+                tree.push(*child);
+            }
+        }
+    }
+    // USER_HZ is 100 for every Linux user space.
+    f64::from(u32::try_from(ticks).unwrap_or(u32::MAX)) / 100.0
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The median of each figure over a cell's rounds.
+fn median_run(runs: &[Run]) -> Run {
+    let pick = |f: fn(&Run) -> f64| median_of(runs.iter().map(f).collect());
+    Run {
+        rps: pick(|r| r.rps),
+        p50_ms: pick(|r| r.p50_ms),
+        p99_ms: pick(|r| r.p99_ms),
+        cpu_us: pick(|r| r.cpu_us),
+        errors: runs.iter().map(|r| r.errors).sum(),
+        requests: runs.iter().map(|r| r.requests).sum(),
+    }
 }
 
 fn parse_latency(text: &str) -> Option<f64> {
@@ -116,6 +183,7 @@ fn wrk_with(ns: &NetNs, url: &str, connections: usize, header: Option<&str>) -> 
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["Requests/sec:", v] => run.rps = v.parse().unwrap_or(0.0),
+            [n, "requests", "in", ..] => run.requests = n.parse().unwrap_or(0),
             ["50%", v] => run.p50_ms = parse_latency(v).unwrap_or(0.0),
             ["99%", v] => run.p99_ms = parse_latency(v).unwrap_or(0.0),
             ["Non-2xx", "or", "3xx", "responses:", n] => run.errors += n.parse::<u64>().unwrap_or(0),
@@ -134,10 +202,10 @@ fn wrk_with(ns: &NetNs, url: &str, connections: usize, header: Option<&str>) -> 
     Ok(run)
 }
 
-fn nginx_conf(dir: &Path, listen: &str, body: &str) -> String {
+fn nginx_conf(dir: &Path, listen: &str, body: &str, workers: usize) -> String {
     let d = dir.display();
     format!(
-        "worker_processes {WORKERS};
+        "worker_processes {workers};
 pid {d}/nginx-{listen}.pid;
 error_log {d}/nginx-{listen}.err warn;
 events {{ worker_connections 9000; }}
@@ -170,6 +238,7 @@ pub fn proxy() -> anyhow::Result<()> {
         .args(["build", "--release", "-p", "portcullis"])
         .env("PORTCULLIS_XDP_OBJ", &object))?;
     let bin = root().join("target/release/portcullis");
+    let workers = workers();
     let ns = NetNs::new("bn")?;
     let dir = TempDir::new("bench")?;
     let www = dir.0.join("www");
@@ -187,6 +256,7 @@ pub fn proxy() -> anyhow::Result<()> {
                 "open_file_cache max=100; server {{ listen {UPSTREAM} backlog=4096; root {}; }}",
                 www.display()
             ),
+            1,
         ),
     )?;
     let log = dir.0.join("upstream.log");
@@ -209,6 +279,7 @@ pub fn proxy() -> anyhow::Result<()> {
   server {{ listen 127.0.0.1:8081 backlog=4096;
     location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering on; }} }}"
             ),
+            workers,
         ),
     )?;
     let log = dir.0.join("nginx.log");
@@ -225,7 +296,7 @@ pub fn proxy() -> anyhow::Result<()> {
         "haproxy.cfg",
         &format!(
             "global
-  nbthread {WORKERS}
+  nbthread {workers}
   maxconn 9000
 defaults
   mode http
@@ -273,7 +344,7 @@ metadata:
   name: proxy
 spec:
   proxy:
-    workers: {WORKERS}
+    workers: {workers}
     admin: 127.0.0.1:9901
 "
         ),
@@ -290,61 +361,19 @@ spec:
     wait_port(&ns, "127.0.0.1:8080".parse()?, &mut gateway, &log)?;
 
     let targets = [
-        ("portcullis", "127.0.0.1:8080"),
-        ("nginx", "127.0.0.1:8081"),
-        ("haproxy", "127.0.0.1:8082"),
-        ("direct", UPSTREAM),
+        ("portcullis", "127.0.0.1:8080", Some(gateway.0.id())),
+        ("nginx", "127.0.0.1:8081", Some(nginx.0.id())),
+        ("haproxy", "127.0.0.1:8082", Some(haproxy.0.id())),
+        ("direct", UPSTREAM, None),
     ];
-    let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "| body | conns | portcullis req/s | nginx req/s | haproxy req/s | direct req/s | p50 / p99 ms (pc · nginx · haproxy) | pc/nginx | pc/haproxy | pc/direct |"
-    );
-    let _ = writeln!(
-        table,
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
-    );
-    for (body, path) in [("128 B", "/small"), ("16 KiB", "/16k")] {
-        for conns in [50, 1000] {
-            let mut runs = Vec::new();
-            for (name, addr) in targets {
-                let url = format!("http://{addr}{path}");
-                // A short warm-up fills pools and caches.
-                let _ = wrk_short(&ns, &url, conns);
-                let run = wrk(&ns, &url, conns)?;
-                println!(
-                    "xtask: {name:<10} {body:>6} c={conns:<4} {:>10.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
-                    run.rps, run.p50_ms, run.p99_ms, run.errors
-                );
-                runs.push(run);
-            }
-            let (pc, ng, hp, di) = (runs[0], runs[1], runs[2], runs[3]);
-            let _ = writeln!(
-                table,
-                "| {body} | {conns} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}/{:.2} · {:.2}/{:.2} · {:.2}/{:.2} | {:.2}× | {:.2}× | {:.2}× |",
-                pc.rps,
-                ng.rps,
-                hp.rps,
-                di.rps,
-                pc.p50_ms,
-                pc.p99_ms,
-                ng.p50_ms,
-                ng.p99_ms,
-                hp.p50_ms,
-                hp.p99_ms,
-                pc.rps / ng.rps,
-                pc.rps / hp.rps,
-                pc.rps / di.rps
-            );
-        }
-    }
+    let table = matrix(&ns, &targets)?;
     let policies = policy_runs(&ns, &dir, &bin)?;
     // Give the workers' pool sweep (every 2 s) time to let go of the burst.
     std::thread::sleep(Duration::from_secs(5));
     let rss = idle_rss(&ns, gateway.0.id(), "127.0.0.1:8080".parse()?, 10_000)?;
     println!();
     println!(
-        "workers per proxy: {WORKERS}; wrk 2 threads, {DURATION} per run; upstream nginx (1 worker) on the same loopback"
+        "workers per proxy: {workers}; wrk 2 threads, {DURATION} per run, median of {REPEATS} rounds in rotating order; upstream nginx (1 worker) on the same loopback"
     );
     print!("{table}");
     println!();
@@ -369,6 +398,71 @@ spec:
     );
     drop((gateway, haproxy, nginx, upstream));
     Ok(())
+}
+
+/// Every cell of the benchmark, `REPEATS` rounds each, the targets in a
+/// different order every round; returns the Markdown table of medians.
+fn matrix(ns: &NetNs, targets: &[(&str, &str, Option<u32>)]) -> anyhow::Result<String> {
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| body | conns | req/s portcullis · nginx · haproxy · direct | CPU µs/req portcullis · nginx · haproxy | p99 ms portcullis · nginx · haproxy | pc/nginx req/s | pc/nginx CPU/req | pc/haproxy CPU/req | pc/direct req/s |"
+    );
+    let _ = writeln!(
+        table,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for (body, path) in [("128 B", "/small"), ("16 KiB", "/16k")] {
+        for conns in [50, 1000] {
+            let mut runs: Vec<Vec<Run>> = vec![Vec::new(); targets.len()];
+            for round in 0..REPEATS {
+                let mut order: Vec<usize> = (0..targets.len()).collect();
+                order.rotate_left(round % targets.len());
+                if round % 2 == 1 {
+                    order.reverse();
+                }
+                for i in order {
+                    let (name, addr, pid) = targets[i];
+                    let url = format!("http://{addr}{path}");
+                    // A short warm-up fills pools and caches.
+                    let _ = wrk_short(ns, &url, conns);
+                    let before = pid.map(tree_cpu_seconds);
+                    let mut run = wrk(ns, &url, conns)?;
+                    if let (Some(pid), Some(before)) = (pid, before) {
+                        let spent = tree_cpu_seconds(pid) - before;
+                        run.cpu_us =
+                            spent * 1e6 / f64::from(u32::try_from(run.requests.max(1)).unwrap_or(u32::MAX));
+                    }
+                    println!(
+                        "xtask: {name:<10} {body:>6} c={conns:<4} round {round}: {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms  {:.1} µs CPU/req  errors {}",
+                        run.rps, run.p50_ms, run.p99_ms, run.cpu_us, run.errors
+                    );
+                    runs[i].push(run);
+                }
+            }
+            let m: Vec<Run> = runs.iter().map(|r| median_run(r)).collect();
+            let (pc, ng, hp, di) = (m[0], m[1], m[2], m[3]);
+            let _ = writeln!(
+                table,
+                "| {body} | {conns} | {:.0} · {:.0} · {:.0} · {:.0} | {:.1} · {:.1} · {:.1} | {:.2} · {:.2} · {:.2} | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
+                pc.rps,
+                ng.rps,
+                hp.rps,
+                di.rps,
+                pc.cpu_us,
+                ng.cpu_us,
+                hp.cpu_us,
+                pc.p99_ms,
+                ng.p99_ms,
+                hp.p99_ms,
+                pc.rps / ng.rps,
+                pc.cpu_us / ng.cpu_us,
+                pc.cpu_us / hp.cpu_us,
+                pc.rps / di.rps
+            );
+        }
+    }
+    Ok(table)
 }
 
 fn wrk_short(ns: &NetNs, url: &str, conns: usize) -> anyhow::Result<()> {
@@ -433,6 +527,7 @@ fn raise_nofile(want: u64) -> anyhow::Result<()> {
 #[expect(clippy::too_many_lines, reason = "mostly the configuration, written out")]
 fn policy_runs(ns: &NetNs, dir: &TempDir, bin: &Path) -> anyhow::Result<(Run, Run)> {
     use std::os::unix::fs::PermissionsExt as _;
+    let workers = workers();
     let redis_conf = dir.write(
         "redis.conf",
         &format!(
@@ -468,7 +563,7 @@ spec:
       username: gateway
       password: ${{file:redis.password}}
   proxy:
-    workers: {WORKERS}
+    workers: {workers}
     admin: 127.0.0.1:9903
 ---
 apiVersion: gateway.mulesoft.com/v1alpha1

@@ -19,7 +19,7 @@ use crate::runtime::Shared;
 /// Body reads move this much at a time.
 pub(super) const BODY_CHUNK: usize = 64 * 1024;
 /// Read buffer an idle keep-alive connection waits with.
-const IDLE_READ: usize = 1024;
+pub(super) const IDLE_READ: usize = 1024;
 /// Most bytes read and discarded while closing after an error.
 const LINGER_BYTES: usize = 256 * 1024;
 /// Longest time spent discarding input while closing after an error.

@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::time::timeout;
 
 use super::Worker;
-use super::client::Client;
+use super::client::{self, Client};
 use super::conn::Conn;
 use super::exchange;
 use super::io::Stream;
@@ -106,7 +106,10 @@ pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, stream: Stream
             client.linger().await;
             return;
         }
-        if client.buf.is_empty() {
+        // The next head is read into this buffer: keep it unless a body read
+        // grew it, so steady traffic allocates nothing and an idle
+        // connection's read holds no more than IDLE_READ.
+        if client.buf.is_empty() && client.buf.capacity() > client::IDLE_READ {
             client.buf = Vec::new();
         }
     }

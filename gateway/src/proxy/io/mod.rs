@@ -136,8 +136,22 @@ fn unavailable(error: &io::Error, io_uring_disabled: &str) -> String {
 const RING_ENTRIES: u32 = 4096;
 
 /// Runs `fut` to completion on a new io_uring runtime on this thread.
+///
+/// The ring has one submitter (`SINGLE_ISSUER`) and runs completions when
+/// the worker next enters the kernel instead of interrupting it with an IPI
+/// (`COOP_TASKRUN`), where the kernel has them (6.0, 5.19).
 pub fn start<F: Future>(fut: F) -> F::Output {
-    tokio_uring::builder().entries(RING_ENTRIES).start(fut)
+    let mut tuned = tokio_uring::uring_builder();
+    tuned.setup_coop_taskrun().setup_single_issuer();
+    let setup = if tuned.build(4).is_ok() {
+        tuned
+    } else {
+        tokio_uring::uring_builder()
+    };
+    tokio_uring::builder()
+        .entries(RING_ENTRIES)
+        .uring_builder(&setup)
+        .start(fut)
 }
 
 /// Spawns a task on the current thread's runtime.
