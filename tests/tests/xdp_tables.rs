@@ -226,9 +226,15 @@ fn maps_of_abi_2_are_taken_over_with_their_lists() {
         maps.acl_replace(&AclList::Allow(listener), &nets)
             .expect("replace");
     }
-    // What an ABI 2 program left: no port array, no IPv4 tables, trie values 1.
+    // What an ABI 2 program left: no port array, no values by id, no IPv4
+    // tables, trie values 1.
     let pin = |map: &str| instance.pin_dir().join(map);
-    for map in [map_names::PORTS, map_names::ACL4_TABLES, map_names::ACL4_LONG] {
+    for map in [
+        map_names::PORTS,
+        map_names::VALUES,
+        map_names::ACL4_TABLES,
+        map_names::ACL4_LONG,
+    ] {
         std::fs::remove_file(pin(map)).expect("unpin");
     }
     let open = |map: &str| Map::from_map_data(MapData::from_pin(pin(map)).expect("pin")).expect("map");
@@ -263,4 +269,58 @@ fn maps_of_abi_2_are_taken_over_with_their_lists() {
         .expect("remove");
     assert_eq!(prog.run(&syn("10.2.3.4")), XDP_DROP);
     assert_eq!(prog.run(&syn("10.2.3.100")), XDP_PASS);
+}
+
+#[test]
+fn several_specific_listeners_on_one_port_are_told_apart() {
+    let mut prog = Prog::new(1 << 16);
+    let (a, _) = prog.listener("10.255.0.1:8443");
+    prog.acl(AclList::Deny(a), "10.1.0.0/16");
+    let syn = |src: &str, dst: &str| Frame::syn(ip(src), ip(dst), 8443).bytes();
+    assert_eq!(
+        prog.run(&syn("10.1.0.9", "10.255.0.1")),
+        XDP_DROP,
+        "the only specific one"
+    );
+    assert_eq!(
+        prog.run(&syn("10.1.0.9", "10.255.0.2")),
+        XDP_PASS,
+        "another address"
+    );
+    let (b, _) = prog.listener("10.255.0.2:8443");
+    prog.acl(AclList::Deny(b), "10.2.0.0/16");
+    let (c, _) = prog.listener("10.255.0.3:8443");
+    prog.acl(AclList::Allow(c), "10.3.0.0/16");
+    for (src, dst, expected) in [
+        ("10.1.0.9", "10.255.0.1", XDP_DROP),
+        ("10.2.0.9", "10.255.0.1", XDP_PASS),
+        ("10.2.0.9", "10.255.0.2", XDP_DROP),
+        ("10.1.0.9", "10.255.0.2", XDP_PASS),
+        ("10.1.0.9", "10.255.0.3", XDP_DROP),
+        ("10.3.0.9", "10.255.0.3", XDP_PASS),
+        ("10.1.0.9", "10.255.0.4", XDP_PASS),
+    ] {
+        assert_eq!(
+            prog.run(&syn(src, dst)),
+            expected,
+            "{src} → {dst} with three listeners"
+        );
+    }
+    prog.maps.remove_listener(&a).expect("remove");
+    prog.maps.remove_listener(&c).expect("remove");
+    assert_eq!(prog.run(&syn("10.2.0.9", "10.255.0.2")), XDP_DROP, "the one left");
+    assert_eq!(
+        prog.run(&syn("10.1.0.9", "10.255.0.1")),
+        XDP_PASS,
+        "a removed one"
+    );
+    // A gate set after the fact is what XDP reads through the port's entry.
+    prog.maps
+        .set_gate(&b, portcullis::xdp::GateMode::Drop, false)
+        .expect("gate");
+    assert_eq!(
+        prog.run(&syn("10.4.0.9", "10.255.0.2")),
+        XDP_DROP,
+        "gated, drop mode"
+    );
 }

@@ -34,8 +34,12 @@ pub mod map_names {
     pub const COUNTERS: &str = "PC_COUNTERS";
     /// `Array<u64>`: the proxy's heartbeat, indexed by [`super::heartbeat_slot`].
     pub const HEARTBEAT: &str = "PC_HEARTBEAT";
-    /// `Array<u32>`: [`super::port_bits`] of every port, indexed by [`super::port_slot`].
+    /// `Array<PortEntry>` (mmapable): the listeners of every port, indexed by
+    /// [`super::port_slot`].
     pub const PORTS: &str = "PC_PORTS";
+    /// `Array<ListenerValue>` (mmapable), indexed by listener id: what XDP
+    /// reads of a listener it found through [`PORTS`].
+    pub const VALUES: &str = "PC_VALUES";
     /// `ArrayOfMaps<Array<u64>>`, indexed by [`super::list_slot`]: each IPv4
     /// list's table of 2 bits per /24 ([`super::table_bits`]).
     pub const ACL4_TABLES: &str = "PC_ACL4_TABLES";
@@ -43,7 +47,7 @@ pub mod map_names {
     /// /24, the 256 addresses they cover.
     pub const ACL4_LONG: &str = "PC_ACL4_LONG";
     /// Every map, for pin management.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         LISTENERS,
         ACL_V4,
         ACL_V6,
@@ -53,6 +57,7 @@ pub mod map_names {
         PORTS,
         ACL4_TABLES,
         ACL4_LONG,
+        VALUES,
     ];
 }
 
@@ -292,6 +297,30 @@ pub struct AclV6 {
 }
 const _: () = assert!(core::mem::size_of::<AclV6>() == 20);
 
+/// What XDP knows of one port's listeners without a hash lookup.
+///
+/// Userspace writes each field with one atomic 32-bit store through the
+/// map's mmap, in an order that never shows an id without its address, and
+/// XDP reads `one_v4` on both sides of `one_v4_addr` to see a matched pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortEntry {
+    /// [`port_bits`] of the port.
+    pub bits: u32,
+    /// Id of the IPv4 wildcard listener (0: none).
+    pub wildcard_v4: u32,
+    /// Id of the IPv6 wildcard listener (0: none).
+    pub wildcard_v6: u32,
+    /// Id of the port's only specific-address IPv4 listener (0: none, or
+    /// several, found through the hash).
+    pub one_v4: u32,
+    /// That listener's address, network byte order.
+    pub one_v4_addr: [u8; 4],
+    /// Always zero.
+    pub pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
+
 /// Key of [`map_names::ACL4_LONG`]: one list's /24.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -366,8 +395,9 @@ mod user {
     // invalid bit patterns, as aya::Pod requires.
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     mod pod {
-        use super::super::{Acl4Long, AclV4, AclV6, Counters, ListenerKey, ListenerValue};
+        use super::super::{Acl4Long, AclV4, AclV6, Counters, ListenerKey, ListenerValue, PortEntry};
         unsafe impl aya::Pod for Acl4Long {}
+        unsafe impl aya::Pod for PortEntry {}
         unsafe impl aya::Pod for ListenerKey {}
         unsafe impl aya::Pod for ListenerValue {}
         unsafe impl aya::Pod for AclV4 {}

@@ -18,7 +18,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
     btf_maps,
     helpers::generated as helpers,
     macros::{btf_map, map, xdp},
@@ -28,8 +28,8 @@ use aya_ebpf::{
 use portcullis_common::{
     Acl4Long, AclKind, AclScope, AclV4, AclV6, Counters, DEFAULT_ACL_CAPACITY, GATE_RESPONSE,
     GATE_RESPONSE_LEN, GATE_RESPONSE_SUM, LIST_SLOTS, ListenerKey, ListenerValue, MAX_LISTENERS, PORT_SLOTS,
-    TABLE_WORDS, UNATTRIBUTED, acl_flags, config_slot, family, gate_mode, heartbeat_slot, list_slot,
-    port_bits, port_slot, proto, table_bits, table_position,
+    PortEntry, TABLE_WORDS, UNATTRIBUTED, acl_flags, config_slot, family, gate_mode, heartbeat_slot,
+    list_slot, port_bits, port_slot, proto, table_bits, table_position,
 };
 
 #[map]
@@ -45,7 +45,9 @@ static PC_COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_LISTENERS + 
 #[map]
 static PC_HEARTBEAT: Array<u64> = Array::pinned(heartbeat_slot::LEN, 0);
 #[map]
-static PC_PORTS: Array<u32> = Array::pinned(PORT_SLOTS, 0);
+static PC_PORTS: Array<PortEntry> = Array::pinned(PORT_SLOTS, BPF_F_MMAPABLE);
+#[map]
+static PC_VALUES: Array<ListenerValue> = Array::pinned(MAX_LISTENERS + 1, BPF_F_MMAPABLE);
 #[map]
 static PC_ACL4_LONG: HashMap<Acl4Long, [u64; 4]> = HashMap::pinned(DEFAULT_ACL_CAPACITY, BPF_F_NO_PREALLOC);
 /// One table per IPv4 list generation; the loader pins it by path.
@@ -172,40 +174,96 @@ fn judge_flow(ctx: &XdpContext, flow: &Flow) -> Verdict {
     Verdict::Pass
 }
 
-/// The listener a flow is for: the port's bits say whether to look for a
-/// specific-address listener, a wildcard one, or none at all.
+/// The listener a flow is for. The port's entry names its wildcard
+/// listeners and its only specific IPv4 one; only a port with several
+/// specific listeners of the family costs a hash lookup.
 #[inline(always)]
 fn find_listener(flow: &Flow) -> Option<ListenerValue> {
     let port = u16::from_be(flow.dport_be);
-    let bits = *PC_PORTS.get(port_slot(flow.proto, port))?;
-    let (specific, wildcard) = if flow.addrs.family == family::V4 {
+    let entry = PC_PORTS.get_ptr(port_slot(flow.proto, port))?;
+    // SAFETY: the pointer is into a live map element; each field is read
+    // once, in order, as userspace writes them (see PortEntry).
+    let bits = unsafe { core::ptr::read_volatile(&raw const (*entry).bits) };
+    let v4 = flow.addrs.family == family::V4;
+    let (specific, wildcard) = if v4 {
         (port_bits::SPECIFIC_V4, port_bits::WILDCARD_V4)
     } else {
         (port_bits::SPECIFIC_V6, port_bits::WILDCARD_V6)
     };
-    if bits & (specific | wildcard) == 0 {
-        return None;
-    }
-    let mut key = ListenerKey {
-        addr: flow.addrs.dst,
-        port_be: flow.dport_be,
-        proto: flow.proto,
-        family: flow.addrs.family,
-        pad: 0,
-    };
     if bits & specific != 0 {
-        if let Some(value) = PC_LISTENERS.get_ptr(&key) {
-            // SAFETY: the pointer is into a live map element; the value is
-            // Copy and read once.
-            return Some(unsafe { *value });
+        // SAFETY: as above.
+        let one = if v4 {
+            unsafe { core::ptr::read_volatile(&raw const (*entry).one_v4) }
+        } else {
+            0
+        };
+        if one != 0 {
+            // SAFETY: as above; `one` read again after the address confirms the pair.
+            let (addr, again) = unsafe {
+                (
+                    core::ptr::read_volatile(&raw const (*entry).one_v4_addr),
+                    core::ptr::read_volatile(&raw const (*entry).one_v4),
+                )
+            };
+            if again == one
+                && addr
+                    == [
+                        flow.addrs.dst[0],
+                        flow.addrs.dst[1],
+                        flow.addrs.dst[2],
+                        flow.addrs.dst[3],
+                    ]
+            {
+                return listener_by_id(one);
+            }
+        } else {
+            let key = ListenerKey {
+                addr: flow.addrs.dst,
+                port_be: flow.dport_be,
+                proto: flow.proto,
+                family: flow.addrs.family,
+                pad: 0,
+            };
+            if let Some(value) = PC_LISTENERS.get_ptr(&key) {
+                // SAFETY: the pointer is into a live map element; the value is
+                // Copy and read once.
+                return Some(unsafe { *value });
+            }
         }
     }
     if bits & wildcard == 0 {
         return None;
     }
-    key.addr = [0; 16];
     // SAFETY: as above.
-    PC_LISTENERS.get_ptr(&key).map(|value| unsafe { *value })
+    let id = unsafe {
+        if v4 {
+            core::ptr::read_volatile(&raw const (*entry).wildcard_v4)
+        } else {
+            core::ptr::read_volatile(&raw const (*entry).wildcard_v6)
+        }
+    };
+    if id == 0 {
+        return None;
+    }
+    listener_by_id(id)
+}
+
+/// A listener's value from `PC_VALUES`, each field read once.
+#[inline(always)]
+fn listener_by_id(id: u32) -> Option<ListenerValue> {
+    let value = PC_VALUES.get_ptr(id)?;
+    // SAFETY: the pointer is into a live map element; userspace stores each
+    // field atomically, so each read sees one whole value of its field.
+    unsafe {
+        Some(ListenerValue {
+            id,
+            acl: core::ptr::read_volatile(&raw const (*value).acl),
+            allow_len: 0,
+            deny_len: 0,
+            gate_mode: core::ptr::read_volatile(&raw const (*value).gate_mode),
+            gate_open: core::ptr::read_volatile(&raw const (*value).gate_open),
+        })
+    }
 }
 
 #[inline(always)]

@@ -127,9 +127,7 @@ impl Maps {
                 AclList::Allow(_) => value.allow_len = state.len,
                 _ => value.deny_len = state.len,
             }
-            self.listeners
-                .insert(listener.key(), value, 0)
-                .map_err(map_err(map_names::LISTENERS, "update"))
+            self.put_listener(listener, value)
         } else {
             let flags = apply(self.config_get(config_slot::GLOBAL_ACL)?);
             self.config

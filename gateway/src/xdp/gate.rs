@@ -87,9 +87,7 @@ impl Maps {
             gate_open: u32::from(open),
             ..value
         };
-        self.listeners
-            .insert(listener.key(), value, 0)
-            .map_err(map_err(map_names::LISTENERS, "update gate"))
+        self.put_listener(listener, value)
     }
 
     /// A listener's gate: its mode and whether the proxy holds it open.

@@ -8,9 +8,11 @@ use std::{
 use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use nix::fcntl::{Flock, FlockArg};
 use portcullis_common::{
-    ABI_VERSION, Acl4Long, AclV4, AclV6, Counters, ListenerKey, ListenerValue, MAX_LISTENERS, config_slot,
-    family, map_names, port_bits, port_slot, proto,
+    ABI_VERSION, Acl4Long, AclV4, AclV6, Counters, ListenerKey, ListenerValue, MAX_LISTENERS, PORT_SLOTS,
+    PortEntry, config_slot, family, map_names, port_bits, port_slot, proto,
 };
+
+use super::mmap::MappedArray;
 
 /// The map layout before the IPv4 tables and the port array (ABI 2): its maps
 /// are taken over, and what ABI 3 derives from them is built at load.
@@ -152,7 +154,8 @@ pub struct Maps {
     pub(crate) config: Array<MapData, u32>,
     pub(crate) counters: PerCpuArray<MapData, Counters>,
     pub(crate) heartbeat: Array<MapData, u64>,
-    pub(crate) ports: Array<MapData, u32>,
+    pub(crate) ports: MappedArray,
+    pub(crate) values: MappedArray,
     pub(crate) acl4_tables: ArrayOfMaps<MapData, Array<MapData, u64>>,
     /// The same map again, for the slot deletes aya does not offer.
     pub(crate) acl4_tables_fd: MapData,
@@ -183,6 +186,21 @@ fn open_pinned(instance: &Instance, name: &'static str) -> Result<Map, XdpError>
     Map::from_map_data(data).map_err(map_err(name, "open pin"))
 }
 
+fn mapped(
+    instance: &Instance,
+    name: &'static str,
+    entries: u32,
+    value_size: usize,
+) -> Result<MappedArray, XdpError> {
+    let data = MapData::from_pin(instance.map_pin(name)).map_err(map_err(name, "open pin"))?;
+    MappedArray::open(std::os::fd::AsFd::as_fd(data.fd()), entries, value_size).map_err(|io_error| {
+        map_err(name, "mmap")(MapError::SyscallError(aya::sys::SyscallError {
+            call: "mmap",
+            io_error,
+        }))
+    })
+}
+
 /// The key and value sizes each map must have in this build.
 pub(crate) fn expected_layout(name: &str) -> (u32, u32) {
     use std::mem::size_of;
@@ -193,7 +211,9 @@ pub(crate) fn expected_layout(name: &str) -> (u32, u32) {
         map_names::ACL_V6 => (size(4 + size_of::<AclV6>()), 4),
         map_names::COUNTERS => (4, size(size_of::<Counters>())),
         map_names::HEARTBEAT => (4, 8),
-        map_names::CONFIG | map_names::PORTS | map_names::ACL4_TABLES => (4, 4),
+        map_names::CONFIG | map_names::ACL4_TABLES => (4, 4),
+        map_names::PORTS => (4, size(size_of::<PortEntry>())),
+        map_names::VALUES => (4, size(size_of::<ListenerValue>())),
         map_names::ACL4_LONG => (size(size_of::<Acl4Long>()), 32),
         _ => (0, 0),
     }
@@ -261,8 +281,13 @@ impl Maps {
                 .map_err(map_err(map_names::COUNTERS, "open"))?,
             heartbeat: Array::try_from(open_pinned(instance, map_names::HEARTBEAT)?)
                 .map_err(map_err(map_names::HEARTBEAT, "open"))?,
-            ports: Array::try_from(open_pinned(instance, map_names::PORTS)?)
-                .map_err(map_err(map_names::PORTS, "open"))?,
+            ports: mapped(instance, map_names::PORTS, PORT_SLOTS, size_of::<PortEntry>())?,
+            values: mapped(
+                instance,
+                map_names::VALUES,
+                MAX_LISTENERS + 1,
+                size_of::<ListenerValue>(),
+            )?,
             acl4_tables: ArrayOfMaps::try_from(open_pinned(instance, map_names::ACL4_TABLES)?)
                 .map_err(map_err(map_names::ACL4_TABLES, "open"))?,
             acl4_tables_fd: MapData::from_pin(instance.map_pin(map_names::ACL4_TABLES))
@@ -272,28 +297,82 @@ impl Maps {
         })
     }
 
-    /// Recomputes one port's [`port_bits`] from the listeners on it. Called
-    /// before a listener is added (with it) and after one is removed, so the
-    /// bits never hide a listener from the XDP program.
-    fn refresh_port(&mut self, port: (Protocol, u16), adding: Option<&ListenerAddr>) -> Result<(), XdpError> {
-        let mut bits = 0;
-        let listeners = self.listeners()?;
-        let on_port = listeners
-            .iter()
-            .map(|l| &l.addr)
-            .chain(adding)
-            .filter(|l| (l.protocol, l.addr.port()) == port);
-        for listener in on_port {
-            bits |= match (listener.is_v4(), listener.addr.ip().is_unspecified()) {
-                (true, true) => port_bits::WILDCARD_V4,
-                (true, false) => port_bits::SPECIFIC_V4,
-                (false, true) => port_bits::WILDCARD_V6,
-                (false, false) => port_bits::SPECIFIC_V6,
-            };
+    /// Writes a listener's value where the XDP program reads it by id, one
+    /// atomic store per field (the hash keeps its copy for the ports with
+    /// several specific listeners, and for enumeration).
+    pub(crate) fn write_value(&self, value: &ListenerValue) {
+        let fields = [
+            value.id,
+            value.acl,
+            value.allow_len,
+            value.deny_len,
+            value.gate_mode,
+            value.gate_open,
+        ];
+        for (word, field) in fields.into_iter().enumerate() {
+            self.values.store(value.id, word, field);
         }
-        self.ports
-            .set(port_slot(port.0.number(), port.1), bits, 0)
-            .map_err(map_err(map_names::PORTS, "update"))
+    }
+
+    /// Stores a listener's value in the hash and by id.
+    pub(crate) fn put_listener(
+        &mut self,
+        listener: &ListenerAddr,
+        value: ListenerValue,
+    ) -> Result<(), XdpError> {
+        self.listeners
+            .insert(listener.key(), value, 0)
+            .map_err(map_err(map_names::LISTENERS, "update"))?;
+        self.write_value(&value);
+        Ok(())
+    }
+
+    /// Recomputes one port's entry from the listeners on it, after one was
+    /// added or removed. Fields are stored one by one so that XDP never
+    /// sees an id beside another listener's address: the single-listener
+    /// id is cleared before its address changes and set after.
+    fn refresh_port(&mut self, port: (Protocol, u16)) -> Result<(), XdpError> {
+        let mut new = PortEntry::default();
+        let mut specific_v4 = Vec::new();
+        for listener in self.listeners()? {
+            let addr = listener.addr;
+            if (addr.protocol, addr.addr.port()) != port {
+                continue;
+            }
+            match (addr.addr.ip(), addr.addr.ip().is_unspecified()) {
+                (IpAddr::V4(_), true) => {
+                    new.bits |= port_bits::WILDCARD_V4;
+                    new.wildcard_v4 = listener.id;
+                }
+                (IpAddr::V4(ip), false) => {
+                    new.bits |= port_bits::SPECIFIC_V4;
+                    specific_v4.push((listener.id, ip.octets()));
+                }
+                (IpAddr::V6(_), true) => {
+                    new.bits |= port_bits::WILDCARD_V6;
+                    new.wildcard_v6 = listener.id;
+                }
+                (IpAddr::V6(_), false) => new.bits |= port_bits::SPECIFIC_V6,
+            }
+        }
+        if let [(id, addr)] = specific_v4[..] {
+            (new.one_v4, new.one_v4_addr) = (id, addr);
+        }
+        let slot = port_slot(port.0.number(), port.1);
+        let ports = &self.ports;
+        let (bits, wildcard_v4, wildcard_v6, one_v4, one_v4_addr) = (0, 1, 2, 3, 4);
+        let old_one = ports.load(slot, one_v4);
+        let old_addr = ports.load(slot, one_v4_addr);
+        let new_addr = u32::from_ne_bytes(new.one_v4_addr);
+        if old_one != new.one_v4 || old_addr != new_addr {
+            ports.store(slot, one_v4, 0);
+            ports.store(slot, one_v4_addr, new_addr);
+        }
+        ports.store(slot, wildcard_v4, new.wildcard_v4);
+        ports.store(slot, wildcard_v6, new.wildcard_v6);
+        ports.store(slot, one_v4, new.one_v4);
+        ports.store(slot, bits, new.bits);
+        Ok(())
     }
 
     /// Rebuilds every port's bits from the listeners (taking over ABI 2 maps).
@@ -303,8 +382,12 @@ impl Maps {
             .iter()
             .map(|l| (l.addr.protocol, l.addr.addr.port()))
             .collect();
+        for listener in self.listeners()? {
+            let value = self.listener_value(&listener.addr)?;
+            self.write_value(&value);
+        }
         for port in ports {
-            self.refresh_port(port, None)?;
+            self.refresh_port(port)?;
         }
         Ok(())
     }
@@ -377,7 +460,6 @@ impl Maps {
         // entries or counts under this id: start clean.
         self.purge_listener_scopes(id)?;
         self.reset_counters(id)?;
-        self.refresh_port((listener.protocol, listener.addr.port()), Some(listener))?;
         let value = ListenerValue {
             id,
             acl: 0,
@@ -386,9 +468,8 @@ impl Maps {
             gate_mode: portcullis_common::gate_mode::NONE,
             gate_open: 0,
         };
-        self.listeners
-            .insert(key, value, 0)
-            .map_err(map_err(map_names::LISTENERS, "insert"))?;
+        self.put_listener(listener, value)?;
+        self.refresh_port((listener.protocol, listener.addr.port()))?;
         Ok(id)
     }
 
@@ -400,7 +481,15 @@ impl Maps {
         self.listeners
             .remove(&listener.key())
             .map_err(map_err(map_names::LISTENERS, "remove"))?;
-        self.refresh_port((listener.protocol, listener.addr.port()), None)?;
+        self.refresh_port((listener.protocol, listener.addr.port()))?;
+        self.write_value(&ListenerValue {
+            id: value.id,
+            acl: 0,
+            allow_len: 0,
+            deny_len: 0,
+            gate_mode: portcullis_common::gate_mode::NONE,
+            gate_open: 0,
+        });
         self.purge_listener_scopes(value.id)?;
         self.reset_counters(value.id)
     }

@@ -13,6 +13,7 @@ mod attach;
 mod error;
 mod gate;
 mod maps;
+mod mmap;
 mod table;
 
 use std::{
