@@ -97,42 +97,6 @@ struct Run {
     cpu_us: f64,
 }
 
-/// User + system CPU seconds of a process and all its descendants (nginx's
-/// master and workers, every thread of the others).
-fn tree_cpu_seconds(root: u32) -> f64 {
-    let stat = |pid: u32| -> Option<(u32, u64)> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
-        let ppid = fields.get(1)?.parse().ok()?;
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some((ppid, ticks))
-    };
-    let mut procs = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
-                && let Some((ppid, ticks)) = stat(pid)
-            {
-                procs.push((pid, ppid, ticks));
-            }
-        }
-    }
-    let mut tree = vec![root];
-    let mut ticks = 0;
-    while let Some(pid) = tree.pop() {
-        for (child, ppid, t) in &procs {
-            if *child == pid {
-                ticks += t;
-            }
-            if *ppid == pid {
-                tree.push(*child);
-            }
-        }
-    }
-    // USER_HZ is 100 for every Linux user space.
-    f64::from(u32::try_from(ticks).unwrap_or(u32::MAX)) / 100.0
-}
-
 fn median_of(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -426,10 +390,10 @@ fn matrix(ns: &NetNs, targets: &[(&str, &str, Option<u32>)]) -> anyhow::Result<S
                     let url = format!("http://{addr}{path}");
                     // A short warm-up fills pools and caches.
                     let _ = wrk_short(ns, &url, conns);
-                    let before = pid.map(tree_cpu_seconds);
+                    let before = pid.map(portcullis_harness::cpu_seconds).transpose()?;
                     let mut run = wrk(ns, &url, conns)?;
                     if let (Some(pid), Some(before)) = (pid, before) {
-                        let spent = tree_cpu_seconds(pid) - before;
+                        let spent = portcullis_harness::cpu_seconds(pid)? - before;
                         run.cpu_us =
                             spent * 1e6 / f64::from(u32::try_from(run.requests.max(1)).unwrap_or(u32::MAX));
                     }

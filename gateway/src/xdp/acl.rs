@@ -15,7 +15,11 @@ use aya::maps::{MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use portcullis_common::{AclKind, AclScope, AclV4, AclV6, ListenerValue, acl_flags, config_slot, map_names};
 
-use super::{ListenerAddr, Maps, XdpError, maps::map_err, table::ListGen};
+use super::{
+    ListenerAddr, Maps, XdpError,
+    maps::{found, map_err},
+    table::ListGen,
+};
 
 /// `BPF_NOEXIST`: insert only if the exact prefix is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -183,14 +187,9 @@ impl Maps {
             IpNet::V4(v4) => self.acl_v4.remove(&key_v4(scope, *v4)),
             IpNet::V6(v6) => self.acl_v6.remove(&key_v6(scope, v6)),
         };
-        match result {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(false)
-            }
-            Err(source) => Err(map_err(acl_map(net), "remove")(source)),
-        }
+        found(result)
+            .map(|removed| removed.is_some())
+            .map_err(map_err(acl_map(net), "remove"))
     }
 
     /// Every prefix stored under scopes accepted by `keep`.

@@ -174,6 +174,17 @@ pub(crate) fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapErr
     move |source| XdpError::Map { map, op, source }
 }
 
+/// A map operation's result with "no such element" (whichever way aya
+/// reports it) turned into `None`.
+pub(crate) fn found<T>(result: Result<T, MapError>) -> Result<Option<T>, MapError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(source) => Err(source),
+    }
+}
+
 fn open_pinned(instance: &Instance, name: &'static str) -> Result<Map, XdpError> {
     let path = instance.map_pin(name);
     if !path.exists() {
@@ -199,6 +210,19 @@ fn mapped(
             io_error,
         }))
     })
+}
+
+/// A listener's value with no lists and no gate: a new one, or what is left
+/// in its id's slot once it is removed.
+const fn unjudged(id: u32) -> ListenerValue {
+    ListenerValue {
+        id,
+        acl: 0,
+        allow_len: 0,
+        deny_len: 0,
+        gate_mode: portcullis_common::gate_mode::NONE,
+        gate_open: 0,
+    }
 }
 
 /// The key and value sizes each map must have in this build.
@@ -375,16 +399,15 @@ impl Maps {
         Ok(())
     }
 
-    /// Rebuilds every port's bits from the listeners (taking over ABI 2 maps).
+    /// Rebuilds every listener's value by id and every port's entry from the
+    /// hash (taking over ABI 2 maps).
     pub(crate) fn rebuild_ports(&mut self) -> Result<(), XdpError> {
-        let ports: std::collections::BTreeSet<(Protocol, u16)> = self
-            .listeners()?
-            .iter()
-            .map(|l| (l.addr.protocol, l.addr.addr.port()))
-            .collect();
-        for listener in self.listeners()? {
-            let value = self.listener_value(&listener.addr)?;
+        let mut ports = std::collections::BTreeSet::new();
+        for entry in &self.listeners {
+            let (key, value) = entry.map_err(map_err(map_names::LISTENERS, "iterate"))?;
             self.write_value(&value);
+            let addr = ListenerAddr::from_key(&key);
+            ports.insert((addr.protocol, addr.addr.port()));
         }
         for port in ports {
             self.refresh_port(port)?;
@@ -460,15 +483,7 @@ impl Maps {
         // entries or counts under this id: start clean.
         self.purge_listener_scopes(id)?;
         self.reset_counters(id)?;
-        let value = ListenerValue {
-            id,
-            acl: 0,
-            allow_len: 0,
-            deny_len: 0,
-            gate_mode: portcullis_common::gate_mode::NONE,
-            gate_open: 0,
-        };
-        self.put_listener(listener, value)?;
+        self.put_listener(listener, unjudged(id))?;
         self.refresh_port((listener.protocol, listener.addr.port()))?;
         Ok(id)
     }
@@ -482,14 +497,7 @@ impl Maps {
             .remove(&listener.key())
             .map_err(map_err(map_names::LISTENERS, "remove"))?;
         self.refresh_port((listener.protocol, listener.addr.port()))?;
-        self.write_value(&ListenerValue {
-            id: value.id,
-            acl: 0,
-            allow_len: 0,
-            deny_len: 0,
-            gate_mode: portcullis_common::gate_mode::NONE,
-            gate_open: 0,
-        });
+        self.write_value(&unjudged(value.id));
         self.purge_listener_scopes(value.id)?;
         self.reset_counters(value.id)
     }

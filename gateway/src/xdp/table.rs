@@ -20,7 +20,10 @@ use portcullis_common::{
     Acl4Long, AclKind, AclScope, AclV4, TABLE_WORDS, list_slot, map_names, table_bits, table_position,
 };
 
-use super::{Maps, XdpError, maps::map_err};
+use super::{
+    Maps, XdpError,
+    maps::{found, map_err},
+};
 
 /// Ranges of more /24s than this are recomputed from a scan of the list
 /// rather than one trie lookup per /24.
@@ -167,12 +170,7 @@ fn delete_slot(map: BorrowedFd<'_>, slot: u32) -> std::io::Result<()> {
 
 impl Maps {
     fn table(&self, slot: u32) -> Result<Option<Array<MapData, u64>>, XdpError> {
-        match self.acl4_tables.get(&slot, 0) {
-            Ok(table) => Ok(Some(table)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(source) => Err(tables_err("read")(source)),
-        }
+        found(self.acl4_tables.get(&slot, 0)).map_err(tables_err("read"))
     }
 
     fn new_table(&mut self, list: ListGen, words: &BTreeMap<u32, u64>) -> Result<(), XdpError> {
@@ -192,13 +190,9 @@ impl Maps {
             net24,
         };
         if long.iter().all(|w| *w == 0) {
-            return match self.acl4_long.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-                Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                    Ok(())
-                }
-                Err(source) => Err(map_err(map_names::ACL4_LONG, "remove")(source)),
-            };
+            return found(self.acl4_long.remove(&key))
+                .map(drop)
+                .map_err(map_err(map_names::ACL4_LONG, "remove"));
         }
         self.acl4_long
             .insert(key, long, 0)
@@ -210,14 +204,9 @@ impl Maps {
             scope: list.scope,
             net24,
         };
-        match self.acl4_long.get(&key, 0) {
-            Ok(long) => Ok(long),
-            Err(MapError::KeyNotFound) => Ok([0; 4]),
-            Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok([0; 4])
-            }
-            Err(source) => Err(map_err(map_names::ACL4_LONG, "read")(source)),
-        }
+        found(self.acl4_long.get(&key, 0))
+            .map(|long| long.unwrap_or([0; 4]))
+            .map_err(map_err(map_names::ACL4_LONG, "read"))
     }
 
     /// Rewrites the 2-bit states of `net24s` in a table, word by word.
@@ -378,12 +367,7 @@ impl Maps {
                 addr: addr.to_be_bytes(),
             },
         );
-        match self.acl_v4.get(&key, 0) {
-            Ok(len) => Ok(Some(len)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(source) => Err(map_err(map_names::ACL_V4, "lookup")(source)),
-        }
+        found(self.acl_v4.get(&key, 0)).map_err(map_err(map_names::ACL_V4, "lookup"))
     }
 }
 

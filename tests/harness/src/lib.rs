@@ -514,3 +514,62 @@ impl Topology {
         }
     }
 }
+
+/// User + system CPU seconds of a process and all its descendants (nginx's
+/// master and workers, every thread of the others); an error if the
+/// process is gone.
+pub fn cpu_seconds(root: u32) -> std::io::Result<f64> {
+    let stat = |pid: u32| -> Option<(u32, u64)> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+        let ppid = fields.get(1)?.parse().ok()?;
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((ppid, ticks))
+    };
+    let mut procs = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                && let Some((ppid, ticks)) = stat(pid)
+            {
+                procs.push((pid, ppid, ticks));
+            }
+        }
+    }
+    if !procs.iter().any(|(pid, _, _)| *pid == root) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("process {root} is gone: no CPU time to read"),
+        ));
+    }
+    let mut tree = vec![root];
+    let mut ticks = 0;
+    while let Some(pid) = tree.pop() {
+        for (child, ppid, t) in &procs {
+            if *child == pid {
+                ticks += t;
+            }
+            if *ppid == pid {
+                tree.push(*child);
+            }
+        }
+    }
+    // USER_HZ is 100 for every Linux user space.
+    Ok(f64::from(u32::try_from(ticks).unwrap_or(u32::MAX)) / 100.0)
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    #[test]
+    fn cpu_time_is_read_for_a_live_process_and_refused_for_a_gone_one() {
+        // Spin until a clock tick (10 ms of CPU) is counted, or give up after 5 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut own = 0.0;
+        while own == 0.0 && std::time::Instant::now() < deadline {
+            own = super::cpu_seconds(std::process::id()).expect("this process");
+        }
+        assert!(own > 0.0, "no CPU time counted for this busy process");
+        let gone = super::cpu_seconds(u32::MAX).expect_err("no such pid");
+        assert!(gone.to_string().contains("is gone"), "{gone}");
+    }
+}

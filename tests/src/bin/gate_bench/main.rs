@@ -236,10 +236,10 @@ fn main() -> anyhow::Result<()> {
     let unloaded = unique_name("none");
     let gw = start(&unloaded)?;
     let proxy_path = raw_path(&topo, listen, 0)?;
-    let cpu_before = cpu_seconds(gw.pid())?;
+    let cpu_before = portcullis_tests::cpu_seconds(gw.pid())?;
     let proxy_wrk = wrk_503(&topo.client, &url)?;
     let proxy_raw = raw_run(&topo.client, &proxy_path)?;
-    let proxy_cpu = cpu_seconds(gw.pid())? - cpu_before;
+    let proxy_cpu = portcullis_tests::cpu_seconds(gw.pid())? - cpu_before;
     drop(gw);
     let xdp = Gateway::new(&topo.gw);
     xdp.cli(&["xdp", "attach", "--iface", &topo.veth.a])?;
@@ -339,19 +339,6 @@ fn edits(
     p.stop.store(true, Ordering::Relaxed);
     let _ = prober.join();
     Ok((proxy_ms, maps_ms))
-}
-
-/// User and system CPU seconds of a process so far (all its threads).
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // /proc reports clock ticks in USER_HZ, which Linux fixes at 100 for user space.
-    Ok(f64::from(u32::try_from(ticks).unwrap_or(u32::MAX)) / 100.0)
 }
 
 fn report(
