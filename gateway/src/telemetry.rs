@@ -51,6 +51,24 @@ pub struct GateLabels {
     pub reason: String,
 }
 
+/// Labels of a closed WebSocket tunnel.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    /// API instance.
+    pub api: String,
+    /// Why it closed (`closed`, `idle_timeout`, `max_duration`, `reload`, `drain`, `error`).
+    pub reason: String,
+}
+
+/// Labels of bytes carried by WebSocket tunnels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelBytesLabels {
+    /// API instance.
+    pub api: String,
+    /// `upstream` (client to upstream) or `client` (upstream to client).
+    pub direction: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -75,6 +93,12 @@ pub struct Metrics {
     pub gate_rejections: Family<GateLabels, Counter>,
     /// 1 while an API instance's gate is open, 0 while it is blocked or applying.
     pub gate_open: Family<ApiLabels, Gauge>,
+    /// WebSocket tunnels open now, by API.
+    pub websocket_open: Family<ApiLabels, Gauge>,
+    /// WebSocket tunnels closed, by API and reason.
+    pub websocket_closed: Family<TunnelLabels, Counter>,
+    /// Bytes carried by WebSocket tunnels, by API and direction.
+    pub websocket_bytes: Family<TunnelBytesLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -87,6 +111,9 @@ impl Default for Metrics {
         let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
         let gate_rejections = Family::<GateLabels, Counter>::default();
         let gate_open = Family::<ApiLabels, Gauge>::default();
+        let websocket_open = Family::<ApiLabels, Gauge>::default();
+        let websocket_closed = Family::<TunnelLabels, Counter>::default();
+        let websocket_bytes = Family::<TunnelBytesLabels, Counter>::default();
         registry.register(
             "requests",
             "Requests answered, by API instance and status",
@@ -122,6 +149,21 @@ impl Default for Metrics {
             "1 while the API instance's gate is open, 0 while it is blocked or applying",
             gate_open.clone(),
         );
+        registry.register(
+            "websocket_open",
+            "WebSocket tunnels open now, by API instance",
+            websocket_open.clone(),
+        );
+        registry.register(
+            "websocket_closed",
+            "WebSocket tunnels closed, by API instance and reason",
+            websocket_closed.clone(),
+        );
+        registry.register(
+            "websocket_bytes",
+            "Bytes carried by WebSocket tunnels, by API instance and direction",
+            websocket_bytes.clone(),
+        );
         Self {
             registry,
             requests,
@@ -131,6 +173,9 @@ impl Default for Metrics {
             tls_handshakes,
             gate_rejections,
             gate_open,
+            websocket_open,
+            websocket_closed,
+            websocket_bytes,
         }
     }
 }

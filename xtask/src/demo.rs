@@ -1,13 +1,15 @@
 //! `cargo xtask demo`: the gateway in namespaces of its own: one client
 //! allowed and one dropped at the NIC, a route gated until its contracts are
 //! loaded and then opened, XDP answering while the proxy is down, and a
-//! replica in connected mode following a control plane through an outage.
+//! replica in connected mode following a control plane through an outage,
+//! and a WebSocket carried after its handshake was policed.
 
 use std::{net::SocketAddr, time::Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use nix::sys::signal::{SigSet, Signal};
 use portcullis_harness::http::{GatewayProcess, Issued, Pki, TempDir, Upstream, mobile_contract};
+use portcullis_harness::ws::{self, Py};
 use portcullis_harness::{Gateway, Topology};
 
 use crate::{cargo, root, run as sh, setup};
@@ -62,6 +64,8 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     let pki = Pki::new(&dir.0, "portcullis-demo")?;
     let cert = pki.issue("api.demo", &["api.demo"], false)?;
     let upstream = Upstream::start(&topo.gw, "127.0.0.1:9000".parse()?)?;
+    let mut echo = Py::start(&topo.gw, &dir.0, &["serve", "9100"])?;
+    ensure!(echo.line()? == "ready", "the WebSocket echo server did not start");
     let conf = dir.0.join("conf.d");
     std::fs::create_dir_all(&conf)?;
     std::fs::write(conf.join("orders.yaml"), demo_config(&listener, &plain, &cert))?;
@@ -108,6 +112,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         "   requests the upstream answered: {} (gated and denied ones never reached it)",
         upstream.requests()
     );
+    websocket_steps(&topo, &plain, &dir.0)?;
     std::thread::sleep(std::time::Duration::from_millis(200));
     println!("\n== access log");
     for line in proxy.log_text().lines().filter(|l| l.contains("access")) {
@@ -168,6 +173,29 @@ fn acl_steps(
         bail!("the denied client got through");
     }
 
+    Ok(())
+}
+
+/// A WebSocket client (Python `websockets`) through the gateway to an echo server.
+fn websocket_steps(topo: &Topology, plain: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let uri = format!("ws://{plain}/chat");
+    let said = ws::client(&topo.client, dir, "echo", &uri, None)?;
+    println!(
+        "\n== WebSocket {uri}: a text message and 1 MiB of binary echoed through the tunnel\n   {}",
+        if said == "ok" { "ok" } else { "FAILED" }
+    );
+    ensure!(said == "ok", "the WebSocket echo failed: {said}");
+    let metrics = topo
+        .gw
+        .command("curl")
+        .args(["-sS", "http://127.0.0.1:9901/metrics"])
+        .output()?;
+    for line in String::from_utf8_lossy(&metrics.stdout)
+        .lines()
+        .filter(|l| l.starts_with("portcullis_websocket"))
+    {
+        println!("   {line}");
+    }
     Ok(())
 }
 
@@ -538,6 +566,19 @@ spec:
   policies:
     - policyRef:
         name: client-id-enforcement-flex
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: chat
+spec:
+  address: http://{plain}/chat
+  services:
+    chat:
+      address: http://127.0.0.1:9100/
+  websocket:
+    idleTimeout: 1m
+    maxConnections: 100
 ---
 apiVersion: gateway.mulesoft.com/v1alpha1
 kind: Configuration

@@ -28,6 +28,8 @@ const TEST_PACKAGES: &[&str] = &[
     "apache2-utils",
     // systemd-analyze: the unit's exposure score.
     "systemd",
+    // The WebSocket tests' echo server and clients.
+    "python3-websockets",
 ];
 
 static APT_UPDATE: Once = Once::new();

@@ -226,6 +226,38 @@ pub struct RouteConfig {
     pub max_body: u64,
     /// Policies in the order they run: inline ones, then bound ones by `order`.
     pub policies: Vec<PolicySpec>,
+    /// How WebSocket upgrades on this API are carried.
+    pub websocket: WebSocketConfig,
+}
+
+/// How an API carries WebSocket connections: after the upstream's `101`
+/// the connection is a byte tunnel, bounded by these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSocketConfig {
+    /// Whether an `Upgrade: websocket` handshake is passed on (otherwise the
+    /// upgrade is dropped and the request forwarded as plain HTTP).
+    pub enabled: bool,
+    /// A tunnel with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// A tunnel is closed after this long, however busy.
+    pub max_duration: Duration,
+    /// Open tunnels allowed on this API across all workers; `None` is no limit.
+    pub max_connections: Option<u32>,
+    /// Whether a reload closes this API's open tunnels, so clients reconnect
+    /// under the new policies.
+    pub close_on_reload: bool,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            idle_timeout: Duration::from_mins(5),
+            max_duration: Duration::from_hours(24),
+            max_connections: None,
+            close_on_reload: false,
+        }
+    }
 }
 
 /// A configured policy, validated by building it once at load.

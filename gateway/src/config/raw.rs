@@ -58,6 +58,9 @@ pub struct ApiInstanceSpec {
     /// Portcullis extension: per-API limits.
     #[serde(default)]
     pub limits: Option<ApiLimits>,
+    /// Portcullis extension: how WebSocket connections are carried.
+    #[serde(default)]
+    pub websocket: Option<WebSocketSpec>,
     /// Portcullis extension: `external` or `internal` (default: by listen address).
     #[serde(default)]
     pub network: Option<String>,
@@ -80,6 +83,17 @@ pub struct InlinePolicy {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ApiLimits {
     pub max_body_bytes: Option<u64>,
+}
+
+/// Per-API WebSocket settings.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebSocketSpec {
+    pub enabled: Option<bool>,
+    pub idle_timeout: Option<String>,
+    pub max_duration: Option<String>,
+    pub max_connections: Option<u32>,
+    pub close_on_reload: Option<bool>,
 }
 
 /// A service written inside an ApiInstance.

@@ -143,6 +143,24 @@ impl Head {
             .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
     }
 
+    /// Whether a comma-separated header `name` lists `token` (case-insensitive), in any of its fields.
+    pub fn lists_token(&self, name: &str, token: &str) -> bool {
+        self.headers()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .flat_map(|(_, v)| v.split(|b| *b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    }
+
+    /// Whether this request opens a WebSocket (RFC 6455 §4.1): a `GET` over
+    /// HTTP/1.1 without a body, with `Upgrade: websocket` and `Connection: upgrade`.
+    pub fn is_websocket_upgrade(&self) -> bool {
+        self.method() == "GET"
+            && self.version == Version::Http11
+            && matches!(self.framing, Framing::Empty | Framing::Length(0))
+            && self.lists_token("upgrade", "websocket")
+            && self.lists_token("connection", "upgrade")
+    }
+
     /// Whether `name` is hop-by-hop for this message (RFC 9110 §7.6.1).
     pub fn is_hop_by_hop(&self, name: &[u8]) -> bool {
         const FIXED: [&[u8]; 8] = [
@@ -692,6 +710,32 @@ mod tests {
 
     fn req(text: &str) -> Result<Head, HttpError> {
         parse_request(text.as_bytes(), &HeadLimits::default())
+    }
+
+    #[test]
+    fn websocket_handshakes_are_told_apart() {
+        let ws = |text: &str| req(text).unwrap().is_websocket_upgrade();
+        assert!(ws(
+            "GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\r\n"
+        ));
+        assert!(
+            !ws("GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n"),
+            "no Connection: upgrade"
+        );
+        assert!(
+            !ws("GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"),
+            "another protocol"
+        );
+        assert!(
+            !ws(
+                "POST /chat HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+            ),
+            "not a GET, and a body"
+        );
+        assert!(
+            !ws("GET /chat HTTP/1.0\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            "HTTP/1.0"
+        );
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum Answer {
     Denied(Denial),
     /// A policy answered itself (a CORS preflight).
     Policy(Response),
+    /// The API already carries its `maxConnections` WebSocket tunnels: 503 with `Retry-After`.
+    TunnelsFull,
     /// No endpoint of the service could be reached; nothing reached the upstream.
     Unreachable(ProxyError),
     /// The request or the exchange failed; the connection closes after the answer.
@@ -36,7 +38,7 @@ impl Answer {
     pub fn status(&self) -> u16 {
         match self {
             Self::NoRoute | Self::ListenerGone => 404,
-            Self::Gated(_) => 503,
+            Self::Gated(_) | Self::TunnelsFull => 503,
             Self::Denied(d) => d.status(),
             Self::Policy(r) => r.status,
             Self::Unreachable(e) | Self::Failed(e) => e.status(),
@@ -51,6 +53,7 @@ impl Answer {
             Self::Gated(reason) => reason.label(),
             Self::Denied(d) => d.reason(),
             Self::Policy(_) => "policy_response",
+            Self::TunnelsFull => "websocket_limit",
             Self::Unreachable(e) | Self::Failed(e) => e.kind(),
         }
     }
@@ -87,7 +90,7 @@ impl Answer {
             _ => Vec::new(),
         };
         let mut headers: Vec<(&str, &str)> = owned.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-        if matches!(self, Self::Gated(_)) {
+        if matches!(self, Self::Gated(_) | Self::TunnelsFull) {
             headers.push(("retry-after", GATED_RETRY_AFTER));
         }
         let body = match self {
@@ -117,7 +120,8 @@ mod tests {
     #[test]
     fn each_answer_has_its_status_label_and_headers() {
         let unauthorized = Answer::Denied(Denial::unauthorized("Bearer"));
-        let cases: [(Answer, u16, &str, &str); 6] = [
+        let cases: [(Answer, u16, &str, &str); 7] = [
+            (Answer::TunnelsFull, 503, "websocket_limit", "retry-after: 5\r\n"),
             (Answer::NoRoute, 404, "no_route", ""),
             (
                 Answer::Gated(Reason::PolicyNotReady),

@@ -3,6 +3,7 @@
 //! TLS runs rustls's `read_tls`/`write_tls` over the connection's own
 //! ciphertext buffers, so the ring always owns what it reads into.
 
+use std::cell::{Cell, RefCell};
 use std::io::{self, Read, Write};
 
 use super::io::{Stream, Transport as _};
@@ -203,5 +204,181 @@ impl TlsConn {
             self.flush().await?;
         }
         Ok(())
+    }
+}
+
+/// A connection split for a tunnel: reads and writes may be in flight at
+/// the same time, from two tasks' worth of work joined on one worker.
+pub struct Duplex<'a> {
+    stream: &'a Stream,
+    tls: Option<SharedTls<'a>>,
+}
+
+/// The TLS state both directions of a [`Duplex`] share. A borrow of the
+/// rustls connection never spans an await; ciphertext writes take the lock,
+/// so records reach the socket in the order rustls produced them.
+struct SharedTls<'a> {
+    tls: RefCell<&'a mut rustls::Connection>,
+    cipher_in: Cell<Vec<u8>>,
+    eof: Cell<bool>,
+    cipher_out: tokio::sync::Mutex<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Duplex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Duplex")
+            .field("stream", self.stream)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Conn {
+    /// Splits the connection for a tunnel; it is closed, not reused, after.
+    pub fn duplex(&mut self) -> Duplex<'_> {
+        match self {
+            Self::Plain(stream) => Duplex { stream, tls: None },
+            Self::Tls(t) => {
+                let t = &mut **t;
+                Duplex {
+                    stream: &t.stream,
+                    tls: Some(SharedTls {
+                        tls: RefCell::new(&mut t.tls),
+                        cipher_in: Cell::new(std::mem::take(&mut t.cipher_in)),
+                        eof: Cell::new(t.eof),
+                        cipher_out: tokio::sync::Mutex::new(std::mem::take(&mut t.cipher_out)),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+impl Duplex<'_> {
+    /// Reads into the spare capacity of `buf`, appending; `Ok(0)` is end of stream.
+    pub async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let Some(tls) = &self.tls else {
+            return self.stream.read(buf).await;
+        };
+        if buf.capacity() == buf.len() {
+            buf.reserve(4096);
+        }
+        loop {
+            let old = buf.len();
+            buf.resize(buf.capacity(), 0);
+            let got = tls.tls.borrow_mut().reader().read(&mut buf[old..]);
+            match got {
+                Ok(n) => {
+                    buf.truncate(old + n);
+                    return (Ok(n), buf);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(old),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    buf.truncate(old);
+                    return (Ok(0), buf);
+                }
+                Err(e) => {
+                    buf.truncate(old);
+                    return (Err(e), buf);
+                }
+            }
+            if tls.eof.get() {
+                return (Ok(0), buf);
+            }
+            if let Err(e) = self.read_tls(tls).await {
+                return (Err(e), buf);
+            }
+        }
+    }
+
+    /// Reads one batch of ciphertext, processes it, and sends what rustls
+    /// has to say in return (alerts, key updates).
+    async fn read_tls(&self, tls: &SharedTls<'_>) -> io::Result<()> {
+        let mut cipher = tls.cipher_in.take();
+        cipher.clear();
+        cipher.reserve(TLS_READ);
+        let (res, cipher) = self.stream.read(cipher).await;
+        let n = match res {
+            Ok(n) => n,
+            Err(e) => {
+                tls.cipher_in.set(cipher);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            tls.eof.set(true);
+        }
+        let processed = {
+            let mut conn = tls.tls.borrow_mut();
+            let mut input = &cipher[..n];
+            let mut result = Ok(());
+            while !input.is_empty() && result.is_ok() {
+                result = conn
+                    .read_tls(&mut input)
+                    .and_then(|_| conn.process_new_packets().map(drop).map_err(tls_err));
+            }
+            result
+        };
+        tls.cipher_in.set(cipher);
+        let flushed = self.flush(tls).await;
+        processed.and(flushed)
+    }
+
+    /// Writes out every record rustls has queued, under the write lock.
+    async fn flush(&self, tls: &SharedTls<'_>) -> io::Result<()> {
+        let mut out = tls.cipher_out.lock().await;
+        self.flush_locked(tls, &mut out).await
+    }
+
+    async fn flush_locked(&self, tls: &SharedTls<'_>, out: &mut Vec<u8>) -> io::Result<()> {
+        loop {
+            out.clear();
+            {
+                let mut conn = tls.tls.borrow_mut();
+                while conn.wants_write() {
+                    conn.write_tls(out)?;
+                }
+            }
+            if out.is_empty() {
+                return Ok(());
+            }
+            let (res, back) = self.stream.write_all(std::mem::take(out)).await;
+            *out = back;
+            res?;
+        }
+    }
+
+    /// Writes all of `buf`.
+    pub async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let Some(tls) = &self.tls else {
+            return self.stream.write_all(buf).await;
+        };
+        let mut out = tls.cipher_out.lock().await;
+        let mut data = &buf[..];
+        while !data.is_empty() {
+            let written = tls.tls.borrow_mut().writer().write(data);
+            match written {
+                Ok(n) => data = &data[n..],
+                Err(e) => return (Err(e), buf),
+            }
+            if let Err(e) = self.flush_locked(tls, &mut out).await {
+                return (Err(e), buf);
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    /// Ends the sending direction (with TLS close_notify first), keeping the read side open.
+    pub async fn shutdown_write(&self) {
+        if let Some(tls) = &self.tls {
+            tls.tls.borrow_mut().send_close_notify();
+            let _ = self.flush(tls).await;
+        }
+        self.stream.shutdown_write();
+    }
+
+    /// Shuts both directions down, completing any read still in flight.
+    pub fn shutdown(&self) {
+        self.stream.shutdown();
     }
 }

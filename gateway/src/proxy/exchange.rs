@@ -53,6 +53,8 @@ pub(super) struct Exchange<'a> {
     /// The head and what the request phase left for the upstream and the response.
     pub request: RequestView<'a>,
     pub record: Record,
+    /// Whether the request opens a WebSocket the route carries.
+    pub websocket: bool,
     peer: SocketAddr,
     started: Instant,
 }
@@ -71,6 +73,7 @@ impl<'a> Exchange<'a> {
                 client_id: None,
             },
             record: Record::default(),
+            websocket: false,
             peer: client.peer,
             started,
         }
@@ -141,11 +144,12 @@ impl<'a> Exchange<'a> {
     pub fn finish(&self, worker: &Worker) {
         let head = self.head();
         let elapsed = self.started.elapsed();
-        worker.metrics.request(
-            self.api(),
-            self.record.status,
-            self.route.map(|_| elapsed.as_secs_f64()),
-        );
+        // A tunnel's lifetime is not a request latency.
+        let latency = self
+            .route
+            .filter(|_| self.record.status != 101)
+            .map(|_| elapsed.as_secs_f64());
+        worker.metrics.request(self.api(), self.record.status, latency);
         if self.generation.config.gateway.access_logs {
             AccessRecord {
                 client: self.peer,
@@ -196,6 +200,17 @@ pub(super) async fn handle(
         Verdict::Respond(response) => return ex.answer(client, worker, Answer::Policy(response)).await,
         Verdict::Deny(denial) => return ex.answer(client, worker, Answer::Denied(denial)).await,
     }
+    // Held until the tunnel closes; taken only once the policies let the handshake through.
+    let tunnel_slot = if route.websocket.enabled && head.is_websocket_upgrade() {
+        let limit = route.websocket.max_connections;
+        let Some(slot) = worker.shared.tunnels.open(&route.api, limit) else {
+            return ex.answer(client, worker, Answer::TunnelsFull).await;
+        };
+        ex.websocket = true;
+        Some(slot)
+    } else {
+        None
+    };
     if let Framing::Length(n) = head.framing
         && n > route.max_body
     {
@@ -204,7 +219,9 @@ pub(super) async fn handle(
         };
         return ex.answer(client, worker, Answer::Failed(too_large)).await;
     }
-    forward::forward(client, worker, &mut ex, route).await
+    let keep = forward::forward(client, worker, &mut ex, route).await;
+    drop(tunnel_slot);
+    keep
 }
 
 /// Answers a head that could not be read or parsed, and logs it without a request.

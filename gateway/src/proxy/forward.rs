@@ -20,6 +20,7 @@ use super::conn::Conn;
 use super::error::ProxyError;
 use super::exchange::Exchange;
 use super::heads::{self, Relay};
+use super::tunnel;
 use crate::config::RouteConfig;
 use crate::http::{Framing, Head, HttpError};
 use crate::runtime::service::Upstream;
@@ -210,7 +211,16 @@ impl Attempt {
         }
         let waits = (client_wait, up_wait);
         let max_headers = settings.limits.headers;
-        let response = final_response(client, &mut up, &mut up_buf, waits, max_headers, &endpoint_name).await;
+        let upgrade = ex.websocket;
+        let response = final_response(
+            client,
+            &mut up,
+            &mut up_buf,
+            waits,
+            (max_headers, upgrade),
+            &endpoint_name,
+        )
+        .await;
         let response = match response {
             Ok(r) => r,
             Err(ProxyError::UpstreamIo { source, .. })
@@ -232,6 +242,11 @@ impl Attempt {
             }
         };
         ex.record.status = response.status;
+        if response.status == 101 {
+            ex.record.upstream_time = Some(started.elapsed());
+            tunnel::carry(client, worker, ex, &response, up, up_buf).await;
+            return Self::Done(false);
+        }
         let relay = Relay::of(head, &response, client.draining());
         let mut pump = Pump {
             client,
@@ -262,18 +277,21 @@ impl Attempt {
 }
 
 /// Reads response heads until the final one, passing interim (1xx) ones on
-/// to the client (a 100 the gateway already sent itself is dropped).
+/// to the client (a 100 the gateway already sent itself is dropped). A `101`
+/// is final when the request asked for a WebSocket (`upgrade`) and the
+/// upstream switched to one; any other `101` is a protocol error.
 async fn final_response(
     client: &mut Client<'_>,
     up: &mut Conn,
     up_buf: &mut Vec<u8>,
     (client_wait, up_wait): (Duration, Duration),
-    max_headers: usize,
+    (max_headers, upgrade): (usize, bool),
     endpoint: &str,
 ) -> Result<Head, ProxyError> {
     loop {
         match body::read_response_head(up, up_buf, up_wait, max_headers, endpoint).await? {
             r if r.status == 100 => {}
+            r if r.status == 101 && upgrade && r.lists_token("upgrade", "websocket") => return Ok(r),
             r if r.status == 101 => {
                 return Err(ProxyError::UpstreamProtocol {
                     endpoint: endpoint.to_owned(),

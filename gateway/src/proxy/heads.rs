@@ -114,6 +114,10 @@ pub(super) fn upstream_request(
     if fwd.via {
         http::put_header(&mut out, b"via", &via(earlier_via, head.version));
     }
+    if ex.websocket {
+        http::put_header(&mut out, b"connection", b"upgrade");
+        http::put_header(&mut out, b"upgrade", b"websocket");
+    }
     out.extend_from_slice(b"\r\n");
     out
 }
@@ -127,6 +131,8 @@ pub(super) struct Relay {
     pub rechunk: bool,
     /// Whether the client connection may carry another request.
     pub keep_alive: bool,
+    /// Whether this is the `101` that turns the connection into a WebSocket tunnel.
+    pub upgrade: bool,
 }
 
 impl Relay {
@@ -142,6 +148,17 @@ impl Relay {
             framing,
             rechunk,
             keep_alive: request.keep_alive && delimited && !draining,
+            upgrade: false,
+        }
+    }
+
+    /// How the upstream's `101` to a WebSocket handshake is relayed.
+    pub fn upgrade() -> Self {
+        Self {
+            framing: Framing::Empty,
+            rechunk: false,
+            keep_alive: false,
+            upgrade: true,
         }
     }
 }
@@ -176,7 +193,12 @@ pub(super) fn client_response(
     if fwd_via {
         http::put_header(&mut out, b"via", &via(earlier_via, response.version));
     }
-    http::put_connection(&mut out, ex.head().version, relay.keep_alive);
+    if relay.upgrade {
+        http::put_header(&mut out, b"connection", b"upgrade");
+        http::put_header(&mut out, b"upgrade", b"websocket");
+    } else {
+        http::put_connection(&mut out, ex.head().version, relay.keep_alive);
+    }
     out.extend_from_slice(b"\r\n");
     out
 }

@@ -20,6 +20,7 @@ mod heads;
 pub mod io;
 pub mod pool;
 pub mod server;
+mod tunnel;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;

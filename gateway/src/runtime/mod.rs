@@ -237,6 +237,51 @@ pub struct Shared {
     pub drain: tokio::sync::Notify,
     /// One channel per worker for listeners added by a reload.
     pub new_listeners: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<NewListener>>>,
+    /// WebSocket tunnels open per API instance.
+    pub tunnels: Tunnels,
+}
+
+/// WebSocket tunnels open per API instance, across workers and generations.
+#[derive(Debug, Default)]
+pub struct Tunnels(Mutex<HashMap<String, u32>>);
+
+impl Tunnels {
+    /// Takes a slot for a new tunnel on `api`, unless `limit` are open already.
+    pub fn open<'a>(&'a self, api: &str, limit: Option<u32>) -> Option<TunnelSlot<'a>> {
+        let mut open = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(api.to_owned()).or_default();
+        if limit.is_some_and(|l| *count >= l) {
+            return None;
+        }
+        *count += 1;
+        Some(TunnelSlot {
+            tunnels: self,
+            api: api.to_owned(),
+        })
+    }
+}
+
+/// One open tunnel's place in its API's count, given back on drop.
+#[derive(Debug)]
+pub struct TunnelSlot<'a> {
+    tunnels: &'a Tunnels,
+    api: String,
+}
+
+impl Drop for TunnelSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self
+            .tunnels
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.api) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.api);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -252,6 +297,7 @@ impl Shared {
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             drain: tokio::sync::Notify::new(),
             new_listeners: Mutex::new(Vec::new()),
+            tunnels: Tunnels::default(),
         }
     }
 

@@ -113,6 +113,7 @@ mod tests {
             upstream_path: "/".into(),
             max_body: 0,
             policies: Vec::new(),
+            websocket: crate::config::WebSocketConfig::default(),
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod frames;
 pub mod http;
+pub mod ws;
 
 use std::{
     fs,

@@ -10,7 +10,10 @@ use std::net::{IpAddr, SocketAddr};
 use super::{
     ApiDoc, Collector, api_service, check_host_pattern, check_namespace, network, normalize_base, side,
 };
-use crate::config::{Config, InboundTls, ListenerConfig, Origin, PolicySpec, RouteConfig, Url, parse_url};
+use crate::config::{
+    Config, InboundTls, ListenerConfig, Origin, PolicySpec, RouteConfig, Url, WebSocketConfig,
+    parse_duration, parse_url,
+};
 
 /// A listener being assembled.
 pub(super) struct ListenerDraft {
@@ -82,6 +85,34 @@ fn listen_addr(api: &ApiDoc<'_>, c: &mut Collector) -> Option<(SocketAddr, Url)>
     Some((SocketAddr::new(ip, url.port), url))
 }
 
+/// An ApiInstance's WebSocket settings over the defaults.
+fn websocket(api: &ApiDoc<'_>, c: &mut Collector) -> WebSocketConfig {
+    let mut out = WebSocketConfig::default();
+    let Some(spec) = &api.spec.websocket else {
+        return out;
+    };
+    let mut duration = |value: &Option<String>, field: &str, slot: &mut std::time::Duration| {
+        if let Some(v) = value {
+            match parse_duration(v) {
+                Ok(d) => *slot = d,
+                Err(e) => c.push(&api.doc.at(&format!("spec.websocket.{field}")), e),
+            }
+        }
+    };
+    duration(&spec.idle_timeout, "idleTimeout", &mut out.idle_timeout);
+    duration(&spec.max_duration, "maxDuration", &mut out.max_duration);
+    if spec.max_connections == Some(0) {
+        c.push(
+            &api.doc.at("spec.websocket.maxConnections"),
+            "must be at least 1; set `enabled: false` not to carry WebSockets",
+        );
+    }
+    out.enabled = spec.enabled.unwrap_or(out.enabled);
+    out.max_connections = spec.max_connections;
+    out.close_on_reload = spec.close_on_reload.unwrap_or(out.close_on_reload);
+    out
+}
+
 /// Turns every ApiInstance into a route on its listener's draft.
 pub(super) fn draft<'a>(
     apis: &'a [ApiDoc<'_>],
@@ -133,6 +164,7 @@ pub(super) fn draft<'a>(
             upstream_path,
             max_body,
             policies,
+            websocket: websocket(api, c),
         };
         let entry = drafts.listeners.entry(listen).or_insert_with(|| ListenerDraft {
             https: url.tls,
