@@ -228,6 +228,17 @@ enum ListenerCommand {
     Add { listener: ListenerAddr },
     /// Stop judging traffic to ADDR:PORT and drop its ACLs and counters.
     Del { listener: ListenerAddr },
+    /// Set the per-source SYN limit: SYNs beyond RATE per second (BURST at
+    /// once) from one /32 or /64 are dropped at the NIC, per receiving CPU.
+    SynLimit {
+        listener: ListenerAddr,
+        /// SYNs per second per source; 0 turns the limit off.
+        #[arg(long, default_value_t = portcullis::xdp::SynLimit::DEFAULT.rate)]
+        rate: u32,
+        /// SYNs a source may send at once.
+        #[arg(long, default_value_t = portcullis::xdp::SynLimit::DEFAULT.burst)]
+        burst: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -436,14 +447,7 @@ fn run(cli: Cli, set_level: &supervisor::SetLevel) -> anyhow::Result<()> {
                 println!("removed the pins of instance {}", instance.name());
             }
         }
-        Command::Listener(ListenerCommand::Add { listener }) => {
-            let id = instance.maps()?.add_listener(&listener)?;
-            println!("listener {listener} added (id {id})");
-        }
-        Command::Listener(ListenerCommand::Del { listener }) => {
-            instance.maps()?.remove_listener(&listener)?;
-            println!("listener {listener} removed");
-        }
+        Command::Listener(command) => listener(&instance, &command)?,
         Command::Acl(command) => acl(&instance, command)?,
         Command::ControlPlane(command) => control_plane(command)?,
         Command::Register {
@@ -622,6 +626,45 @@ fn counters_json(c: &Counters) -> Value {
     })
 }
 
+fn listener(instance: &Instance, command: &ListenerCommand) -> anyhow::Result<()> {
+    match command {
+        ListenerCommand::Add { listener } => {
+            let id = instance.maps()?.add_listener(listener)?;
+            println!("listener {listener} added (id {id})");
+        }
+        ListenerCommand::Del { listener } => {
+            instance.maps()?.remove_listener(listener)?;
+            println!("listener {listener} removed");
+        }
+        ListenerCommand::SynLimit {
+            listener,
+            rate,
+            burst,
+        } => {
+            let limit = portcullis::xdp::SynLimit {
+                rate: *rate,
+                burst: *burst,
+            };
+            instance.maps()?.set_syn_limit(listener, limit)?;
+            if *rate == 0 {
+                println!("listener {listener}: no per-source SYN limit");
+            } else {
+                println!("listener {listener}: SYNs beyond {rate}/s (burst {burst}) per source dropped");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn syn_json(limit: portcullis::xdp::SynLimit, c: &portcullis::xdp::SynCounters) -> Value {
+    json!({
+        "rate": limit.rate,
+        "burst": limit.burst,
+        "within": c.within,
+        "over_rate": c.over_rate,
+    })
+}
+
 /// The gates `portcullis run` last reported, and whether that proxy still runs.
 fn gate_report(state_dir: &std::path::Path) -> Value {
     let Some((path, report)) = GateReport::read(state_dir) else {
@@ -664,6 +707,7 @@ fn status(instance: &Instance, state_dir: &std::path::Path) -> anyhow::Result<Va
                 "gated": gated,
             },
             "counters": counters_json(&maps.counters(listener.id)?),
+            "syn": syn_json(maps.syn_limit(listener.id)?, &maps.syn_counters(listener.id)?),
         }));
     }
     Ok(json!({
@@ -851,11 +895,38 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
             n(&c["gate_failed"])
         )?;
     }
+    print_syn(&mut out, status)?;
     let u = &status["unattributed"];
     writeln!(
         out,
         "unattributed: malformed passed {}, fragments passed {}, dropped by global deny {}",
         u["malformed_passed"], u["fragment_passed"], u["drop_global_deny"]
     )?;
+    Ok(())
+}
+
+fn print_syn(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()> {
+    writeln!(out, "SYNs per source at the NIC:")?;
+    writeln!(
+        out,
+        "  {:<28} {:>8} {:>8} {:>12} {:>12}",
+        "listener", "rate/s", "burst", "within", "over rate"
+    )?;
+    for l in status["listeners"].as_array().into_iter().flatten() {
+        let syn = &l["syn"];
+        let rate = match syn["rate"].as_u64() {
+            Some(0) | None => "off".to_owned(),
+            Some(r) => r.to_string(),
+        };
+        writeln!(
+            out,
+            "  {:<28} {:>8} {:>8} {:>12} {:>12}",
+            l["listener"].as_str().unwrap_or("?"),
+            rate,
+            syn["burst"],
+            syn["within"],
+            syn["over_rate"]
+        )?;
+    }
     Ok(())
 }

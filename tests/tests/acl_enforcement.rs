@@ -396,3 +396,64 @@ fn native_attach_falls_back_to_generic_where_unsupported() {
         "the fallback is logged"
     );
 }
+
+/// Like [`ask`], from a thread on CPU 0: SYN buckets are per CPU, and a
+/// veth runs XDP on the sender's CPU.
+fn ask_on_cpu0(s: &Setup, host: u8) -> Exchange {
+    let (src, dst) = (s.topo.client_ip(host, false), s.server.addr);
+    s.topo
+        .client
+        .run(move || {
+            let mut cpus = nix::sched::CpuSet::new();
+            cpus.set(0).expect("cpu 0");
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pinned to cpu 0");
+            exchange_here(src, dst, SHORT)
+        })
+        .expect("client runs")
+        .expect("exchange")
+}
+
+#[test]
+fn a_source_over_its_syn_rate_is_dropped_at_the_nic() {
+    let s = setup(false);
+    let syn = |s: &Setup| s.gw.status().expect("status")["listeners"][0]["syn"].clone();
+    assert_eq!(syn(&s)["rate"], 10_000, "limited by default");
+    s.gw.cli(&[
+        "listener",
+        "syn-limit",
+        &s.listener,
+        "--rate",
+        "1",
+        "--burst",
+        "3",
+    ])
+    .expect("limit set");
+    // Connections in quick succession: the burst of 3 gets through, the
+    // fourth times out (its SYN dropped; no retransmission within the timeout).
+    let outcomes: Vec<Exchange> = (0..4).map(|_| ask_on_cpu0(&s, 2)).collect();
+    assert_eq!(
+        outcomes,
+        [[Exchange::Completed; 3].as_slice(), &[Exchange::TimedOut]].concat()
+    );
+    assert_eq!(
+        ask_on_cpu0(&s, 3),
+        Exchange::Completed,
+        "another source has its own bucket"
+    );
+    // 1/s: a token back a second after the dropped SYN.
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(ask_on_cpu0(&s, 2), Exchange::Completed, "refilled at the rate");
+    let counts = syn(&s);
+    assert_eq!(
+        (counts["within"].as_u64(), counts["over_rate"].as_u64()),
+        (Some(5), Some(1)),
+        "{counts}"
+    );
+    s.gw.cli(&["listener", "syn-limit", &s.listener, "--rate", "0"])
+        .expect("limit off");
+    assert_eq!(
+        ask_on_cpu0(&s, 2),
+        Exchange::Completed,
+        "off: the source gets through at once"
+    );
+}

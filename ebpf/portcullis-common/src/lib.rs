@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Version of the map layout; pinned maps of another version are refused.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Most listeners one gateway instance guards; listener ids are `1..=MAX_LISTENERS`.
 pub const MAX_LISTENERS: u32 = 4096;
@@ -46,8 +46,14 @@ pub mod map_names {
     /// `HashMap<Acl4Long, [u64; 4]>`: for a /24 holding prefixes longer than
     /// /24, the 256 addresses they cover.
     pub const ACL4_LONG: &str = "PC_ACL4_LONG";
+    /// `Array<SynLimit>`, indexed by listener id: each listener's per-source SYN rate.
+    pub const SYN_LIMITS: &str = "PC_SYN_LIMITS";
+    /// `LruPerCpuHashMap<SynKey, SynBucket>`: the SYN token bucket of each recent source.
+    pub const SYN_RATE: &str = "PC_SYN_RATE";
+    /// `PerCpuArray<SynCounters>`, indexed by listener id.
+    pub const SYN_COUNTERS: &str = "PC_SYN_COUNTERS";
     /// Every map, for pin management.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 13] = [
         LISTENERS,
         ACL_V4,
         ACL_V6,
@@ -58,6 +64,9 @@ pub mod map_names {
         ACL4_TABLES,
         ACL4_LONG,
         VALUES,
+        SYN_LIMITS,
+        SYN_RATE,
+        SYN_COUNTERS,
     ];
 }
 
@@ -332,6 +341,76 @@ pub struct Acl4Long {
 }
 const _: () = assert!(core::mem::size_of::<Acl4Long>() == 8);
 
+/// Sources (a /32 or a /64) whose SYN buckets are kept, per CPU; the least
+/// recently seen give way.
+pub const SYN_SOURCES: u32 = 1 << 16;
+
+/// A listener's per-source SYN limit: a token bucket of `burst` SYNs refilled
+/// at `rate` per second, per source and per CPU that receives its SYNs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynLimit {
+    /// SYNs per second per source; 0 turns the limit off.
+    pub rate: u32,
+    /// SYNs a source may send at once.
+    pub burst: u32,
+}
+const _: () = assert!(core::mem::size_of::<SynLimit>() == 8);
+
+impl SynLimit {
+    /// On by default: above what an L4 load balancer or a large NAT in front
+    /// opens from one address, far below what one flooding source sends.
+    pub const DEFAULT: Self = Self {
+        rate: 10_000,
+        burst: 20_000,
+    };
+    /// Highest `rate` and `burst`, so the bucket arithmetic stays in 64 bits.
+    pub const MAX: u32 = 1_000_000;
+}
+
+/// Whose SYN bucket: a listener and a source network (/32 or /64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SynKey {
+    /// Listener id.
+    pub id: u32,
+    /// [`family`] of the source.
+    pub family: u32,
+    /// The source's first 4 (IPv4) or 8 (IPv6) bytes, the rest zero.
+    pub net: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<SynKey>() == 16);
+
+/// A source's SYN token bucket, in nanotokens (10^9 per SYN).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynBucket {
+    /// Tokens left, times 10^9.
+    pub tokens: u64,
+    /// When it was last refilled (`bpf_ktime_get_ns`).
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SynBucket>() == 16);
+
+/// Per-CPU SYN verdicts of one listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynCounters {
+    /// SYNs within their source's limit.
+    pub within: u64,
+    /// SYNs dropped: their source was over the listener's limit.
+    pub over_rate: u64,
+}
+const _: () = assert!(core::mem::size_of::<SynCounters>() == 16);
+
+impl SynCounters {
+    /// Adds another CPU's counters to these.
+    pub fn accumulate(&mut self, other: &Self) {
+        self.within = self.within.wrapping_add(other.within);
+        self.over_rate = self.over_rate.wrapping_add(other.over_rate);
+    }
+}
+
 /// Per-CPU verdict counters of one listener (slot 0: unattributed traffic).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -395,7 +474,14 @@ mod user {
     // invalid bit patterns, as aya::Pod requires.
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     mod pod {
-        use super::super::{Acl4Long, AclV4, AclV6, Counters, ListenerKey, ListenerValue, PortEntry};
+        use super::super::{
+            Acl4Long, AclV4, AclV6, Counters, ListenerKey, ListenerValue, PortEntry, SynBucket, SynCounters,
+            SynKey, SynLimit,
+        };
+        unsafe impl aya::Pod for SynLimit {}
+        unsafe impl aya::Pod for SynKey {}
+        unsafe impl aya::Pod for SynBucket {}
+        unsafe impl aya::Pod for SynCounters {}
         unsafe impl aya::Pod for Acl4Long {}
         unsafe impl aya::Pod for PortEntry {}
         unsafe impl aya::Pod for ListenerKey {}

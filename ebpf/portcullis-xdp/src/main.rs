@@ -14,6 +14,10 @@
 //! RST, or is dropped, or (`503` mode) the whole exchange is held statelessly
 //! with a SYN cookie and the request is answered with a canned 503 + FIN; see
 //! [`gate`].
+//!
+//! Before the gate, a SYN to a TCP listener takes a token from its source's
+//! bucket ([`syn_within_rate`]: per /32 or /64, per CPU, at the listener's
+//! rate); a source over the rate has its SYNs dropped.
 #![no_std]
 #![no_main]
 
@@ -22,14 +26,15 @@ use aya_ebpf::{
     btf_maps,
     helpers::generated as helpers,
     macros::{btf_map, map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use portcullis_common::{
     Acl4Long, AclKind, AclScope, AclV4, AclV6, Counters, DEFAULT_ACL_CAPACITY, GATE_RESPONSE,
     GATE_RESPONSE_LEN, GATE_RESPONSE_SUM, LIST_SLOTS, ListenerKey, ListenerValue, MAX_LISTENERS, PORT_SLOTS,
-    PortEntry, TABLE_WORDS, UNATTRIBUTED, acl_flags, config_slot, family, gate_mode, heartbeat_slot,
-    list_slot, port_bits, port_slot, proto, table_bits, table_position,
+    PortEntry, SYN_SOURCES, SynBucket, SynCounters, SynKey, SynLimit, TABLE_WORDS, UNATTRIBUTED, acl_flags,
+    config_slot, family, gate_mode, heartbeat_slot, list_slot, port_bits, port_slot, proto, table_bits,
+    table_position,
 };
 
 #[map]
@@ -48,6 +53,12 @@ static PC_HEARTBEAT: Array<u64> = Array::pinned(heartbeat_slot::LEN, 0);
 static PC_PORTS: Array<PortEntry> = Array::pinned(PORT_SLOTS, BPF_F_MMAPABLE);
 #[map]
 static PC_VALUES: Array<ListenerValue> = Array::pinned(MAX_LISTENERS + 1, BPF_F_MMAPABLE);
+#[map]
+static PC_SYN_LIMITS: Array<SynLimit> = Array::pinned(MAX_LISTENERS + 1, 0);
+#[map]
+static PC_SYN_RATE: LruPerCpuHashMap<SynKey, SynBucket> = LruPerCpuHashMap::pinned(SYN_SOURCES, 0);
+#[map]
+static PC_SYN_COUNTERS: PerCpuArray<SynCounters> = PerCpuArray::pinned(MAX_LISTENERS + 1, 0);
 #[map]
 static PC_ACL4_LONG: HashMap<Acl4Long, [u64; 4]> = HashMap::pinned(DEFAULT_ACL_CAPACITY, BPF_F_NO_PREALLOC);
 /// One table per IPv4 list generation; the loader pins it by path.
@@ -167,11 +178,83 @@ fn judge_flow(ctx: &XdpContext, flow: &Flow) -> Verdict {
             return Verdict::Drop;
         }
     }
+    if flow.proto == proto::TCP && flow.tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN && !syn_within_rate(flow, id)
+    {
+        return Verdict::Drop;
+    }
     if listener.gate_mode != gate_mode::NONE && flow.proto == proto::TCP && gated(&listener) {
         return gate(ctx, flow, listener.gate_mode, id);
     }
     count(id, |c| c.passed += 1);
     Verdict::Pass
+}
+
+/// Nanotokens per SYN.
+const SYN_TOKEN: u64 = 1_000_000_000;
+/// Longest refill counted at once, so `elapsed × rate` stays in 64 bits.
+const SYN_REFILL_CAP_NS: u64 = 10_000_000_000;
+
+/// Takes a token from the SYN's source bucket (its /32 or /64) on listener
+/// `id`; false, and counted, when the source is over the listener's rate.
+#[inline(always)]
+fn syn_within_rate(flow: &Flow, id: u32) -> bool {
+    let Some(limit) = PC_SYN_LIMITS.get(id) else {
+        return true;
+    };
+    if limit.rate == 0 {
+        return true;
+    }
+    let src = &flow.addrs.src;
+    let mut net = [src[0], src[1], src[2], src[3], 0, 0, 0, 0];
+    if flow.addrs.family == family::V6 {
+        net[4..].copy_from_slice(&src[4..8]);
+    }
+    let key = SynKey {
+        id,
+        family: u32::from(flow.addrs.family),
+        net,
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { helpers::bpf_ktime_get_ns() };
+    let full = u64::from(limit.burst) * SYN_TOKEN;
+    let within = match PC_SYN_RATE.get_ptr_mut(&key) {
+        Some(bucket) => {
+            // SAFETY: the pointer is to this CPU's copy of the value, valid for this run.
+            let bucket = unsafe { &mut *bucket };
+            let elapsed = now.saturating_sub(bucket.last_ns).min(SYN_REFILL_CAP_NS);
+            let tokens = bucket
+                .tokens
+                .saturating_add(elapsed * u64::from(limit.rate))
+                .min(full);
+            bucket.last_ns = now;
+            if tokens >= SYN_TOKEN {
+                bucket.tokens = tokens - SYN_TOKEN;
+                true
+            } else {
+                bucket.tokens = tokens;
+                false
+            }
+        }
+        None => {
+            let fresh = SynBucket {
+                tokens: full.saturating_sub(SYN_TOKEN),
+                last_ns: now,
+            };
+            // A full map evicts its least recent source; a failed insert lets this SYN by.
+            let _ = PC_SYN_RATE.insert(&key, &fresh, 0);
+            limit.burst > 0
+        }
+    };
+    if let Some(counters) = PC_SYN_COUNTERS.get_ptr_mut(id) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for this run.
+        let counters = unsafe { &mut *counters };
+        if within {
+            counters.within += 1;
+        } else {
+            counters.over_rate += 1;
+        }
+    }
+    within
 }
 
 /// The listener a flow is for. The port's entry names its wildcard

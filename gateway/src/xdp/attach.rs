@@ -176,13 +176,21 @@ impl Instance {
             .map_err(|source| XdpError::Load { source })?;
         let mut maps = self.maps()?;
         let abi = maps.config_get(config_slot::ABI)?;
-        if abi == super::maps::UPGRADABLE_ABI {
+        if abi == 2 {
             let _lock = maps.lock()?;
             maps.rebuild_ports()?;
             maps.rebuild_tables()?;
             info!(
                 instance = self.name(),
                 "maps of ABI {abi} taken over: port bits and IPv4 tables built"
+            );
+        }
+        if super::maps::UPGRADABLE_ABIS.contains(&abi) {
+            let _lock = maps.lock()?;
+            maps.default_syn_limits()?;
+            info!(
+                instance = self.name(),
+                "maps of ABI {abi} taken over: listeners given the default SYN limit"
             );
         }
         maps.config

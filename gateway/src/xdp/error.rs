@@ -140,6 +140,16 @@ pub enum XdpError {
         /// The listener.
         listener: String,
     },
+    /// A SYN limit out of range.
+    #[error(
+        "invalid SYN limit for {listener}: rate and burst must be at most {max}, and burst at least 1 while rate is set"
+    )]
+    SynLimit {
+        /// The listener.
+        listener: String,
+        /// The largest rate and burst.
+        max: u32,
+    },
     /// No such listener.
     #[error("no listener {listener}: add it with `portcullis listener add {listener}`")]
     UnknownListener {

@@ -9,14 +9,17 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, Pe
 use nix::fcntl::{Flock, FlockArg};
 use portcullis_common::{
     ABI_VERSION, Acl4Long, AclV4, AclV6, Counters, ListenerKey, ListenerValue, MAX_LISTENERS, PORT_SLOTS,
-    PortEntry, config_slot, family, map_names, port_bits, port_slot, proto,
+    PortEntry, SynBucket, SynCounters, SynKey, SynLimit, config_slot, family, map_names, port_bits,
+    port_slot, proto,
 };
 
 use super::mmap::MappedArray;
 
 /// The map layout before the IPv4 tables and the port array (ABI 2): its maps
 /// are taken over, and what ABI 3 derives from them is built at load.
-pub(crate) const UPGRADABLE_ABI: u32 = 2;
+/// Older ABIs whose maps a load takes over: 2 (no port entries or IPv4
+/// tables yet) and 3 (no SYN limits yet).
+pub(crate) const UPGRADABLE_ABIS: [u32; 2] = [2, 3];
 
 use super::{Instance, LOCK_DIR, XdpError};
 
@@ -160,6 +163,8 @@ pub struct Maps {
     /// The same map again, for the slot deletes aya does not offer.
     pub(crate) acl4_tables_fd: MapData,
     pub(crate) acl4_long: HashMap<MapData, Acl4Long, [u64; 4]>,
+    pub(crate) syn_limits: Array<MapData, SynLimit>,
+    pub(crate) syn_counters: PerCpuArray<MapData, SynCounters>,
 }
 
 impl fmt::Debug for Maps {
@@ -239,6 +244,9 @@ pub(crate) fn expected_layout(name: &str) -> (u32, u32) {
         map_names::PORTS => (4, size(size_of::<PortEntry>())),
         map_names::VALUES => (4, size(size_of::<ListenerValue>())),
         map_names::ACL4_LONG => (size(size_of::<Acl4Long>()), 32),
+        map_names::SYN_LIMITS => (4, size(size_of::<SynLimit>())),
+        map_names::SYN_RATE => (size(size_of::<SynKey>()), size(size_of::<SynBucket>())),
+        map_names::SYN_COUNTERS => (4, size(size_of::<SynCounters>())),
         _ => (0, 0),
     }
 }
@@ -271,7 +279,7 @@ pub(crate) fn check_layout(instance: &Instance) -> Result<(), XdpError> {
         let abi = array
             .get(&config_slot::ABI, 0)
             .map_err(map_err(map_names::CONFIG, "read ABI version"))?;
-        if abi != 0 && abi != ABI_VERSION && abi != UPGRADABLE_ABI {
+        if abi != 0 && abi != ABI_VERSION && !UPGRADABLE_ABIS.contains(&abi) {
             return Err(XdpError::Layout {
                 instance: instance.name().to_owned(),
                 dir: instance.pin_dir().to_owned(),
@@ -318,6 +326,10 @@ impl Maps {
                 .map_err(map_err(map_names::ACL4_TABLES, "open pin"))?,
             acl4_long: HashMap::try_from(open_pinned(instance, map_names::ACL4_LONG)?)
                 .map_err(map_err(map_names::ACL4_LONG, "open"))?,
+            syn_limits: Array::try_from(open_pinned(instance, map_names::SYN_LIMITS)?)
+                .map_err(map_err(map_names::SYN_LIMITS, "open"))?,
+            syn_counters: PerCpuArray::try_from(open_pinned(instance, map_names::SYN_COUNTERS)?)
+                .map_err(map_err(map_names::SYN_COUNTERS, "open"))?,
         })
     }
 
@@ -483,6 +495,7 @@ impl Maps {
         // entries or counts under this id: start clean.
         self.purge_listener_scopes(id)?;
         self.reset_counters(id)?;
+        self.write_syn_limit(id, SynLimit::DEFAULT)?;
         self.put_listener(listener, unjudged(id))?;
         self.refresh_port((listener.protocol, listener.addr.port()))?;
         Ok(id)
@@ -508,7 +521,60 @@ impl Maps {
             .map_err(|source| XdpError::Cpus { source })?;
         self.counters
             .set(id, zeros, 0)
-            .map_err(map_err(map_names::COUNTERS, "reset"))
+            .map_err(map_err(map_names::COUNTERS, "reset"))?;
+        let zeros = PerCpuValues::try_from(vec![SynCounters::default(); cpus])
+            .map_err(|source| XdpError::Cpus { source })?;
+        self.syn_counters
+            .set(id, zeros, 0)
+            .map_err(map_err(map_names::SYN_COUNTERS, "reset"))
+    }
+
+    fn write_syn_limit(&mut self, id: u32, limit: SynLimit) -> Result<(), XdpError> {
+        self.syn_limits
+            .set(id, limit, 0)
+            .map_err(map_err(map_names::SYN_LIMITS, "write"))
+    }
+
+    /// Sets a listener's per-source SYN limit (`rate` 0 turns it off).
+    pub fn set_syn_limit(&mut self, listener: &ListenerAddr, limit: SynLimit) -> Result<(), XdpError> {
+        if limit.rate > SynLimit::MAX || limit.burst > SynLimit::MAX || (limit.rate > 0 && limit.burst == 0) {
+            return Err(XdpError::SynLimit {
+                listener: listener.to_string(),
+                max: SynLimit::MAX,
+            });
+        }
+        let _lock = self.lock()?;
+        let id = self.listener_value(listener)?.id;
+        self.write_syn_limit(id, limit)
+    }
+
+    /// A listener's per-source SYN limit.
+    pub fn syn_limit(&self, id: u32) -> Result<SynLimit, XdpError> {
+        self.syn_limits
+            .get(&id, 0)
+            .map_err(map_err(map_names::SYN_LIMITS, "read"))
+    }
+
+    /// Gives every listener the default SYN limit (maps taken over from an
+    /// ABI without one).
+    pub(crate) fn default_syn_limits(&mut self) -> Result<(), XdpError> {
+        for listener in self.listeners()? {
+            self.write_syn_limit(listener.id, SynLimit::DEFAULT)?;
+        }
+        Ok(())
+    }
+
+    /// SYN verdicts of one listener, summed over CPUs.
+    pub fn syn_counters(&self, id: u32) -> Result<SynCounters, XdpError> {
+        let per_cpu = self
+            .syn_counters
+            .get(&id, 0)
+            .map_err(map_err(map_names::SYN_COUNTERS, "read"))?;
+        let mut total = SynCounters::default();
+        for counters in per_cpu.iter() {
+            total.accumulate(counters);
+        }
+        Ok(total)
     }
 
     /// Counters of one slot (a listener id, or 0 for unattributed traffic),

@@ -11,7 +11,7 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use portcullis::xdp::{AclList, Instance, ListenerAddr, Loaded};
+use portcullis::xdp::{AclList, Instance, ListenerAddr, Loaded, SynLimit};
 use portcullis_tests::{
     Rng,
     frames::{Frame, arp},
@@ -134,8 +134,18 @@ impl Bench<'_> {
     /// Measures one path: `frames` (all with the `expected` verdict), the
     /// first of them for the warm figure.
     fn path(&mut self, path: &'static str, frames: &[Vec<u8>], expected: u32) -> anyhow::Result<()> {
-        let warm = warm(&mut self.loaded, &frames[0], expected)?;
-        let (program, floor) = spread(&mut self.loaded, frames, expected)?;
+        self.path_with(path, frames, (expected, expected))
+    }
+
+    /// Like [`Bench::path`], with one verdict for the repeated frame and another for the many.
+    fn path_with(
+        &mut self,
+        path: &'static str,
+        frames: &[Vec<u8>],
+        (warm_expected, spread_expected): (u32, u32),
+    ) -> anyhow::Result<()> {
+        let warm = warm(&mut self.loaded, &frames[0], warm_expected)?;
+        let (program, floor) = spread(&mut self.loaded, frames, spread_expected)?;
         println!(
             "xdp-bench: {} {:>7} {path:<40} warm {warm:5.1} ns, many sources {:5.1} ns (floor {floor:.1})",
             self.family,
@@ -193,6 +203,8 @@ fn measure_in(name: &str, v6: bool, n: usize, rows: &mut Vec<Row>) -> anyhow::Re
     };
     let listener: ListenerAddr = listen.parse().map_err(anyhow::Error::msg)?;
     maps.add_listener(&listener)?;
+    // The ACL paths alone: a frame repeated millions of times would be over any SYN rate.
+    maps.set_syn_limit(&listener, SynLimit { rate: 0, burst: 0 })?;
     let mut rng = Rng(0x5eed ^ n as u64 ^ u64::from(v6));
     let mut bench = Bench {
         loaded,
@@ -218,6 +230,15 @@ fn measure_in(name: &str, v6: bool, n: usize, rows: &mut Vec<Row>) -> anyhow::Re
         bench.path("not a listener", &frames, XDP_PASS)?;
         let frames = bench.frames(dst, XDP_PASS, &mut random_source)?;
         bench.path("listener, empty lists", &frames, XDP_PASS)?;
+        // Burst 2: choosing the frames spends one token per source, the run
+        // the second; the repeated frame is over its rate at once.
+        maps.set_syn_limit(&listener, SynLimit { rate: 1, burst: 2 })?;
+        let frames = bench.frames(dst, XDP_PASS, &mut random_source)?;
+        bench.path_with(
+            "SYN limit on: over rate (warm), in rate (many)",
+            &frames,
+            (XDP_DROP, XDP_PASS),
+        )?;
         return Ok(());
     }
 
