@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use portcullis_tests::http::{GatewayProcess, Pki, TempDir, Upstream, api_instance};
+use portcullis_tests::http::{GatewayProcess, Pki, TempDir, Upstream, api_instance, tls_binding};
 use portcullis_tests::{Gateway, Topology, portcullis_bin, wait_for};
 
 const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
@@ -148,11 +148,7 @@ fn a_stopped_or_killed_proxy_leaves_xdp_answering() -> anyhow::Result<()> {
         let pki = Pki::new(&pki_dir.0, "nic")?;
         let leaf = pki.issue("gw", &[&topo.gw_ip(false).to_string()], false)?;
         let ip = topo.gw_ip(false);
-        let tls = format!(
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\nmetadata:\n  name: ingress-tls\nspec:\n  targetRef:\n    name: secure\n  policyRef:\n    name: tls\n  config:\n    certificates:\n      - crt: ${{file:{}}}\n        key: ${{file:{}}}\n---\n",
-            leaf.crt.display(),
-            leaf.key.display()
-        );
+        let tls = tls_binding("secure", &[&leaf], "");
         let _ = dir;
         Ok(format!(
             "{}{}{tls}",

@@ -11,7 +11,7 @@ use anyhow::{Context, ensure};
 use portcullis_tests::NetNs;
 use portcullis_tests::http::{
     GatewayProcess, Pki, TempDir, Upstream, api_instance as api, connect, curl, pattern, read_response,
-    request, request_open, status_of, upstream_tls,
+    request, request_open, status_of, tls_binding, upstream_tls,
 };
 
 const GW: &str = "127.0.0.1:8080";
@@ -666,28 +666,9 @@ fn tls_resources(dir: &Path, pki: &Pki, require_client: bool) -> anyhow::Result<
     };
     let _ = dir;
     Ok(format!(
-        "{}apiVersion: gateway.mulesoft.com/v1alpha1
-kind: PolicyBinding
-metadata:
-  name: ingress-tls
-spec:
-  targetRef:
-    name: secure
-  policyRef:
-    name: tls
-  config:
-    certificates:
-      - crt: ${{file:{}}}
-        key: ${{file:{}}}
-      - crt: ${{file:{}}}
-        key: ${{file:{}}}
-{client_ca}---
-",
+        "{}{}",
         api("secure", "https://127.0.0.1:8443/", "http://127.0.0.1:9000/", ""),
-        a.crt.display(),
-        a.key.display(),
-        b.crt.display(),
-        b.key.display()
+        tls_binding("secure", &[&a, &b], &client_ca)
     ))
 }
 

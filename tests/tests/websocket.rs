@@ -3,7 +3,7 @@
 //! in a fresh namespace, plain and TLS.
 
 use anyhow::{Context, ensure};
-use portcullis_tests::http::{GatewayProcess, Pki, TempDir, api_instance, curl};
+use portcullis_tests::http::{GatewayProcess, Pki, TempDir, api_instance, curl, tls_binding};
 use portcullis_tests::ws::{self, Py};
 use portcullis_tests::{NetNs, wait_for};
 
@@ -55,25 +55,7 @@ fn websockets_carried_plain_and_tls_after_their_policies() -> anyhow::Result<()>
     let pki_dir = TempDir::new("wsp")?;
     let pki = Pki::new(&pki_dir.0, "ws")?;
     let leaf = pki.issue("gw", &["ws.test"], false)?;
-    let tls = format!(
-        "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: PolicyBinding
-metadata:
-  name: ingress-tls
-spec:
-  targetRef:
-    name: secure
-  policyRef:
-    name: tls
-  config:
-    certificates:
-      - crt: ${{file:{}}}
-        key: ${{file:{}}}
----
-",
-        leaf.crt.display(),
-        leaf.key.display()
-    );
+    let tls = tls_binding("secure", &[&leaf], "");
     let locked = "  policies:\n    - policyRef:\n        name: ip-blocklist-flex\n      config:\n        ips: [127.0.0.1]\n";
     let gated = "  policies:\n    - policyRef:\n        name: client-id-enforcement-flex\n";
     let mut s = scene(&format!(

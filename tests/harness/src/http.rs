@@ -729,6 +729,38 @@ spec:
     )
 }
 
+/// A `tls` PolicyBinding (and its `---`) giving API `target` the
+/// certificates `certs` (the first is the default), with `extra` appended to
+/// its config (indented four spaces, newline-terminated).
+pub fn tls_binding(target: &str, certs: &[&Issued], extra: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: PolicyBinding
+metadata:
+  name: {target}-tls
+spec:
+  targetRef:
+    name: {target}
+  policyRef:
+    name: tls
+  config:
+    certificates:
+"
+    );
+    for cert in certs {
+        let _ = writeln!(
+            out,
+            "      - crt: ${{file:{}}}\n        key: ${{file:{}}}",
+            cert.crt.display(),
+            cert.key.display()
+        );
+    }
+    out.push_str(extra);
+    out.push_str("---\n");
+    out
+}
+
 /// A temporary directory removed on drop.
 #[derive(Debug)]
 pub struct TempDir(pub PathBuf);
