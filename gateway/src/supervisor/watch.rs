@@ -28,27 +28,37 @@ pub(super) fn watch(dir: &Path, reachable: bool) -> Result<(), SupervisorError> 
     let reload = || {
         let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGHUP);
     };
+    // The first watch is in place before this returns, so an edit made once
+    // the gateway says it runs is never missed.
+    let mut first = Inotify::init()
+        .ok()
+        .filter(|i| i.watches().add(&dir, mask).is_ok() && dir.is_dir());
     std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
             let mut reachable = reachable;
             let mut buffer = [0u8; 4096];
             loop {
-                let mut inotify = match Inotify::init() {
-                    Ok(i) => i,
-                    Err(e) => {
-                        tracing::error!(error = %e, "inotify_init failed; reload with SIGHUP");
-                        return;
+                let mut inotify = if let Some(watching) = first.take() {
+                    watching
+                } else {
+                    let inotify = match Inotify::init() {
+                        Ok(i) => i,
+                        Err(e) => {
+                            tracing::error!(error = %e, "inotify_init failed; reload with SIGHUP");
+                            return;
+                        }
+                    };
+                    if inotify.watches().add(&dir, mask).is_err() || !dir.is_dir() {
+                        if reachable {
+                            tracing::warn!(config = %dir.display(), "configuration source unreachable; checking every second");
+                            reachable = false;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
                     }
+                    inotify
                 };
-                if inotify.watches().add(&dir, mask).is_err() || !dir.is_dir() {
-                    if reachable {
-                        tracing::warn!(config = %dir.display(), "configuration source unreachable; checking every second");
-                        reachable = false;
-                    }
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue;
-                }
                 if !reachable {
                     tracing::info!(config = %dir.display(), "configuration source readable again");
                     reachable = true;
