@@ -11,6 +11,21 @@ use super::io::{Stream, Transport as _};
 /// Ciphertext read size; one TLS record plus header.
 const TLS_READ: usize = 17 * 1024;
 
+/// Appends the plaintext rustls holds to the spare capacity of `buf`: the
+/// bytes taken, end of stream (`Ok(0)`, also for a peer that closed without
+/// close_notify) or an error; `None` when more ciphertext must be read first.
+fn take_plaintext(tls: &mut rustls::Connection, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
+    let old = buf.len();
+    buf.resize(buf.capacity(), 0);
+    let got = tls.reader().read(&mut buf[old..]);
+    buf.truncate(old + *got.as_ref().unwrap_or(&0));
+    match got {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Some(Ok(0)),
+        other => Some(other),
+    }
+}
+
 /// A connection the proxy reads requests from or forwards them to.
 #[derive(Debug)]
 pub enum Conn {
@@ -167,23 +182,8 @@ impl TlsConn {
             buf.reserve(4096);
         }
         loop {
-            let old = buf.len();
-            buf.resize(buf.capacity(), 0);
-            let got = self.tls.reader().read(&mut buf[old..]);
-            match got {
-                Ok(n) => {
-                    buf.truncate(old + n);
-                    return (Ok(n), buf);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(old),
-                Err(e) => {
-                    buf.truncate(old);
-                    // A peer that closes without close_notify ends the stream too.
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        return (Ok(0), buf);
-                    }
-                    return (Err(e), buf);
-                }
+            if let Some(done) = take_plaintext(&mut self.tls, &mut buf) {
+                return (done, buf);
             }
             if self.eof {
                 return (Ok(0), buf);
@@ -264,23 +264,9 @@ impl Duplex<'_> {
             buf.reserve(4096);
         }
         loop {
-            let old = buf.len();
-            buf.resize(buf.capacity(), 0);
-            let got = tls.tls.borrow_mut().reader().read(&mut buf[old..]);
-            match got {
-                Ok(n) => {
-                    buf.truncate(old + n);
-                    return (Ok(n), buf);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(old),
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    buf.truncate(old);
-                    return (Ok(0), buf);
-                }
-                Err(e) => {
-                    buf.truncate(old);
-                    return (Err(e), buf);
-                }
+            let taken = take_plaintext(&mut tls.tls.borrow_mut(), &mut buf);
+            if let Some(done) = taken {
+                return (done, buf);
             }
             if tls.eof.get() {
                 return (Ok(0), buf);
