@@ -99,6 +99,10 @@ pub struct Metrics {
     pub websocket_closed: Family<TunnelLabels, Counter>,
     /// Bytes carried by WebSocket tunnels, by API and direction.
     pub websocket_bytes: Family<TunnelBytesLabels, Counter>,
+    /// HTTP/2 client connections opened.
+    pub http2_connections: Counter,
+    /// HTTP/2 connections closed for flooding control frames.
+    pub http2_floods: Counter,
 }
 
 impl Default for Metrics {
@@ -114,6 +118,8 @@ impl Default for Metrics {
         let websocket_open = Family::<ApiLabels, Gauge>::default();
         let websocket_closed = Family::<TunnelLabels, Counter>::default();
         let websocket_bytes = Family::<TunnelBytesLabels, Counter>::default();
+        let http2_connections = Counter::default();
+        let http2_floods = Counter::default();
         registry.register(
             "requests",
             "Requests answered, by API instance and status",
@@ -164,6 +170,16 @@ impl Default for Metrics {
             "Bytes carried by WebSocket tunnels, by API instance and direction",
             websocket_bytes.clone(),
         );
+        registry.register(
+            "http2_connections",
+            "HTTP/2 client connections opened (TLS by ALPN, or h2c)",
+            http2_connections.clone(),
+        );
+        registry.register(
+            "http2_floods",
+            "HTTP/2 connections sent GOAWAY ENHANCE_YOUR_CALM for flooding control frames",
+            http2_floods.clone(),
+        );
         Self {
             registry,
             requests,
@@ -176,6 +192,8 @@ impl Default for Metrics {
             websocket_open,
             websocket_closed,
             websocket_bytes,
+            http2_connections,
+            http2_floods,
         }
     }
 }

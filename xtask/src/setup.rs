@@ -30,6 +30,10 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
     // The WebSocket tests' echo server and clients.
     "python3-websockets",
+    // HTTP/2: h2load (load and conformance client) and hyper-h2, with which
+    // the flood tests write the hostile frames.
+    "nghttp2-client",
+    "python3-h2",
 ];
 
 static APT_UPDATE: Once = Once::new();

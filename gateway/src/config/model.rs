@@ -205,6 +205,8 @@ pub struct ListenerConfig {
     pub external: bool,
     /// Inbound TLS, if the listener is `https`.
     pub tls: Option<InboundTls>,
+    /// Whether a cleartext listener also takes HTTP/2 with prior knowledge (h2c).
+    pub h2c: bool,
     /// Routes, most specific first.
     pub routes: Vec<RouteConfig>,
 }
@@ -450,6 +452,34 @@ pub struct ProxySettings {
     pub timeouts: Timeouts,
     /// Forwarding headers.
     pub forwarded: Forwarded,
+    /// HTTP/2 connection limits.
+    pub http2: Http2Settings,
+}
+
+/// Limits of one HTTP/2 client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// Streams a client may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_concurrent_streams: u32,
+    /// Receive window of one stream, in bytes.
+    pub stream_window: u32,
+    /// Receive window of the whole connection, in bytes.
+    pub connection_window: u32,
+    /// Control frames (SETTINGS, PING, PRIORITY, RST_STREAM, small WINDOW_UPDATE,
+    /// empty DATA) a client may send per second, with twice that as a burst,
+    /// before it is sent `GOAWAY ENHANCE_YOUR_CALM` and closed.
+    pub control_frames_per_second: u32,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 100,
+            stream_window: 256 * 1024,
+            connection_window: 1024 * 1024,
+            control_frames_per_second: 1000,
+        }
+    }
 }
 
 impl Default for ProxySettings {
@@ -472,6 +502,7 @@ impl Default for ProxySettings {
                 host: true,
                 via: true,
             },
+            http2: Http2Settings::default(),
         }
     }
 }

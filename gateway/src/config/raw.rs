@@ -64,6 +64,17 @@ pub struct ApiInstanceSpec {
     /// Portcullis extension: `external` or `internal` (default: by listen address).
     #[serde(default)]
     pub network: Option<String>,
+    /// Portcullis extension: HTTP/2 on this API's listener.
+    #[serde(default)]
+    pub http2: Option<ListenerHttp2Spec>,
+}
+
+/// HTTP/2 on a listener.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerHttp2Spec {
+    /// Cleartext HTTP/2 with prior knowledge (h2c) on an http:// listener.
+    pub cleartext: Option<bool>,
 }
 
 /// A policy written inside an ApiInstance.
@@ -406,6 +417,17 @@ pub struct ProxySpec {
     pub limits: Option<LimitsSpec>,
     pub timeouts: Option<TimeoutsSpec>,
     pub forwarded: Option<ForwardedSpec>,
+    pub http2: Option<Http2Spec>,
+}
+
+/// HTTP/2 connection limits.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Http2Spec {
+    pub max_concurrent_streams: Option<u32>,
+    pub stream_window_bytes: Option<u32>,
+    pub connection_window_bytes: Option<u32>,
+    pub control_frames_per_second: Option<u32>,
 }
 
 /// Request limits.

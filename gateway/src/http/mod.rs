@@ -39,6 +39,8 @@ pub enum Version {
     Http10,
     /// HTTP/1.1: keep alive unless `Connection: close`.
     Http11,
+    /// HTTP/2 (a stream of a multiplexed connection), forwarded as HTTP/1.1.
+    Http2,
 }
 
 /// How a message body is delimited on the wire.
@@ -326,6 +328,63 @@ fn check_target(method: &str, target: &str) -> Result<(), HttpError> {
     Ok(())
 }
 
+/// A request that arrived as an HTTP/2 stream, as the head the rest of the
+/// gateway reads: the same checks and limits as an HTTP/1.1 head, `Host`
+/// from `:authority`, split `cookie` fields joined (RFC 9113 §8.2.3), and a
+/// body without `content-length` framed as chunked towards the upstream.
+pub fn h2_request<'a>(
+    method: &str,
+    target: &str,
+    authority: Option<&str>,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    has_body: bool,
+    limits: &HeadLimits,
+) -> Result<Head, HttpError> {
+    let mut raw = Vec::with_capacity(256);
+    raw.extend_from_slice(method.as_bytes());
+    raw.push(b' ');
+    raw.extend_from_slice(target.as_bytes());
+    raw.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut host_seen = false;
+    if let Some(authority) = authority {
+        put_header(&mut raw, b"host", authority.as_bytes());
+        host_seen = true;
+    }
+    let mut cookie: Option<Vec<u8>> = None;
+    for (name, value) in fields {
+        if name == b"host" {
+            // `:authority` wins; a `host` beside it must name the same origin.
+            if host_seen && authority.is_some_and(|a| !a.as_bytes().eq_ignore_ascii_case(value)) {
+                return Err(HttpError::BadHost);
+            }
+            if host_seen {
+                continue;
+            }
+            host_seen = true;
+        }
+        if name == b"cookie" {
+            let joined = cookie.get_or_insert_with(Vec::new);
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(value);
+            continue;
+        }
+        put_header(&mut raw, name, value);
+    }
+    if let Some(cookie) = cookie {
+        put_header(&mut raw, b"cookie", &cookie);
+    }
+    raw.extend_from_slice(b"\r\n");
+    let mut head = parse_request(&raw, limits)?;
+    head.version = Version::Http2;
+    if head.framing == Framing::Empty && has_body {
+        head.framing = Framing::Chunked;
+    }
+    head.keep_alive = true;
+    Ok(head)
+}
+
 /// Parses a complete response head from an upstream.
 pub fn parse_response(buf: &[u8], max_headers: usize) -> Result<Head, HttpError> {
     check_line_endings(buf)?;
@@ -451,7 +510,7 @@ fn keep_alive(head: &Head) -> bool {
         }
     }
     match head.version {
-        Version::Http11 => !close,
+        Version::Http11 | Version::Http2 => !close,
         Version::Http10 => keep && !close,
     }
 }

@@ -9,6 +9,9 @@ use crate::gatekeeper::Reason;
 use crate::http::{self, Framing, Head, Version};
 use crate::policy::{Denial, Response};
 
+/// Content type of the gateway's own answers.
+pub const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
 /// `Retry-After` of a 503 for a closed gate, in seconds.
 const GATED_RETRY_AFTER: &str = "5";
 
@@ -81,26 +84,33 @@ impl Answer {
             && request.framing == Framing::Empty
     }
 
-    /// The answer on the wire, for a request of `version`.
-    pub fn encode(&self, version: Version, keep_alive: bool) -> Vec<u8> {
+    /// The answer's own header fields (beside its content type and length) and its body.
+    pub fn parts(&self) -> (Vec<(String, String)>, String) {
         let status = self.status();
-        let owned: Vec<(String, String)> = match self {
+        let mut headers: Vec<(String, String)> = match self {
             Self::Denied(d) => d.headers(),
             Self::Policy(r) => r.headers.clone(),
             _ => Vec::new(),
         };
-        let mut headers: Vec<(&str, &str)> = owned.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         if matches!(self, Self::Gated(_) | Self::TunnelsFull) {
-            headers.push(("retry-after", GATED_RETRY_AFTER));
+            headers.push(("retry-after".into(), GATED_RETRY_AFTER.into()));
         }
         let body = match self {
             Self::Policy(r) => r.body.clone(),
             _ => format!("{status} {}\n", http::reason(status)),
         };
+        (headers, body)
+    }
+
+    /// The answer on the wire, for an HTTP/1 request of `version`.
+    pub fn encode(&self, version: Version, keep_alive: bool) -> Vec<u8> {
+        let status = self.status();
+        let (owned, body) = self.parts();
+        let headers: Vec<(&str, &str)> = owned.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         http::simple_response(
             status,
             &headers,
-            "text/plain; charset=utf-8",
+            CONTENT_TYPE,
             body.as_bytes(),
             version,
             keep_alive,

@@ -247,7 +247,7 @@ impl Pump<'_, '_> {
 }
 
 /// Reads more of an upstream response into `buf`; `(buf, 0)` at the end of the stream.
-async fn read_upstream(
+pub(super) async fn read_upstream(
     up: &mut Conn,
     mut buf: Vec<u8>,
     wait: Duration,

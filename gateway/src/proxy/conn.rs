@@ -122,6 +122,26 @@ impl Conn {
     pub fn is_tls(&self) -> bool {
         matches!(self, Self::Tls(_))
     }
+
+    /// The protocol the TLS handshake settled on by ALPN.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Self::Tls(tls) => tls.tls.alpn_protocol(),
+            Self::Plain(_) => None,
+        }
+    }
+
+    /// The stream and, for TLS, its rustls state, for a protocol that drives
+    /// them itself. Every ciphertext byte read so far is already inside rustls.
+    pub fn into_parts(self) -> (Stream, Option<rustls::Connection>) {
+        match self {
+            Self::Plain(stream) => (stream, None),
+            Self::Tls(tls) => {
+                let TlsConn { stream, tls, .. } = *tls;
+                (stream, Some(tls))
+            }
+        }
+    }
 }
 
 impl TlsConn {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::Worker;
 use super::answer::Answer;
-use super::client::Client;
+use super::downstream::Downstream;
 use super::error::{Blame, ProxyError};
 use super::forward;
 use crate::config::RouteConfig;
@@ -26,7 +26,7 @@ use crate::runtime::route::normalize_host;
 use crate::telemetry::{AccessRecord, GateLabels, UpstreamLabels};
 
 /// Longest the gateway waits for a client to take one of its own answers.
-const ANSWER_WRITE: Duration = Duration::from_secs(5);
+pub(super) const ANSWER_WRITE: Duration = Duration::from_secs(5);
 
 /// Per-request facts for the access log and metrics.
 #[derive(Debug, Default)]
@@ -60,13 +60,13 @@ pub(super) struct Exchange<'a> {
 }
 
 impl<'a> Exchange<'a> {
-    fn new(generation: &'a Generation, client: &Client<'_>, head: &'a Head, started: Instant) -> Self {
+    fn new(generation: &'a Generation, peer: SocketAddr, head: &'a Head, started: Instant) -> Self {
         Self {
             generation,
             route: None,
             chain: &NO_POLICIES,
             request: RequestView {
-                client: client.peer.ip(),
+                client: peer.ip(),
                 head,
                 edits: HeaderEdits::default(),
                 response_add: Vec::new(),
@@ -74,7 +74,7 @@ impl<'a> Exchange<'a> {
             },
             record: Record::default(),
             websocket: false,
-            peer: client.peer,
+            peer,
             started,
         }
     }
@@ -97,13 +97,11 @@ impl<'a> Exchange<'a> {
 
     /// Sends `answer` in place of the upstream's response and ends the
     /// exchange; whether the connection may carry another request.
-    pub async fn answer(&mut self, client: &mut Client<'_>, worker: &Worker, answer: Answer) -> bool {
+    pub async fn answer(&mut self, client: &mut impl Downstream, worker: &Worker, answer: Answer) -> bool {
         let head = self.head();
-        let keep = answer.keeps_alive(head, client.draining());
+        let keep = client.keeps_alive(&answer, head);
         if answer.sendable() {
-            let bytes = answer.encode(head.version, keep);
-            self.record.bytes_out = bytes.len() as u64;
-            let _ = client.write(bytes, ANSWER_WRITE).await;
+            self.record.bytes_out = client.send_answer(&answer, head.version, keep).await;
         }
         self.record.status = answer.status();
         self.record.error = Some(answer.label());
@@ -171,7 +169,7 @@ impl<'a> Exchange<'a> {
 
 /// Handles one request; returns whether the connection may carry another.
 pub(super) async fn handle(
-    client: &mut Client<'_>,
+    client: &mut impl Downstream,
     worker: &Rc<Worker>,
     listener: SocketAddr,
     head: Head,
@@ -179,7 +177,7 @@ pub(super) async fn handle(
 ) -> bool {
     // The request runs to its end on the configuration in force now.
     let generation = worker.current();
-    let mut ex = Exchange::new(&generation, client, &head, started);
+    let mut ex = Exchange::new(&generation, client.peer(), &head, started);
     let Some(rt) = generation.listeners.get(&listener) else {
         return ex.answer(client, worker, Answer::ListenerGone).await;
     };
@@ -225,18 +223,16 @@ pub(super) async fn handle(
 }
 
 /// Answers a head that could not be read or parsed, and logs it without a request.
-pub(super) async fn refuse_head(client: &mut Client<'_>, worker: &Worker, error: ProxyError) {
+pub(super) async fn refuse_head(client: &mut impl Downstream, worker: &Worker, error: ProxyError) {
     let answer = Answer::Failed(error);
     let mut bytes_out = 0;
     if answer.sendable() {
-        let bytes = answer.encode(Version::Http11, false);
-        bytes_out = bytes.len() as u64;
-        let _ = client.write(bytes, ANSWER_WRITE).await;
+        bytes_out = client.send_answer(&answer, Version::Http11, false).await;
     }
     worker.metrics.request("-", answer.status(), None);
     if worker.current().config.gateway.access_logs {
         AccessRecord {
-            client: client.peer,
+            client: client.peer(),
             method: "-",
             path: "-",
             api: "-",

@@ -8,19 +8,18 @@
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::time::timeout;
 
 use super::Worker;
 use super::answer::Answer;
-use super::body::{self, CopyError, Pump};
-use super::client::Client;
+use super::body::{self, CopyError};
 use super::conn::Conn;
+use super::downstream::{Downstream, Waits};
 use super::error::ProxyError;
 use super::exchange::Exchange;
-use super::heads::{self, Relay};
-use super::tunnel;
+use super::heads;
 use crate::config::RouteConfig;
 use crate::http::{Framing, Head, HttpError};
 use crate::runtime::service::Upstream;
@@ -87,7 +86,7 @@ enum Attempt {
 
 /// Forwards the exchange to its route's service; whether the client connection may carry another request.
 pub(super) async fn forward(
-    client: &mut Client<'_>,
+    client: &mut impl Downstream,
     worker: &Rc<Worker>,
     ex: &mut Exchange<'_>,
     route: &RouteConfig,
@@ -124,10 +123,7 @@ pub(super) async fn forward(
         if !sent_continue && ex.head().expects_continue() && ex.head().framing != Framing::Empty {
             sent_continue = true;
             let wait = ex.generation.settings.timeouts.idle;
-            if let Err(e) = client
-                .write(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), wait)
-                .await
-            {
+            if let Err(e) = client.send_continue(wait).await {
                 return ex.answer(client, worker, Answer::Failed(e)).await;
             }
         }
@@ -169,7 +165,7 @@ impl Attempt {
         reason = "one attempt's whole context; a struct would only rename it"
     )]
     async fn on(
-        client: &mut Client<'_>,
+        client: &mut impl Downstream,
         worker: &Rc<Worker>,
         ex: &mut Exchange<'_>,
         route: &RouteConfig,
@@ -183,7 +179,7 @@ impl Attempt {
         let settings = &ex.generation.settings;
         let head = ex.head();
         let request_head =
-            heads::upstream_request(ex, route, upstream, endpoint, client.peer.ip(), client.tls);
+            heads::upstream_request(ex, route, upstream, endpoint, client.peer().ip(), client.tls());
         let (res, _) = up.write_all(request_head).await;
         if let Err(e) = res {
             let error = (!reused).then_some(ProxyError::UpstreamIo {
@@ -194,22 +190,19 @@ impl Attempt {
         }
         let up_wait = ex.response_timeout(upstream.cfg.response_timeout);
         let client_wait = settings.timeouts.idle;
-        match body::copy_request(
-            client,
-            &mut up,
-            head.framing,
-            route.max_body,
-            client_wait,
-            up_wait,
-        )
-        .await
+        let waits = Waits {
+            client: client_wait,
+            upstream: up_wait,
+        };
+        match client
+            .copy_request(&mut up, head.framing, route.max_body, waits)
+            .await
         {
             Ok(n) => ex.record.bytes_in = n,
             Err(CopyError::Source(e) | CopyError::Sink(e)) => {
                 return Self::Done(ex.answer(client, worker, Answer::Failed(e)).await);
             }
         }
-        let waits = (client_wait, up_wait);
         let max_headers = settings.limits.headers;
         let upgrade = ex.websocket;
         let response = final_response(
@@ -244,26 +237,25 @@ impl Attempt {
         ex.record.status = response.status;
         if response.status == 101 {
             ex.record.upstream_time = Some(started.elapsed());
-            tunnel::carry(client, worker, ex, &response, up, up_buf).await;
+            client.tunnel(worker, ex, &response, up, up_buf).await;
             return Self::Done(false);
         }
-        let relay = Relay::of(head, &response, client.draining());
-        let mut pump = Pump {
-            client,
-            up: &mut up,
-            endpoint: &endpoint_name,
-            client_wait,
-            up_wait,
+        let edits = if ex.chain.is_empty() {
+            crate::policy::HeaderEdits::default()
+        } else {
+            ex.chain.on_response(&ex.request, &response)
         };
-        let result = relay_response(&mut pump, ex, &response, relay, up_buf).await;
+        let (result, keep_alive) = client
+            .relay(ex, &response, &edits, (&mut up, up_buf, &endpoint_name), waits)
+            .await;
         ex.record.upstream_time = Some(started.elapsed());
         let keep = match result {
-            Ok((sent, pool, buf)) => {
+            Ok((sent, reusable, buf)) => {
                 ex.record.bytes_out = sent;
-                if pool {
+                if reusable && response.keep_alive {
                     worker.pool.put(upstream.id, endpoint, up, buf);
                 }
-                relay.keep_alive
+                keep_alive
             }
             Err((sent, e)) => {
                 ex.record.bytes_out = sent;
@@ -281,15 +273,15 @@ impl Attempt {
 /// is final when the request asked for a WebSocket (`upgrade`) and the
 /// upstream switched to one; any other `101` is a protocol error.
 async fn final_response(
-    client: &mut Client<'_>,
+    client: &mut impl Downstream,
     up: &mut Conn,
     up_buf: &mut Vec<u8>,
-    (client_wait, up_wait): (Duration, Duration),
+    waits: Waits,
     (max_headers, upgrade): (usize, bool),
     endpoint: &str,
 ) -> Result<Head, ProxyError> {
     loop {
-        match body::read_response_head(up, up_buf, up_wait, max_headers, endpoint).await? {
+        match body::read_response_head(up, up_buf, waits.upstream, max_headers, endpoint).await? {
             r if r.status == 100 => {}
             r if r.status == 101 && upgrade && r.lists_token("upgrade", "websocket") => return Ok(r),
             r if r.status == 101 => {
@@ -298,42 +290,8 @@ async fn final_response(
                     source: HttpError::Malformed("upgrade is not supported"),
                 });
             }
-            r if r.status < 200 => drop(client.write(heads::interim(&r), client_wait).await?),
+            r if r.status < 200 => client.interim(&r, waits.client).await?,
             r => return Ok(r),
         }
     }
-}
-
-/// Runs the response policies, sends the head and streams the body; the
-/// bytes sent, whether the upstream connection may be pooled, and its buffer.
-async fn relay_response(
-    pump: &mut Pump<'_, '_>,
-    ex: &Exchange<'_>,
-    response: &Head,
-    relay: Relay,
-    up_buf: Vec<u8>,
-) -> Result<body::Sent, (u64, ProxyError)> {
-    let edits = if ex.chain.is_empty() {
-        crate::policy::HeaderEdits::default()
-    } else {
-        ex.chain.on_response(&ex.request, response)
-    };
-    let head = heads::client_response(ex, response, &edits, relay);
-    let (sent, reusable, up_buf) = match relay.framing {
-        Framing::Empty => {
-            let sent = head.len() as u64;
-            pump.client
-                .write(head, pump.client_wait)
-                .await
-                .map_err(|e| (sent, e))?;
-            // Some upstreams send a body to HEAD anyway; such a connection
-            // would answer the next request with stale bytes, so it is not reused.
-            let reusable = up_buf.is_empty() && ex.head().method() != "HEAD";
-            (sent, reusable, up_buf)
-        }
-        Framing::Length(n) => pump.length(n, head, up_buf).await?,
-        Framing::Chunked => pump.chunked(relay.rechunk, head, up_buf).await?,
-        Framing::UntilClose => pump.until_close(relay.rechunk, head, up_buf).await?,
-    };
-    Ok((sent, response.keep_alive && reusable, up_buf))
 }

@@ -17,10 +17,10 @@ fn via(earlier: Option<Vec<u8>>, version: Version) -> Vec<u8> {
         v.extend_from_slice(b", ");
         v
     });
-    v.extend_from_slice(if version == Version::Http10 {
-        b"1.0 portcullis"
-    } else {
-        b"1.1 portcullis"
+    v.extend_from_slice(match version {
+        Version::Http10 => b"1.0 portcullis",
+        Version::Http11 => b"1.1 portcullis",
+        Version::Http2 => b"2 portcullis",
     });
     v
 }
@@ -163,16 +163,16 @@ impl Relay {
     }
 }
 
-/// The response head sent to the client, with the response policies' `edits`.
-pub(super) fn client_response(
+/// The end-to-end fields of `response` as the client gets them, whatever
+/// its protocol: hop-by-hop ones removed, the response policies' `edits`
+/// and the request phase's additions applied, this hop added to `Via`.
+pub(super) fn response_fields(
     ex: &Exchange<'_>,
     response: &Head,
     edits: &HeaderEdits,
-    relay: Relay,
-) -> Vec<u8> {
+    mut put: impl FnMut(&[u8], &[u8]),
+) {
     let fwd_via = ex.generation.settings.forwarded.via;
-    let mut out = Vec::with_capacity(response.wire_len() + 64);
-    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", response.status, response.reason()).as_bytes());
     let mut earlier_via: Option<Vec<u8>> = None;
     for (name, value) in response.headers() {
         if response.is_hop_by_hop(name) || edits.removes(name) {
@@ -182,16 +182,30 @@ pub(super) fn client_response(
             earlier_via = Some(value.to_vec());
             continue;
         }
-        http::put_header(&mut out, name, value);
+        put(name, value);
     }
     for (name, value) in edits.add.iter().chain(&ex.request.response_add) {
-        http::put_header(&mut out, name.as_bytes(), value.as_bytes());
-    }
-    if relay.rechunk {
-        http::put_header(&mut out, b"transfer-encoding", b"chunked");
+        put(name.as_bytes(), value.as_bytes());
     }
     if fwd_via {
-        http::put_header(&mut out, b"via", &via(earlier_via, response.version));
+        put(b"via", &via(earlier_via, response.version));
+    }
+}
+
+/// The response head sent to an HTTP/1 client, with the response policies' `edits`.
+pub(super) fn client_response(
+    ex: &Exchange<'_>,
+    response: &Head,
+    edits: &HeaderEdits,
+    relay: Relay,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(response.wire_len() + 64);
+    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", response.status, response.reason()).as_bytes());
+    response_fields(ex, response, edits, |name, value| {
+        http::put_header(&mut out, name, value);
+    });
+    if relay.rechunk {
+        http::put_header(&mut out, b"transfer-encoding", b"chunked");
     }
     if relay.upgrade {
         http::put_header(&mut out, b"connection", b"upgrade");

@@ -13,6 +13,7 @@ use super::Worker;
 use super::client::{self, Client};
 use super::conn::Conn;
 use super::exchange;
+use super::h2::{self, H2Io};
 use super::io::Stream;
 use crate::runtime::ListenerRt;
 use crate::telemetry::HandshakeLabels;
@@ -69,12 +70,36 @@ pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, stream: Stream
     let Some(mut conn) = handshake(&worker, &listener, stream, peer).await else {
         return;
     };
+    let http2 = worker.current().settings.http2;
+    let mut already = Vec::new();
+    if conn.alpn() == Some(b"h2") {
+        let (stream, tls) = conn.into_parts();
+        let transport = H2Io::new(stream, tls, Vec::new(), http2.control_frames_per_second);
+        h2::serve(worker.clone(), listener, transport, peer, true).await;
+        return;
+    }
+    if listener.h2c
+        && let Conn::Plain(stream) = &conn
+    {
+        let wait = worker.current().settings.timeouts.request_headers;
+        let Some((preface, bytes)) = h2::sniff_preface(stream, wait).await else {
+            return;
+        };
+        if preface {
+            let (stream, _) = conn.into_parts();
+            let transport = H2Io::new(stream, None, bytes, http2.control_frames_per_second);
+            h2::serve(worker.clone(), listener, transport, peer, false).await;
+            return;
+        }
+        already = bytes;
+    }
     let mut client = Client::new(
         &mut conn,
         peer,
         listener.tls.is_some(),
         worker.shared.draining.clone(),
     );
+    client.buf = already;
     let mut first = true;
     loop {
         let generation = worker.current();

@@ -30,6 +30,8 @@ pub struct ListenerRt {
     pub addr: SocketAddr,
     /// TLS server config, if the listener is `https`.
     pub tls: Option<Arc<ServerConfig>>,
+    /// Whether it also takes cleartext HTTP/2 with prior knowledge.
+    pub h2c: bool,
     /// Its routes.
     pub router: Router,
 }
@@ -76,6 +78,7 @@ impl Generation {
             let rt = ListenerRt {
                 addr: l.addr,
                 tls,
+                h2c: l.h2c,
                 router: Router::new(l.routes.clone()),
             };
             listeners.insert(l.addr, Arc::new(rt));

@@ -25,6 +25,8 @@ pub(super) struct ListenerDraft {
     tls: Option<InboundTls>,
     /// Whether it faces the internet, and where that was first said.
     network: Option<(bool, Origin)>,
+    /// Whether it takes h2c, and where that was first said.
+    h2c: Option<(bool, Origin)>,
 }
 
 /// What the ApiInstances came to.
@@ -113,6 +115,10 @@ fn websocket(api: &ApiDoc<'_>, c: &mut Collector) -> WebSocketConfig {
     out
 }
 
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
+
 /// Turns every ApiInstance into a route on its listener's draft.
 pub(super) fn draft<'a>(
     apis: &'a [ApiDoc<'_>],
@@ -171,6 +177,7 @@ pub(super) fn draft<'a>(
             routes: Vec::new(),
             tls: None,
             network: None,
+            h2c: None,
         });
         entry.add(api, listen, &url, route, name_at, bindings, c);
     }
@@ -206,6 +213,27 @@ impl ListenerDraft {
             ),
             Some(_) => {}
             None => self.network = Some((external, api.doc.at("spec.address"))),
+        }
+        if let Some(cleartext) = api.spec.http2.as_ref().and_then(|h| h.cleartext) {
+            let at = api.doc.at("spec.http2.cleartext");
+            match &self.h2c {
+                _ if cleartext && url.tls => c.push(
+                    &at,
+                    "h2c is for http:// listeners; over TLS HTTP/2 is negotiated by ALPN (the tls binding's `alpn`)",
+                ),
+                Some((other, prev)) if *other != cleartext => c.push(
+                    &at,
+                    format!(
+                        "{listen} has h2c {} here but {} at {}:{}; HTTP/2 is per port",
+                        on_off(cleartext),
+                        on_off(*other),
+                        prev.file,
+                        prev.line
+                    ),
+                ),
+                Some(_) => {}
+                None => self.h2c = Some((cleartext, at)),
+            }
         }
         if self.https != url.tls {
             c.push(
@@ -280,6 +308,7 @@ pub(super) fn finish(
             addr,
             external: draft.network.is_some_and(|(e, _)| e),
             tls: draft.tls,
+            h2c: draft.h2c.is_some_and(|(on, _)| on),
             routes,
         });
     }

@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use super::{Collector, Doc, pem, secret_value};
 use crate::config::{
-    Config, GateLevel, GatewaySettings, ProxySettings, RedisConfig, RegistrationConfig, XffMode,
-    parse_duration, parse_url, raw, secret::Resolver,
+    Config, GateLevel, GatewaySettings, Http2Settings, ProxySettings, RedisConfig, RegistrationConfig,
+    XffMode, parse_duration, parse_url, raw, secret::Resolver,
 };
 
 /// The configuration with the Configuration resource's settings (or the
@@ -239,7 +239,51 @@ pub(super) fn proxy_settings(doc: &Doc, spec: &raw::ConfigurationSpec, c: &mut C
         s.forwarded.host = f.x_forwarded_host.unwrap_or(true);
         s.forwarded.via = f.via.unwrap_or(true);
     }
+    if let Some(h) = &p.http2 {
+        http2_settings(doc, h, &mut s.http2, c);
+    }
     s
+}
+
+/// `spec.proxy.http2` over the defaults: each limit at least 1, windows within HTTP/2's range.
+fn http2_settings(doc: &Doc, h: &raw::Http2Spec, out: &mut Http2Settings, c: &mut Collector) {
+    const MAX_WINDOW: u32 = (1 << 31) - 1;
+    let mut set = |v: Option<u32>, field: &str, range: std::ops::RangeInclusive<u32>, slot: &mut u32| {
+        if let Some(v) = v {
+            if range.contains(&v) {
+                *slot = v;
+            } else {
+                c.push(
+                    &doc.at(&format!("spec.proxy.http2.{field}")),
+                    format!("must be {} to {}", range.start(), range.end()),
+                );
+            }
+        }
+    };
+    set(
+        h.max_concurrent_streams,
+        "maxConcurrentStreams",
+        1..=10_000,
+        &mut out.max_concurrent_streams,
+    );
+    set(
+        h.stream_window_bytes,
+        "streamWindowBytes",
+        65_535..=MAX_WINDOW,
+        &mut out.stream_window,
+    );
+    set(
+        h.connection_window_bytes,
+        "connectionWindowBytes",
+        65_535..=MAX_WINDOW,
+        &mut out.connection_window,
+    );
+    set(
+        h.control_frames_per_second,
+        "controlFramesPerSecond",
+        1..=1_000_000,
+        &mut out.control_frames_per_second,
+    );
 }
 
 pub(super) fn from_config<T: for<'de> Deserialize<'de>>(

@@ -133,15 +133,22 @@ pub(super) fn version(
     }
 }
 
-pub(super) fn alpn(doc: &Doc, v: Option<&Vec<String>>, c: &mut Collector) -> Vec<String> {
+/// The ALPN list of a TLS binding: to clients the gateway speaks h2 and
+/// http/1.1 (both offered by default), to upstreams http/1.1.
+pub(super) fn alpn(doc: &Doc, v: Option<&Vec<String>>, inbound: bool, c: &mut Collector) -> Vec<String> {
+    let served: &[&str] = if inbound {
+        &["h2", "http/1.1"]
+    } else {
+        &["http/1.1"]
+    };
     match v {
-        None => vec!["http/1.1".into()],
+        None => served.iter().map(|p| (*p).to_owned()).collect(),
         Some(list) => {
             for p in list {
-                if p != "http/1.1" {
+                if !served.contains(&p.as_str()) {
                     c.push(
                         &doc.at("spec.config.alpn"),
-                        format!("ALPN `{p}` is not served; this gateway speaks http/1.1"),
+                        format!("ALPN `{p}` is not served; use {}", served.join(" or ")),
                     );
                 }
             }
@@ -196,7 +203,7 @@ pub(super) fn inbound_tls(
         require_client_cert: cfg.require_client_certificate,
         min,
         max,
-        alpn: alpn(doc, cfg.alpn.as_ref(), c),
+        alpn: alpn(doc, cfg.alpn.as_ref(), true, c),
         origin: doc.at("spec.policyRef"),
     })
 }
@@ -231,7 +238,7 @@ pub(super) fn outbound_tls(
         sni: cfg.sni,
         min,
         max,
-        alpn: alpn(doc, cfg.alpn.as_ref(), c),
+        alpn: alpn(doc, cfg.alpn.as_ref(), false, c),
         origin: doc.at("spec.policyRef"),
     })
 }

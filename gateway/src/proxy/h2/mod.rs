@@ -1,0 +1,559 @@
+//! HTTP/2 to clients: over TLS when ALPN settles on `h2`, and in cleartext
+//! with prior knowledge (h2c) where the listener takes it. The `h2` crate
+//! does the framing, HPACK, flow control and stream states over [`H2Io`];
+//! each stream becomes an exchange like any HTTP/1.1 request (the same
+//! routing, Gatekeeper, policies, forwarding as HTTP/1.1 and answer path),
+//! through [`Downstream`].
+//!
+//! ```text
+//! H2Io (rustls, control-frame meter) ─► h2::server::Connection ─► accept loop
+//!   └─ per stream: head (h2_request) ─► exchange::handle(H2Stream) ─► HTTP/1.1 upstream
+//! ```
+//!
+//! The floods of the last years are bounded here: concurrent streams by
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`; rapid reset (CVE-2023-44487) by `h2`'s
+//! pending-accept reset limit and by RST_STREAM counting as a control frame;
+//! CONTINUATION floods and HPACK bombs by the header list limit (the proxy's
+//! `headerBytes`), which `h2` enforces while decoding; SETTINGS, PING,
+//! PRIORITY, tiny WINDOW_UPDATE and empty DATA floods by the control-frame
+//! budget, after which the client is sent `GOAWAY ENHANCE_YOUR_CALM`.
+
+pub(super) mod io;
+
+use std::cell::Cell;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use tokio::time::timeout;
+
+use super::Worker;
+use super::answer::{Answer, CONTENT_TYPE};
+use super::body::{self, CopyError, Sent};
+use super::conn::Conn;
+use super::downstream::{Downstream, Waits};
+use super::error::ProxyError;
+use super::exchange::{self, ANSWER_WRITE, Exchange};
+use super::heads;
+use super::io::Transport as _;
+use crate::http::{self, ChunkedDecoder, Framing, Head, HttpError, Reencode, Version};
+use crate::policy::HeaderEdits;
+use crate::runtime::ListenerRt;
+pub(super) use io::{H2Io, PREFACE};
+
+/// Longest wait for the connection to finish after a GOAWAY.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// Reset streams a client may leave in the accept queue before `GOAWAY`.
+const PENDING_RESETS: usize = 20;
+/// Body bytes `h2` buffers per stream towards a slow client.
+const SEND_BUFFER: usize = 256 * 1024;
+
+/// Serves one HTTP/2 connection until it closes.
+pub(super) async fn serve(
+    worker: Rc<Worker>,
+    listener: Arc<ListenerRt>,
+    transport: H2Io,
+    peer: SocketAddr,
+    tls: bool,
+) {
+    let generation = worker.current();
+    let settings = &generation.settings;
+    let limits = settings.http2;
+    let flooded = transport.flood_flag();
+    let stream = transport.stream();
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .initial_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window)
+        .max_header_list_size(u32::try_from(settings.limits.header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(PENDING_RESETS)
+        .max_send_buffer_size(SEND_BUFFER);
+    let handshake = timeout(
+        settings.timeouts.request_headers,
+        builder.handshake::<_, Bytes>(transport),
+    );
+    let mut conn = match handshake.await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "HTTP/2 handshake failed");
+            stream.shutdown();
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "HTTP/2 handshake timed out");
+            stream.shutdown();
+            return;
+        }
+    };
+    worker.shared.metrics.http2_connections.inc();
+    let idle = settings.timeouts.idle;
+    let open = Rc::new(Cell::new(0usize));
+    let last_active = Rc::new(Cell::new(tokio::time::Instant::now()));
+    let drained = worker.shared.drain.notified();
+    tokio::pin!(drained);
+    drained.as_mut().enable();
+    let mut closing = false;
+    if worker.shared.draining.load(Ordering::Acquire) {
+        conn.graceful_shutdown();
+        closing = true;
+    }
+    loop {
+        let idle_at = last_active.get() + idle;
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = poll_fn(|_| if flooded.get() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }) => {
+                tracing::warn!(%peer, "HTTP/2 control-frame flood; GOAWAY ENHANCE_YOUR_CALM");
+                worker.shared.metrics.http2_floods.inc();
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                break;
+            }
+            () = &mut drained, if !closing => {
+                conn.graceful_shutdown();
+                closing = true;
+                continue;
+            }
+            () = tokio::time::sleep_until(idle_at), if !closing => {
+                if open.get() == 0 && tokio::time::Instant::now() >= last_active.get() + idle {
+                    conn.graceful_shutdown();
+                    closing = true;
+                }
+                continue;
+            }
+        };
+        match next {
+            Some(Ok((request, respond))) => {
+                open.set(open.get() + 1);
+                let task = StreamTask {
+                    worker: worker.clone(),
+                    listener: listener.addr,
+                    peer,
+                    tls,
+                    open: open.clone(),
+                    last_active: last_active.clone(),
+                };
+                super::io::spawn(task.run(request, respond));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "HTTP/2 connection failed");
+                break;
+            }
+            None => break,
+        }
+    }
+    let _ = timeout(CLOSE_WAIT, poll_fn(|cx| conn.poll_closed(cx))).await;
+    drop(conn);
+    stream.shutdown();
+}
+
+/// What one stream's task needs of its connection.
+struct StreamTask {
+    worker: Rc<Worker>,
+    listener: SocketAddr,
+    peer: SocketAddr,
+    tls: bool,
+    open: Rc<Cell<usize>>,
+    last_active: Rc<Cell<tokio::time::Instant>>,
+}
+
+impl StreamTask {
+    /// Handles one request stream to its end.
+    async fn run(self, request: ::http::Request<RecvStream>, respond: SendResponse<Bytes>) {
+        let started = Instant::now();
+        let (parts, body) = request.into_parts();
+        let mut down = H2Stream {
+            peer: self.peer,
+            tls: self.tls,
+            has_body: !body.is_end_stream(),
+            body,
+            respond,
+            send: None,
+            ended: false,
+        };
+        let generation = self.worker.current();
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("", ::http::uri::PathAndQuery::as_str);
+        let authority = parts.uri.authority().map(::http::uri::Authority::as_str);
+        let fields = parts
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+        let head = http::h2_request(
+            parts.method.as_str(),
+            target,
+            authority,
+            fields,
+            down.has_body,
+            &generation.settings.limits,
+        );
+        match head {
+            Ok(head) => {
+                Box::pin(exchange::handle(
+                    &mut down,
+                    &self.worker,
+                    self.listener,
+                    head,
+                    started,
+                ))
+                .await;
+            }
+            Err(e) => exchange::refuse_head(&mut down, &self.worker, ProxyError::Client(e)).await,
+        }
+        down.finish();
+        self.open.set(self.open.get() - 1);
+        self.last_active.set(tokio::time::Instant::now());
+    }
+}
+
+/// One HTTP/2 stream as the client side of an exchange.
+struct H2Stream {
+    peer: SocketAddr,
+    tls: bool,
+    has_body: bool,
+    body: RecvStream,
+    respond: SendResponse<Bytes>,
+    /// The response body's stream, once the head went out.
+    send: Option<SendStream<Bytes>>,
+    /// Whether the response reached its end of stream.
+    ended: bool,
+}
+
+fn client_error(e: &h2::Error) -> ProxyError {
+    ProxyError::ClientIo(std::io::Error::other(e.to_string()))
+}
+
+fn timed_out(what: &'static str) -> ProxyError {
+    ProxyError::ClientIo(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+}
+
+impl H2Stream {
+    /// Sends a response head; the body follows unless `end`.
+    fn send_head(&mut self, response: ::http::Response<()>, end: bool) -> Result<(), ProxyError> {
+        let send = self
+            .respond
+            .send_response(response, end)
+            .map_err(|e| client_error(&e))?;
+        self.send = Some(send);
+        self.ended = end;
+        Ok(())
+    }
+
+    /// Sends `data` as the client's window allows; `end` closes the stream after it.
+    async fn send_data(&mut self, mut data: Bytes, end: bool, wait: Duration) -> Result<(), ProxyError> {
+        let Some(send) = &mut self.send else {
+            return Ok(());
+        };
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let capacity = timeout(wait, poll_fn(|cx| send.poll_capacity(cx)))
+                .await
+                .map_err(|_| timed_out("the client kept its HTTP/2 window closed"))?;
+            match capacity {
+                Some(Ok(0)) => {}
+                Some(Ok(n)) => {
+                    let part = data.split_to(n.min(data.len()));
+                    let last = end && data.is_empty();
+                    send.send_data(part, last).map_err(|e| client_error(&e))?;
+                    if last {
+                        self.ended = true;
+                        return Ok(());
+                    }
+                }
+                Some(Err(e)) => return Err(client_error(&e)),
+                None => return Err(timed_out("the client closed the stream")),
+            }
+        }
+        if end {
+            send.send_data(Bytes::new(), true).map_err(|e| client_error(&e))?;
+            self.ended = true;
+        }
+        Ok(())
+    }
+
+    /// Ends the stream if the exchange left it open (a failure mid-body): reset, not truncated silently.
+    fn finish(&mut self) {
+        if let Some(send) = &mut self.send
+            && !self.ended
+        {
+            send.send_reset(Reason::INTERNAL_ERROR);
+        }
+    }
+
+    /// The next DATA frame of the request body; `None` at its end.
+    async fn next_data(&mut self, wait: Duration) -> Result<Option<Bytes>, ProxyError> {
+        match timeout(wait, self.body.data()).await {
+            Err(_) => Err(timed_out("client body read timed out")),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(e))) => Err(client_error(&e)),
+            Ok(Some(Ok(data))) => {
+                let _ = self.body.flow_control().release_capacity(data.len());
+                Ok(Some(data))
+            }
+        }
+    }
+}
+
+/// A response head for `status` with `fields`, dropping any field HTTP/2 cannot carry.
+fn response_head<'a>(
+    status: u16,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> ::http::Response<()> {
+    let mut response = ::http::Response::new(());
+    *response.status_mut() = ::http::StatusCode::from_u16(status).unwrap_or(::http::StatusCode::BAD_GATEWAY);
+    let headers = response.headers_mut();
+    for (name, value) in fields {
+        if let (Ok(name), Ok(value)) = (
+            ::http::HeaderName::from_bytes(name),
+            ::http::HeaderValue::from_bytes(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    response
+}
+
+impl Downstream for H2Stream {
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The stream ends with the answer; the connection carries on.
+    fn keeps_alive(&self, _answer: &Answer, _head: &Head) -> bool {
+        true
+    }
+
+    async fn send_answer(&mut self, answer: &Answer, _version: Version, _keep: bool) -> u64 {
+        let (fields, body) = answer.parts();
+        let length = body.len().to_string();
+        let all = fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).chain([
+            (&b"content-type"[..], CONTENT_TYPE.as_bytes()),
+            (b"content-length", length.as_bytes()),
+        ]);
+        if self
+            .send_head(response_head(answer.status(), all), false)
+            .is_err()
+        {
+            return 0;
+        }
+        let sent = body.len() as u64;
+        match self.send_data(Bytes::from(body), true, ANSWER_WRITE).await {
+            Ok(()) => sent,
+            Err(_) => 0,
+        }
+    }
+
+    async fn send_continue(&mut self, _wait: Duration) -> Result<(), ProxyError> {
+        let head = response_head(100, std::iter::empty());
+        self.respond
+            .send_informational(head)
+            .map_err(|e| client_error(&e))
+    }
+
+    async fn copy_request(
+        &mut self,
+        up: &mut Conn,
+        framing: Framing,
+        max: u64,
+        waits: Waits,
+    ) -> Result<u64, CopyError> {
+        if !self.has_body {
+            return Ok(0);
+        }
+        let mut payload: u64 = 0;
+        let chunked = framing == Framing::Chunked;
+        while let Some(data) = self.next_data(waits.client).await.map_err(CopyError::Source)? {
+            payload += data.len() as u64;
+            if let Framing::Length(n) = framing
+                && payload > n
+            {
+                let e = HttpError::Malformed("more body than content-length");
+                return Err(CopyError::Source(ProxyError::Client(e)));
+            }
+            if chunked && payload > max {
+                return Err(CopyError::Source(ProxyError::BodyTooLarge { limit: max }));
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let out = if chunked {
+                let mut out = Vec::with_capacity(data.len() + 16);
+                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+                out
+            } else {
+                data.to_vec()
+            };
+            write_upstream(up, out, waits.upstream).await?;
+        }
+        if let Framing::Length(n) = framing
+            && payload != n
+        {
+            let e = HttpError::Malformed("less body than content-length");
+            return Err(CopyError::Source(ProxyError::Client(e)));
+        }
+        if chunked {
+            write_upstream(up, b"0\r\n\r\n".to_vec(), waits.upstream).await?;
+        }
+        Ok(payload)
+    }
+
+    async fn interim(&mut self, response: &Head, _wait: Duration) -> Result<(), ProxyError> {
+        let head = response_head(response.status, response.headers());
+        self.respond
+            .send_informational(head)
+            .map_err(|e| client_error(&e))
+    }
+
+    async fn relay(
+        &mut self,
+        ex: &Exchange<'_>,
+        response: &Head,
+        edits: &HeaderEdits,
+        (up, mut up_buf, endpoint): (&mut Conn, Vec<u8>, &str),
+        waits: Waits,
+    ) -> (Result<Sent, (u64, ProxyError)>, bool) {
+        let no_body = ex.head().method() == "HEAD" || matches!(response.status, 204 | 304);
+        let framing = if no_body { Framing::Empty } else { response.framing };
+        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        heads::response_fields(ex, response, edits, |n, v| fields.push((n.to_vec(), v.to_vec())));
+        let head = response_head(
+            response.status,
+            fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
+        );
+        if let Err(e) = self.send_head(head, framing == Framing::Empty) {
+            return (Err((0, e)), true);
+        }
+        let mut sent: u64 = 0;
+        let mut decoder = ChunkedDecoder::default();
+        let mut remaining = match framing {
+            Framing::Empty => {
+                let reusable = up_buf.is_empty() && ex.head().method() != "HEAD";
+                return (Ok((0, reusable, up_buf)), true);
+            }
+            Framing::Length(n) => n,
+            Framing::Chunked | Framing::UntilClose => u64::MAX,
+        };
+        loop {
+            let out = if framing == Framing::Chunked {
+                let mut out = Vec::with_capacity(up_buf.len());
+                match decoder.feed(&up_buf, &mut out, Reencode::Raw) {
+                    Ok(used) => drop(up_buf.drain(..used)),
+                    Err(source) => {
+                        let e = ProxyError::UpstreamProtocol {
+                            endpoint: endpoint.to_owned(),
+                            source,
+                        };
+                        return (Err((sent, e)), true);
+                    }
+                }
+                out
+            } else {
+                let take = usize::try_from(remaining).unwrap_or(usize::MAX).min(up_buf.len());
+                remaining -= take as u64;
+                if take == up_buf.len() {
+                    std::mem::take(&mut up_buf)
+                } else {
+                    up_buf.drain(..take).collect()
+                }
+            };
+            let done = match framing {
+                Framing::Chunked => decoder.is_done(),
+                _ => remaining == 0,
+            };
+            sent += out.len() as u64;
+            if let Err(e) = self.send_data(Bytes::from(out), done, waits.client).await {
+                return (Err((sent, e)), true);
+            }
+            if done {
+                return (Ok((sent, up_buf.is_empty(), up_buf)), true);
+            }
+            match body::read_upstream(up, up_buf, waits.upstream, endpoint).await {
+                Ok((buf, 0)) if framing == Framing::UntilClose => {
+                    if let Err(e) = self.send_data(Bytes::new(), true, waits.client).await {
+                        return (Err((sent, e)), true);
+                    }
+                    return (Ok((sent, false, buf)), true);
+                }
+                Ok((_, 0)) => {
+                    let e = ProxyError::UpstreamIo {
+                        endpoint: endpoint.to_owned(),
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    };
+                    return (Err((sent, e)), true);
+                }
+                Ok((buf, _)) => up_buf = buf,
+                Err(e) => return (Err((sent, e)), true),
+            }
+        }
+    }
+
+    async fn tunnel(
+        &mut self,
+        worker: &Worker,
+        ex: &mut Exchange<'_>,
+        _response: &Head,
+        _up: Conn,
+        _up_buf: Vec<u8>,
+    ) {
+        // A WebSocket handshake is HTTP/1.1 only (RFC 8441 is not served), so no 101 is final here.
+        let e = ProxyError::UpstreamProtocol {
+            endpoint: "upstream".into(),
+            source: HttpError::Malformed("upgrade over HTTP/2"),
+        };
+        ex.answer(self, worker, Answer::Failed(e)).await;
+    }
+}
+
+async fn write_upstream(up: &mut Conn, bytes: Vec<u8>, wait: Duration) -> Result<(), CopyError> {
+    let io_error = |source| {
+        CopyError::Sink(ProxyError::UpstreamIo {
+            endpoint: "upstream".into(),
+            source,
+        })
+    };
+    match timeout(wait, up.write_all(bytes)).await {
+        Ok((Ok(()), _)) => Ok(()),
+        Ok((Err(e), _)) => Err(io_error(e)),
+        Err(_) => Err(io_error(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "upstream write timed out",
+        ))),
+    }
+}
+
+/// Reads the start of a cleartext connection on an h2c listener: whether it
+/// opens with the HTTP/2 preface, and the bytes read either way; `None`
+/// when the client sent too little in `wait`.
+pub(super) async fn sniff_preface(stream: &super::io::Stream, wait: Duration) -> Option<(bool, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(super::client::IDLE_READ);
+    let deadline = tokio::time::Instant::now() + wait;
+    while buf.len() < PREFACE.len() && PREFACE.starts_with(&buf) {
+        match tokio::time::timeout_at(deadline, stream.read(buf)).await {
+            Ok((Ok(n), b)) => {
+                buf = b;
+                if n == 0 {
+                    break;
+                }
+            }
+            Ok((Err(_), b)) => {
+                buf = b;
+                break;
+            }
+            Err(_) => return None,
+        }
+    }
+    Some((buf.starts_with(PREFACE), buf))
+}
