@@ -59,12 +59,7 @@ fn api(name: &str, address: &str, extra: &str) -> String {
 impl Scene {
     /// curl over TLS to h2.test:8443 with `args`; its output.
     fn tls(&self, args: &[&str]) -> anyhow::Result<String> {
-        let mut all = vec![
-            "--cacert",
-            &self.ca,
-            "--resolve",
-            "h2.test:8443:127.0.0.1",
-        ];
+        let mut all = vec!["--cacert", &self.ca, "--resolve", "h2.test:8443:127.0.0.1"];
         all.extend_from_slice(args);
         let (code, out, err) = curl(&self.ns, &all)?;
         ensure!(code == 0, "curl {args:?}: {code} {err}");
@@ -132,7 +127,10 @@ fn http2_requests_are_routed_policed_and_forwarded_like_http1() -> anyhow::Resul
     std::fs::write(&big, portcullis_tests::http::pattern(0, 3 << 20))?;
     let file = format!("@{}", big.display());
     let sized = s.tls(&["--http2", "--data-binary", &file, &format!("{base}/sink")])?;
-    ensure!(sized.contains(&(3u64 << 20).to_string()), "content-length body: {sized}");
+    ensure!(
+        sized.contains(&(3u64 << 20).to_string()),
+        "content-length body: {sized}"
+    );
     let upload = format!("{}", big.display());
     let streamed = s.tls(&[
         "--http2",
@@ -144,11 +142,19 @@ fn http2_requests_are_routed_policed_and_forwarded_like_http1() -> anyhow::Resul
         "content-length:",
         &format!("{base}/sink"),
     ])?;
-    ensure!(streamed.contains(&(3u64 << 20).to_string()), "streamed body: {streamed}");
+    ensure!(
+        streamed.contains(&(3u64 << 20).to_string()),
+        "streamed body: {streamed}"
+    );
     ensure!(get("/bytes/5000000", &[])? == "2 200 5000000");
     ensure!(get("/chunked/2000000", &[])? == "2 200 2000000");
     let out = s.dir.0.join("down");
-    s.tls(&["--http2", "-o", &out.display().to_string(), &format!("{base}/bytes/1048576")])?;
+    s.tls(&[
+        "--http2",
+        "-o",
+        &out.display().to_string(),
+        &format!("{base}/bytes/1048576"),
+    ])?;
     ensure!(
         std::fs::read(&out)? == portcullis_tests::http::pattern(0, 1 << 20),
         "the body arrives intact"
@@ -167,19 +173,28 @@ fn http2_requests_are_routed_policed_and_forwarded_like_http1() -> anyhow::Resul
     // h2c with prior knowledge, and HTTP/1.1 beside it on the same port.
     let (_, h2c, _) = curl(
         &s.ns,
-        &["--http2-prior-knowledge", "-o", "/dev/null", "-w", SHOW, "http://127.0.0.1:8080/hello"],
+        &[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            SHOW,
+            "http://127.0.0.1:8080/hello",
+        ],
     )?;
     ensure!(h2c.trim() == "2 200 24", "h2c: {h2c}");
-    let (_, h1, _) = curl(&s.ns, &["-o", "/dev/null", "-w", SHOW, "http://127.0.0.1:8080/hello"])?;
+    let (_, h1, _) = curl(
+        &s.ns,
+        &["-o", "/dev/null", "-w", SHOW, "http://127.0.0.1:8080/hello"],
+    )?;
     ensure!(h1.trim() == "1.1 200 24", "HTTP/1.1 on the h2c port: {h1}");
 
     // Many streams over few connections (nghttp2's h2load), TLS and h2c.
     for url in ["https://127.0.0.1:8443/hello", "http://127.0.0.1:8080/hello"] {
-        let out = s
-            .ns
-            .command("h2load")
-            .args(["-n", "4000", "-c", "4", "-m", "25", url])
-            .output()?;
+        let out =
+            s.ns.command("h2load")
+                .args(["-n", "4000", "-c", "4", "-m", "25", url])
+                .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(
             text.contains("4000 succeeded, 0 failed, 0 errored") && text.contains("status codes: 4000 2xx"),
@@ -193,8 +208,14 @@ fn http2_requests_are_routed_policed_and_forwarded_like_http1() -> anyhow::Resul
         Ok(line[key.len()..].trim().parse()?)
     };
     ensure!(count("portcullis_http2_connections_total ")? >= 15, "{m}");
-    ensure!(count("portcullis_requests_total{api=\"orders\",status=\"200\"} ")? >= 4000, "{m}");
-    ensure!(count("portcullis_requests_total{api=\"locked\",status=\"403\"} ")? == 1, "{m}");
+    ensure!(
+        count("portcullis_requests_total{api=\"orders\",status=\"200\"} ")? >= 4000,
+        "{m}"
+    );
+    ensure!(
+        count("portcullis_requests_total{api=\"locked\",status=\"403\"} ")? == 1,
+        "{m}"
+    );
     ensure!(count("portcullis_http2_floods_total ")? == 0, "{m}");
     // Logged like any request.
     s.gw.wait_log("path=\"/sink\"", "the upload's access line")?;
@@ -230,7 +251,8 @@ fn http2_floods_are_cut_off_and_never_reach_the_upstream() -> anyhow::Result<()>
     ensure!(s.case("valid", 0)? == "status 200");
     let m = s.metrics()?;
     ensure!(
-        m.lines().any(|l| l.starts_with("portcullis_http2_floods_total ") && !l.ends_with(" 0")),
+        m.lines()
+            .any(|l| l.starts_with("portcullis_http2_floods_total ") && !l.ends_with(" 0")),
         "floods counted:\n{m}"
     );
     Ok(())
@@ -249,9 +271,10 @@ fn http2_conformance_cases() -> anyhow::Result<()> {
             "3.5-bad-preface" => &["closed", "goaway 1"],
             "4.2-data-over-max-frame-size" => &["goaway 6"],
             // The RFC names FRAME_SIZE_ERROR; h2 sends PROTOCOL_ERROR for every undecodable frame.
-            "6.4-rst-bad-length" | "6.5-settings-ack-with-payload" | "6.5-settings-bad-length" | "6.7-ping-bad-length" => {
-                &["goaway 6", "goaway 1"]
-            }
+            "6.4-rst-bad-length"
+            | "6.5-settings-ack-with-payload"
+            | "6.5-settings-bad-length"
+            | "6.7-ping-bad-length" => &["goaway 6", "goaway 1"],
             // The RFC names FLOW_CONTROL_ERROR; h2 sends PROTOCOL_ERROR for an invalid setting.
             "6.5.2-initial-window-too-large" => &["goaway 3", "goaway 1"],
             "6.9.1-connection-window-overflow" => &["goaway 3"],

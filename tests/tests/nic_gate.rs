@@ -178,8 +178,8 @@ fn a_stopped_or_killed_proxy_leaves_xdp_answering() -> anyhow::Result<()> {
     );
     let (code, head, _) = s.curl(2, &["-k"], &tls_url)?;
     ensure!(
-        code == 0 && head.starts_with("HTTP/1.1 200"),
-        "proxy serves TLS: {code} {head}"
+        code == 0 && head.starts_with("HTTP/2 200"),
+        "proxy serves TLS, HTTP/2 by ALPN: {code} {head}"
     );
     ensure!(s.gate(&plain)?["open"] == true, "{}", s.gate(&plain)?);
     ensure!(s.gate(&plain)?["mode"] == "503" && s.gate(&secure)?["mode"] == "reset");

@@ -690,7 +690,7 @@ fn tls_listener_selects_certificates_by_sni() -> anyhow::Result<()> {
             err.contains(&format!("CN={name}")) || err.contains(&format!("CN = {name}")),
             "{name} must be served its own certificate: {err}"
         );
-        ensure!(err.contains("ALPN: server accepted http/1.1"), "{err}");
+        ensure!(err.contains("ALPN: server accepted h2"), "h2 preferred: {err}");
     }
     let (code, _, _) = curl(
         &s.ns,

@@ -27,6 +27,10 @@ fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 const UPSTREAM: &str = "127.0.0.1:9000";
+/// The HTTP/2 row: connections, concurrent streams on each, seconds per run.
+const H2_CONNS: usize = 10;
+const H2_STREAMS: usize = 10;
+const H2_SECONDS: &str = "5";
 
 /// A process killed on drop.
 struct Proc(Child, &'static str);
@@ -196,7 +200,7 @@ http {{
 )]
 pub fn proxy() -> anyhow::Result<()> {
     crate::require_root("cargo xtask bench proxy")?;
-    setup::apt_install(&["nginx", "haproxy", "wrk", "curl"])?;
+    setup::apt_install(&["nginx", "haproxy", "wrk", "curl", "nghttp2-client"])?;
     let object = setup::build_ebpf()?;
     sh(cargo()
         .args(["build", "--release", "-p", "portcullis"])
@@ -209,6 +213,9 @@ pub fn proxy() -> anyhow::Result<()> {
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("small"), "x".repeat(128))?;
     std::fs::write(www.join("16k"), "y".repeat(16 * 1024))?;
+    let pki_dir = TempDir::new("bench-pki")?;
+    let pki = portcullis_harness::http::Pki::new(&pki_dir.0, "bench")?;
+    let leaf = pki.issue("proxy", &["bench.test"], false)?;
 
     // The upstream: nginx serving both bodies from memory-cached files.
     let up_conf = dir.write(
@@ -241,7 +248,12 @@ pub fn proxy() -> anyhow::Result<()> {
             &format!(
                 "upstream up {{ server {UPSTREAM}; keepalive 1024; keepalive_requests 10000000; }}
   server {{ listen 127.0.0.1:8081 backlog=4096;
-    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering on; }} }}"
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering on; }} }}
+  server {{ listen 127.0.0.1:8444 ssl http2 backlog=4096;
+    ssl_certificate {}; ssl_certificate_key {};
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering on; }} }}",
+                leaf.crt.display(),
+                leaf.key.display()
             ),
             workers,
         ),
@@ -310,7 +322,15 @@ spec:
   proxy:
     workers: {workers}
     admin: 127.0.0.1:9901
-"
+---
+{}{}",
+            portcullis_harness::http::api_instance(
+                "bench-tls",
+                "https://127.0.0.1:8443/",
+                &format!("http://{UPSTREAM}/"),
+                ""
+            ),
+            portcullis_harness::http::tls_binding("bench-tls", &[&leaf], "")
         ),
     )?;
     let log = dir.0.join("portcullis.log");
@@ -331,6 +351,11 @@ spec:
         ("direct", UPSTREAM, None),
     ];
     let table = matrix(&ns, &targets)?;
+    let h2_targets = [
+        ("portcullis", "127.0.0.1:8443", gateway.0.id()),
+        ("nginx", "127.0.0.1:8444", nginx.0.id()),
+    ];
+    let h2_table = http2_rows(&ns, &dir, &h2_targets)?;
     let policies = policy_runs(&ns, &dir, &bin)?;
     // Give the workers' pool sweep (every 2 s) time to let go of the burst.
     std::thread::sleep(Duration::from_secs(5));
@@ -340,6 +365,8 @@ spec:
         "workers per proxy: {workers}; wrk 2 threads, {DURATION} per run, median of {REPEATS} rounds in rotating order; upstream nginx (1 worker) on the same loopback"
     );
     print!("{table}");
+    println!();
+    print!("{h2_table}");
     println!();
     println!("| workload (128 B, 50 conns) | req/s | p50 / p99 ms | vs no policies |");
     println!("| --- | ---: | --- | ---: |");
@@ -426,6 +453,121 @@ fn matrix(ns: &NetNs, targets: &[(&str, &str, Option<u32>)]) -> anyhow::Result<S
             );
         }
     }
+    Ok(table)
+}
+
+/// h2load's figures for `url` over `H2_CONNS` connections of `H2_STREAMS`
+/// streams each; p50/p99 from its per-request log.
+fn h2load(ns: &NetNs, dir: &TempDir, url: &str) -> anyhow::Result<Run> {
+    let log = dir.0.join("h2load.log");
+    let _ = std::fs::remove_file(&log);
+    let (conns, streams) = (H2_CONNS.to_string(), H2_STREAMS.to_string());
+    let out = ns
+        .command("h2load")
+        .args([
+            "-c",
+            &conns,
+            "-m",
+            &streams,
+            "-t",
+            "2",
+            "-D",
+            H2_SECONDS,
+            "--warm-up-time=1",
+        ])
+        .arg(format!("--log-file={}", log.display()))
+        .arg(url)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("h2load {url}: {}{text}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut run = Run::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["finished", "in", _, rps, "req/s,", ..] => run.rps = rps.parse().unwrap_or(0.0),
+            [
+                "requests:",
+                n,
+                "total,",
+                _,
+                "started,",
+                _,
+                "done,",
+                _,
+                "succeeded,",
+                failed,
+                "failed,",
+                errored,
+                "errored,",
+                ..,
+            ] => {
+                run.requests = n.parse().unwrap_or(0);
+                run.errors = failed.parse::<u64>().unwrap_or(0) + errored.parse::<u64>().unwrap_or(0);
+            }
+            _ => {}
+        }
+    }
+    let mut times: Vec<f64> = std::fs::read_to_string(&log)
+        .with_context(|| format!("h2load's log {}", log.display()))?
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse::<f64>().ok())
+        .map(|us| us / 1000.0)
+        .collect();
+    if run.rps == 0.0 || times.is_empty() {
+        bail!("h2load printed no req/s or logged no request for {url}: {text}");
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |percent: usize| times[(times.len() - 1) * percent / 100];
+    run.p50_ms = at(50);
+    run.p99_ms = at(99);
+    Ok(run)
+}
+
+/// The HTTP/2 row: h2load over TLS against Portcullis and nginx (`http2`),
+/// both to the same upstream over HTTP/1.1, `REPEATS` rounds in alternating order.
+fn http2_rows(ns: &NetNs, dir: &TempDir, targets: &[(&str, &str, u32); 2]) -> anyhow::Result<String> {
+    let mut runs: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..REPEATS {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (name, addr, pid) = targets[i];
+            let url = format!("https://{addr}/small");
+            let before = portcullis_harness::cpu_seconds(pid)?;
+            let mut run = h2load(ns, dir, &url)?;
+            let spent = portcullis_harness::cpu_seconds(pid)? - before;
+            // The warm-up's requests are not counted by h2load but cost CPU: charge
+            // the whole run's CPU to the counted ones, alike for both.
+            run.cpu_us = spent * 1e6 / f64::from(u32::try_from(run.requests.max(1)).unwrap_or(u32::MAX));
+            println!(
+                "xtask: {name:<10} HTTP/2 round {round}: {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms  {:.1} µs CPU/req  errors {}",
+                run.rps, run.p50_ms, run.p99_ms, run.cpu_us, run.errors
+            );
+            runs[i].push(run);
+        }
+    }
+    let (pc, ng) = (median_run(&runs[0]), median_run(&runs[1]));
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| HTTP/2 over TLS (h2load, {H2_CONNS} conns × {H2_STREAMS} streams, 128 B) | req/s portcullis · nginx | CPU µs/req portcullis · nginx | p99 ms portcullis · nginx | pc/nginx req/s | pc/nginx CPU/req | errors |"
+    );
+    let _ = writeln!(table, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        table,
+        "| to an HTTP/1.1 upstream | {:.0} · {:.0} | {:.1} · {:.1} | {:.2} · {:.2} | {:.2}× | {:.2}× | {} · {} |",
+        pc.rps,
+        ng.rps,
+        pc.cpu_us,
+        ng.cpu_us,
+        pc.p99_ms,
+        ng.p99_ms,
+        pc.rps / ng.rps,
+        pc.cpu_us / ng.cpu_us,
+        pc.errors,
+        ng.errors
+    );
     Ok(table)
 }
 

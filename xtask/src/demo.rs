@@ -104,6 +104,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     let ca = pki.ca.display().to_string();
     let tls = ["--cacert", ca.as_str(), "--resolve", resolve.as_str()];
     acl_steps(&topo, (good, bad), &tls, &url, &proxy)?;
+    http2_steps(&topo, good, &tls, &url)?;
 
     let inventory = format!("http://{plain}/inventory/hello");
     let creds = ["-i", "-u", "mobile:password"];
@@ -173,6 +174,29 @@ fn acl_steps(
         bail!("the denied client got through");
     }
 
+    Ok(())
+}
+
+/// Five requests multiplexed on one HTTP/2 connection, negotiated by ALPN.
+fn http2_steps(topo: &Topology, good: std::net::IpAddr, tls: &[&str], url: &str) -> anyhow::Result<()> {
+    let mut args = tls.to_vec();
+    args.extend([
+        "--http2",
+        "-Z",
+        "-o",
+        "/dev/null",
+        "-w",
+        "HTTP/%{http_version} %{http_code} new connections: %{num_connects}\n",
+    ]);
+    for _ in 0..4 {
+        args.extend(["-o", "/dev/null", url]);
+    }
+    let (ok, text) = curl(topo, good, &args, url)?;
+    println!(
+        "\n== HTTP/2 (ALPN h2): curl --http2 --parallel, five requests\n   {}",
+        text.replace('\n', "\n   ")
+    );
+    ensure!(ok && text.contains("HTTP/2 200"), "HTTP/2 failed: {text}");
     Ok(())
 }
 
