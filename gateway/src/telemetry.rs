@@ -60,6 +60,15 @@ pub struct TunnelLabels {
     pub reason: String,
 }
 
+/// Labels of a finished gRPC call.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// API instance.
+    pub api: String,
+    /// Its gRPC status code (0 OK, 14 UNAVAILABLE, ...).
+    pub grpc_status: u32,
+}
+
 /// Labels of bytes carried by WebSocket tunnels.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TunnelBytesLabels {
@@ -103,6 +112,8 @@ pub struct Metrics {
     pub http2_connections: Counter,
     /// HTTP/2 connections closed for flooding control frames.
     pub http2_floods: Counter,
+    /// gRPC calls by API and gRPC status (the upstream's, or the gateway's own refusal).
+    pub grpc_calls: Family<GrpcLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -120,6 +131,7 @@ impl Default for Metrics {
         let websocket_bytes = Family::<TunnelBytesLabels, Counter>::default();
         let http2_connections = Counter::default();
         let http2_floods = Counter::default();
+        let grpc_calls = Family::<GrpcLabels, Counter>::default();
         registry.register(
             "requests",
             "Requests answered, by API instance and status",
@@ -180,6 +192,11 @@ impl Default for Metrics {
             "HTTP/2 connections sent GOAWAY ENHANCE_YOUR_CALM for flooding control frames",
             http2_floods.clone(),
         );
+        registry.register(
+            "grpc_calls",
+            "gRPC calls finished, by API instance and gRPC status",
+            grpc_calls.clone(),
+        );
         Self {
             registry,
             requests,
@@ -194,6 +211,7 @@ impl Default for Metrics {
             websocket_bytes,
             http2_connections,
             http2_floods,
+            grpc_calls,
         }
     }
 }
@@ -279,6 +297,15 @@ impl LocalMetrics {
             shared,
             apis: std::cell::RefCell::default(),
         }
+    }
+
+    /// Counts a finished gRPC call of `api` with `grpc_status`.
+    pub fn grpc(&self, api: &str, grpc_status: u32) {
+        let labels = GrpcLabels {
+            api: api.to_owned(),
+            grpc_status,
+        };
+        self.shared.grpc_calls.get_or_create(&labels).inc();
     }
 
     /// Counts a finished request of `api` (`-` for unrouted) with its latency.

@@ -170,6 +170,29 @@ fn http2_requests_are_routed_policed_and_forwarded_like_http1() -> anyhow::Resul
     );
     ensure!(s.up.requests() == before, "no refused request went upstream");
 
+    let m = s.metrics()?;
+    let count = |key: &str| -> anyhow::Result<u64> {
+        let line = m.lines().find(|l| l.starts_with(key)).context(key.to_owned())?;
+        Ok(line[key.len()..].trim().parse()?)
+    };
+    ensure!(count("portcullis_http2_connections_total ")? >= 15, "{m}");
+    ensure!(
+        count("portcullis_requests_total{api=\"orders\",status=\"200\"} ")? >= 4000,
+        "{m}"
+    );
+    ensure!(
+        count("portcullis_requests_total{api=\"locked\",status=\"403\"} ")? == 1,
+        "{m}"
+    );
+    ensure!(count("portcullis_http2_floods_total ")? == 0, "{m}");
+    // Logged like any request.
+    s.gw.wait_log("path=\"/sink\"", "the upload's access line")?;
+    Ok(())
+}
+
+#[test]
+fn h2c_beside_http1_and_many_streams_with_h2load() -> anyhow::Result<()> {
+    let s = standard()?;
     // h2c with prior knowledge, and HTTP/1.1 beside it on the same port.
     let (_, h2c, _) = curl(
         &s.ns,
@@ -202,23 +225,7 @@ fn http2_requests_are_routed_policed_and_forwarded_like_http1() -> anyhow::Resul
         );
     }
 
-    let m = s.metrics()?;
-    let count = |key: &str| -> anyhow::Result<u64> {
-        let line = m.lines().find(|l| l.starts_with(key)).context(key.to_owned())?;
-        Ok(line[key.len()..].trim().parse()?)
-    };
-    ensure!(count("portcullis_http2_connections_total ")? >= 15, "{m}");
-    ensure!(
-        count("portcullis_requests_total{api=\"orders\",status=\"200\"} ")? >= 4000,
-        "{m}"
-    );
-    ensure!(
-        count("portcullis_requests_total{api=\"locked\",status=\"403\"} ")? == 1,
-        "{m}"
-    );
-    ensure!(count("portcullis_http2_floods_total ")? == 0, "{m}");
-    // Logged like any request.
-    s.gw.wait_log("path=\"/sink\"", "the upload's access line")?;
+    ensure!(s.up.requests() == 8002, "every stream reached the upstream once");
     Ok(())
 }
 

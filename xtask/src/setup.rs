@@ -34,6 +34,8 @@ const TEST_PACKAGES: &[&str] = &[
     // the flood tests write the hostile frames.
     "nghttp2-client",
     "python3-h2",
+    // The gRPC tests' server and client.
+    "python3-grpcio",
 ];
 
 static APT_UPDATE: Once = Once::new();

@@ -304,8 +304,10 @@ pub struct ServiceConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// Load balancing.
     pub balance: Balance,
-    /// Outbound TLS, if the service is `https`.
+    /// Outbound TLS, if the service is `https` or `h2`.
     pub tls: Option<OutboundTls>,
+    /// Whether requests go to it over HTTP/2 (`h2c://` or `h2://`) instead of HTTP/1.1.
+    pub http2: bool,
     /// Host header policy.
     pub host_header: HostHeader,
     /// Connect timeout.
@@ -540,8 +542,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// A parsed `scheme://host:port/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
-    /// `http` or `https`.
+    /// `https` or `h2`.
     pub tls: bool,
+    /// `h2c` (cleartext HTTP/2 with prior knowledge) or `h2` (HTTP/2 over TLS).
+    pub http2: bool,
     /// Host as written (brackets removed for IPv6).
     pub host: String,
     /// Port (default 80/443).
@@ -550,14 +554,21 @@ pub struct Url {
     pub path: String,
 }
 
-/// Parses an `http://` or `https://` address.
+/// Parses an `http://`, `https://`, `h2c://` or `h2://` address.
 pub fn parse_url(text: &str) -> Result<Url, String> {
-    let (tls, rest) = if let Some(rest) = text.strip_prefix("http://") {
-        (false, rest)
-    } else if let Some(rest) = text.strip_prefix("https://") {
-        (true, rest)
-    } else {
-        return Err(format!("`{text}` must start with http:// or https://"));
+    let schemes = [
+        ("http://", false, false),
+        ("https://", true, false),
+        ("h2c://", false, true),
+        ("h2://", true, true),
+    ];
+    let Some((tls, http2, rest)) = schemes
+        .iter()
+        .find_map(|(scheme, tls, http2)| text.strip_prefix(scheme).map(|rest| (*tls, *http2, rest)))
+    else {
+        return Err(format!(
+            "`{text}` must start with http://, https://, h2c:// or h2://"
+        ));
     };
     let (authority, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
     if path.contains(['?', '#']) {
@@ -588,6 +599,7 @@ pub fn parse_url(text: &str) -> Result<Url, String> {
     };
     Ok(Url {
         tls,
+        http2,
         host: host.to_string(),
         port,
         path: path.to_string(),

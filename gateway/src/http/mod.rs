@@ -385,6 +385,24 @@ pub fn h2_request<'a>(
     Ok(head)
 }
 
+/// A response that arrived on an HTTP/2 stream, as the head the response
+/// policies and the relay read (its body delimited by the stream, so never
+/// chunked here).
+pub fn h2_response<'a>(
+    status: u16,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    max_headers: usize,
+) -> Result<Head, HttpError> {
+    let mut raw = format!("HTTP/1.1 {status} {}\r\n", reason(status)).into_bytes();
+    for (name, value) in fields {
+        put_header(&mut raw, name, value);
+    }
+    raw.extend_from_slice(b"\r\n");
+    let mut head = parse_response(&raw, max_headers)?;
+    head.version = Version::Http2;
+    Ok(head)
+}
+
 /// Parses a complete response head from an upstream.
 pub fn parse_response(buf: &[u8], max_headers: usize) -> Result<Head, HttpError> {
     check_line_endings(buf)?;

@@ -13,10 +13,12 @@ use super::client::Client;
 use super::conn::Conn;
 use super::error::ProxyError;
 use super::exchange::{ANSWER_WRITE, Exchange};
+use super::h2::upstream::{self, Call, CallError, Called};
 use super::heads::{self, Relay};
 use super::tunnel;
-use crate::http::{Framing, Head, Version};
+use crate::http::{ChunkedDecoder, Framing, Head, Reencode, Version};
 use crate::policy::HeaderEdits;
+use bytes::Bytes;
 
 /// How long each side of a body copy may take.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +72,19 @@ pub(super) trait Downstream {
         up: Conn,
         up_buf: Vec<u8>,
     );
+    /// Carries one call to an HTTP/2 upstream: the request body out, the
+    /// response (head, policies' edits, body, trailers) back.
+    async fn call_h2(
+        &mut self,
+        ex: &Exchange<'_>,
+        call: Call,
+        waits: Waits,
+        endpoint: &str,
+    ) -> Result<Called, CallError>;
+    /// Whether the request is a gRPC call the gateway must answer in gRPC form.
+    fn grpc(&self) -> bool {
+        false
+    }
 }
 
 impl Downstream for Client<'_> {
@@ -160,5 +175,126 @@ impl Downstream for Client<'_> {
         up_buf: Vec<u8>,
     ) {
         tunnel::carry(self, worker, ex, response, up, up_buf).await;
+    }
+
+    /// In turn: the request body (decoded from its HTTP/1.1 framing), then
+    /// the response, re-chunked or raw as for an HTTP/1.1 upstream's; trailers are dropped.
+    async fn call_h2(
+        &mut self,
+        ex: &Exchange<'_>,
+        call: Call,
+        waits: Waits,
+        endpoint: &str,
+    ) -> Result<Called, CallError> {
+        let Call {
+            response,
+            mut body,
+            deadline,
+            max_body,
+        } = call;
+        let bytes_in = body_to_h2(self, &mut body, ex.head().framing, max_body, waits, endpoint)
+            .await
+            .map_err(CallError::Early)?;
+        let (head, edits, mut rx) = upstream::response(ex, response, deadline, endpoint)
+            .await
+            .map_err(CallError::Early)?;
+        let relay = Relay::of(ex.head(), &head, self.draining());
+        let out = heads::client_response(ex, &head, &edits, relay);
+        let mut sent = out.len() as u64;
+        self.write(out, waits.client)
+            .await
+            .map_err(|e| CallError::Late(0, e))?;
+        let upstream_error = |m: String| upstream_io(endpoint, m);
+        let mut grpc_status = None;
+        if relay.framing != Framing::Empty {
+            while let Some(data) = upstream::next_data(&mut rx, waits.upstream, upstream_error)
+                .await
+                .map_err(|e| CallError::Late(sent, e))?
+            {
+                let mut chunk = Vec::with_capacity(data.len() + 16);
+                if relay.rechunk {
+                    chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                }
+                chunk.extend_from_slice(&data);
+                if relay.rechunk {
+                    chunk.extend_from_slice(b"\r\n");
+                }
+                sent += data.len() as u64;
+                if !data.is_empty() {
+                    self.write(chunk, waits.client)
+                        .await
+                        .map_err(|e| CallError::Late(sent, e))?;
+                }
+            }
+            if let Ok(Some(trailers)) = rx.trailers().await {
+                grpc_status = upstream::grpc_status(&trailers);
+            }
+            if relay.rechunk {
+                self.write(b"0\r\n\r\n".to_vec(), waits.client)
+                    .await
+                    .map_err(|e| CallError::Late(sent, e))?;
+            }
+        }
+        Ok(Called {
+            bytes_in,
+            bytes_out: sent,
+            status: head.status,
+            grpc_status,
+            keep_alive: relay.keep_alive,
+        })
+    }
+}
+
+fn upstream_io(endpoint: &str, message: String) -> ProxyError {
+    ProxyError::UpstreamIo {
+        endpoint: endpoint.to_owned(),
+        source: std::io::Error::other(message),
+    }
+}
+
+/// Sends an HTTP/1.1 request body of `framing` on an HTTP/2 upstream
+/// stream as plain DATA; the payload size.
+async fn body_to_h2(
+    client: &mut Client<'_>,
+    tx: &mut h2::SendStream<Bytes>,
+    framing: Framing,
+    max: u64,
+    waits: Waits,
+    endpoint: &str,
+) -> Result<u64, ProxyError> {
+    match framing {
+        Framing::Empty | Framing::UntilClose => Ok(0),
+        Framing::Length(n) => {
+            let mut remaining = n;
+            while remaining > 0 {
+                client.fill(waits.client).await?;
+                let take = usize::try_from(remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(client.buf.len());
+                let part: Vec<u8> = client.buf.drain(..take).collect();
+                remaining -= take as u64;
+                upstream::send_all(tx, Bytes::from(part), remaining == 0, waits.upstream)
+                    .await
+                    .map_err(|m| upstream_io(endpoint, m))?;
+            }
+            Ok(n)
+        }
+        Framing::Chunked => {
+            let mut dec = ChunkedDecoder::default();
+            while !dec.is_done() {
+                client.fill(waits.client).await?;
+                let mut out = Vec::with_capacity(client.buf.len());
+                let used = dec.feed(&client.buf, &mut out, Reencode::Raw)?;
+                client.buf.drain(..used);
+                if dec.payload > max {
+                    tx.send_reset(h2::Reason::CANCEL);
+                    return Err(ProxyError::BodyTooLarge { limit: max });
+                }
+                upstream::send_all(tx, Bytes::from(out), dec.is_done(), waits.upstream)
+                    .await
+                    .map_err(|m| upstream_io(endpoint, m))?;
+            }
+            Ok(dec.payload)
+        }
     }
 }

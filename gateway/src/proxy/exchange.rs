@@ -105,6 +105,11 @@ impl<'a> Exchange<'a> {
         }
         self.record.status = answer.status();
         self.record.error = Some(answer.label());
+        if client.grpc() {
+            worker
+                .metrics
+                .grpc(self.api(), super::grpc::status_of(answer.status()));
+        }
         if let Answer::Gated(reason) = &answer {
             let labels = GateLabels {
                 api: self.api().to_owned(),

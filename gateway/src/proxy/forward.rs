@@ -37,6 +37,12 @@ async fn connect(
     if let Some((conn, buf)) = worker.pool.take(upstream.id, endpoint) {
         return Ok((conn, true, buf));
     }
+    let conn = fresh(worker, upstream, endpoint).await?;
+    Ok((conn, false, Vec::with_capacity(UPSTREAM_BUF)))
+}
+
+/// A new connection to an endpoint, TLS when the service is.
+pub(super) async fn fresh(worker: &Worker, upstream: &Upstream, endpoint: usize) -> Result<Conn, ProxyError> {
     let ep = &upstream.cfg.endpoints[endpoint];
     let stream = match worker
         .connector
@@ -57,7 +63,7 @@ async fn connect(
         }
     };
     let Some(tls) = &upstream.tls else {
-        return Ok((Conn::Plain(stream), false, Vec::with_capacity(UPSTREAM_BUF)));
+        return Ok(Conn::Plain(stream));
     };
     let name = upstream.server_names[endpoint].clone();
     let tls_err = |e: io::Error| ProxyError::UpstreamTls {
@@ -67,7 +73,7 @@ async fn connect(
     let client =
         rustls::ClientConnection::new(tls.clone(), name).map_err(|e| tls_err(io::Error::other(e)))?;
     match timeout(upstream.cfg.connect_timeout, Conn::tls(stream, client)).await {
-        Ok(Ok(conn)) => Ok((conn, false, Vec::with_capacity(UPSTREAM_BUF))),
+        Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(tls_err(e)),
         Err(_) => Err(ProxyError::ConnectTimeout {
             endpoint: ep.addr.to_string(),
@@ -92,6 +98,9 @@ pub(super) async fn forward(
     route: &RouteConfig,
 ) -> bool {
     let upstream = ex.generation.upstreams[route.service].clone();
+    if upstream.cfg.http2 {
+        return super::h2::upstream::forward(client, worker, ex, route, &upstream).await;
+    }
     let mut tried: Vec<usize> = Vec::new();
     let mut sent_continue = false;
     let max_attempts = 1 + upstream.cfg.retries as usize;

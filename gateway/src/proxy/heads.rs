@@ -33,8 +33,18 @@ fn append(list: &mut Vec<u8>, value: &[u8]) {
     list.extend_from_slice(value);
 }
 
-/// The request head sent to `endpoint` of `upstream`, from a client at
-/// `client` (over TLS when `tls`).
+/// The `Host` (or `:authority`) sent to `endpoint` of `upstream`.
+pub(super) fn upstream_host<'a>(ex: &'a Exchange<'_>, upstream: &'a Upstream, endpoint: usize) -> &'a str {
+    let client_host = ex.head().host().unwrap_or("");
+    match &upstream.cfg.host_header {
+        HostHeader::Preserve if !client_host.is_empty() => client_host,
+        HostHeader::Preserve | HostHeader::Upstream => &upstream.cfg.endpoints[endpoint].authority,
+        HostHeader::Fixed(h) => h,
+    }
+}
+
+/// The request head sent to `endpoint` of `upstream` over HTTP/1.1, from a
+/// client at `client` (over TLS when `tls`).
 pub(super) fn upstream_request(
     ex: &Exchange<'_>,
     route: &RouteConfig,
@@ -44,29 +54,62 @@ pub(super) fn upstream_request(
     tls: bool,
 ) -> Vec<u8> {
     let head = ex.head();
-    let edits = &ex.request.edits;
-    let fwd = ex.generation.settings.forwarded;
     let mut out = Vec::with_capacity(head.wire_len() + 128);
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
     out.extend_from_slice(upstream_target(route, head.target()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    http::put_header(
+        &mut out,
+        b"host",
+        upstream_host(ex, upstream, endpoint).as_bytes(),
+    );
+    request_fields(ex, client, tls, |name, value| {
+        http::put_header(&mut out, name, value);
+    });
+    if head.framing == Framing::Chunked {
+        let mut te: Option<Vec<u8>> = None;
+        for (_, value) in head
+            .headers()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"transfer-encoding"))
+        {
+            append(te.get_or_insert_with(Vec::new), value);
+        }
+        http::put_header(
+            &mut out,
+            b"transfer-encoding",
+            te.as_deref().unwrap_or(b"chunked"),
+        );
+    }
+    if ex.websocket {
+        http::put_header(&mut out, b"connection", b"upgrade");
+        http::put_header(&mut out, b"upgrade", b"websocket");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The end-to-end request fields sent upstream, whatever the protocol: hop-by-hop
+/// ones and `Host` removed, the request policies' edits applied, and the
+/// forwarding fields set as configured.
+pub(super) fn request_fields(
+    ex: &Exchange<'_>,
+    client: IpAddr,
+    tls: bool,
+    mut put: impl FnMut(&[u8], &[u8]),
+) {
+    let head = ex.head();
+    let edits = &ex.request.edits;
+    let fwd = ex.generation.settings.forwarded;
     let client_host = head.host().unwrap_or("");
-    let host: &str = match &upstream.cfg.host_header {
-        HostHeader::Preserve if !client_host.is_empty() => client_host,
-        HostHeader::Preserve | HostHeader::Upstream => &upstream.cfg.endpoints[endpoint].authority,
-        HostHeader::Fixed(h) => h,
-    };
-    http::put_header(&mut out, b"host", host.as_bytes());
     let mut xff: Option<Vec<u8>> = None;
     let mut earlier_via: Option<Vec<u8>> = None;
-    let mut te: Option<Vec<u8>> = None;
     for (name, value) in head.headers() {
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            append(te.get_or_insert_with(Vec::new), value);
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"host") || head.is_hop_by_hop(name) || edits.removes(name) {
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"host")
+            || head.is_hop_by_hop(name)
+            || edits.removes(name)
+        {
             continue;
         }
         if name.eq_ignore_ascii_case(b"x-forwarded-for") && fwd.xff != XffMode::Off {
@@ -84,42 +127,25 @@ pub(super) fn upstream_request(
             earlier_via = Some(value.to_vec());
             continue;
         }
-        http::put_header(&mut out, name, value);
-    }
-    if head.framing == Framing::Chunked {
-        http::put_header(
-            &mut out,
-            b"transfer-encoding",
-            te.as_deref().unwrap_or(b"chunked"),
-        );
+        put(name, value);
     }
     if fwd.xff != XffMode::Off {
         let mut x = xff.unwrap_or_default();
         append(&mut x, client.to_string().as_bytes());
-        http::put_header(&mut out, b"x-forwarded-for", &x);
+        put(b"x-forwarded-for", &x);
     }
     for (name, value) in &edits.add {
-        http::put_header(&mut out, name.as_bytes(), value.as_bytes());
+        put(name.as_bytes(), value.as_bytes());
     }
     if fwd.proto {
-        http::put_header(
-            &mut out,
-            b"x-forwarded-proto",
-            if tls { b"https" } else { b"http" },
-        );
+        put(b"x-forwarded-proto", if tls { b"https" } else { b"http" });
     }
     if fwd.host && !client_host.is_empty() {
-        http::put_header(&mut out, b"x-forwarded-host", client_host.as_bytes());
+        put(b"x-forwarded-host", client_host.as_bytes());
     }
     if fwd.via {
-        http::put_header(&mut out, b"via", &via(earlier_via, head.version));
+        put(b"via", &via(earlier_via, head.version));
     }
-    if ex.websocket {
-        http::put_header(&mut out, b"connection", b"upgrade");
-        http::put_header(&mut out, b"upgrade", b"websocket");
-    }
-    out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// How a response is sent on to the client.

@@ -17,6 +17,7 @@ mod downstream;
 pub mod error;
 mod exchange;
 mod forward;
+mod grpc;
 mod h2;
 mod heads;
 pub mod io;
@@ -41,6 +42,8 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     /// This worker's idle upstream connections.
     pub pool: Pool,
+    /// This worker's HTTP/2 upstream connections.
+    pub(crate) h2_pool: h2::upstream::H2Pool,
     /// Client connections open on this worker.
     pub open: Cell<usize>,
     /// Cached metric handles.
@@ -55,6 +58,7 @@ impl Worker {
     pub fn new(shared: Arc<Shared>, connector: io::Connector) -> Self {
         Self {
             pool: Pool::default(),
+            h2_pool: h2::upstream::H2Pool::default(),
             open: Cell::new(0),
             metrics: LocalMetrics::new(shared.metrics.clone()),
             connector,

@@ -141,6 +141,7 @@ mod tests {
             endpoints,
             balance,
             tls: None,
+            http2: false,
             host_header: HostHeader::Preserve,
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),

@@ -4,6 +4,7 @@
 //! frames. Every guard removes what it created when dropped, also on panic.
 
 pub mod frames;
+pub mod grpc;
 pub mod h2;
 pub mod http;
 pub mod ws;

@@ -110,14 +110,19 @@ impl Py {
     pub fn start(ns: &NetNs, dir: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let script = dir.join("ws.py");
         std::fs::write(&script, SCRIPT)?;
+        Self::start_script(ns, &script, args)
+    }
+
+    /// Runs `script` with `args` in `ns`.
+    pub fn start_script(ns: &NetNs, script: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let mut child = ns
             .command("/usr/bin/python3")
-            .arg(&script)
+            .arg(script)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting /usr/bin/python3 (Debian's, with python3-websockets)")?;
+            .context("starting /usr/bin/python3 (Debian's, with the python3- packages the tests install)")?;
         let out = BufReader::new(child.stdout.take().context("stdout")?);
         let stdin = child.stdin.take();
         Ok(Self { child, out, stdin })

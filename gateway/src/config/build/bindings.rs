@@ -146,7 +146,11 @@ fn outbound(b: &BindingDoc<'_>, named: &Named, base: &Path, out: &mut Config, c:
             return;
         }
     };
-    if let Some(tls) = outbound_tls(&b.doc, &b.spec.config, base, c) {
+    if let Some(mut tls) = outbound_tls(&b.doc, &b.spec.config, base, c) {
+        if out.services[i].http2 {
+            // An h2:// service speaks HTTP/2 whatever the binding would offer.
+            tls.alpn = vec!["h2".into()];
+        }
         out.services[i].tls = Some(tls);
     }
 }

@@ -74,6 +74,13 @@ fn listen_addr(api: &ApiDoc<'_>, c: &mut Collector) -> Option<(SocketAddr, Url)>
             return None;
         }
     };
+    if url.http2 {
+        c.push(
+            &addr_at,
+            "a listener is http:// or https://; HTTP/2 is negotiated by ALPN over TLS, and `http2.cleartext` takes h2c on http://",
+        );
+        return None;
+    }
     let Ok(ip) = url.host.parse::<IpAddr>() else {
         c.push(
             &addr_at,

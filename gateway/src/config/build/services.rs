@@ -180,7 +180,7 @@ pub(super) fn service(
                 continue;
             }
         };
-        if *scheme.get_or_insert(url.tls) != url.tls {
+        if *scheme.get_or_insert((url.tls, url.http2)) != (url.tls, url.http2) {
             c.push(&at, "all endpoints of a service use the same scheme");
         }
         match (url.host.as_str(), url.port)
@@ -260,14 +260,15 @@ pub(super) fn service(
         proxy.timeouts.upstream_response,
     );
     let eject_for = duration(spec.eject_for.as_ref(), "ejectFor", Duration::from_secs(10));
-    let tls = if scheme == Some(true) {
+    let (tls, http2) = scheme.unwrap_or_default();
+    let tls = if tls {
         Some(OutboundTls {
             ca: None,
             client: None,
             sni: None,
             min: TlsVersion::V12,
             max: TlsVersion::V13,
-            alpn: vec!["http/1.1".into()],
+            alpn: vec![if http2 { "h2" } else { "http/1.1" }.into()],
             origin: doc.at(prefix),
         })
     } else {
@@ -281,6 +282,7 @@ pub(super) fn service(
         endpoints,
         balance,
         tls,
+        http2,
         host_header,
         connect_timeout,
         response_timeout,

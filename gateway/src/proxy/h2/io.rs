@@ -67,6 +67,13 @@ impl H2Io {
         }
     }
 
+    /// The transport of a connection to an upstream: its frames are not metered.
+    pub fn upstream(stream: Stream, tls: Option<rustls::Connection>) -> Self {
+        let mut io = Self::new(stream, tls, Vec::new(), u32::MAX);
+        io.meter.scan = Scan::Off;
+        io
+    }
+
     /// A flag that turns true when the client floods control frames; the
     /// task reading is woken then, so it sees the flag on its next poll.
     pub fn flood_flag(&self) -> Rc<Cell<bool>> {
@@ -262,6 +269,8 @@ enum Scan {
     Increment(usize, usize),
     /// Inside a payload; bytes left.
     Payload(usize),
+    /// Not metering (an upstream connection).
+    Off,
 }
 
 /// Counts the control frames a client sends (SETTINGS and PING that are not
@@ -297,6 +306,7 @@ impl FrameMeter {
         let mut over = false;
         while !bytes.is_empty() {
             match self.scan {
+                Scan::Off => return false,
                 Scan::Preface(left) | Scan::Payload(left) => {
                     let n = left.min(bytes.len());
                     bytes = &bytes[n..];

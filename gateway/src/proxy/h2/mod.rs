@@ -19,6 +19,7 @@
 //! budget, after which the client is sent `GOAWAY ENHANCE_YOUR_CALM`.
 
 pub(super) mod io;
+pub(super) mod upstream;
 
 use std::cell::Cell;
 use std::future::poll_fn;
@@ -173,8 +174,8 @@ impl StreamTask {
             has_body: !body.is_end_stream(),
             body,
             respond,
-            send: None,
-            ended: false,
+            reply: Reply::Pending,
+            grpc: false,
         };
         let generation = self.worker.current();
         let target = parts
@@ -196,6 +197,7 @@ impl StreamTask {
         );
         match head {
             Ok(head) => {
+                down.grpc = super::grpc::is_grpc(&head);
                 Box::pin(exchange::handle(
                     &mut down,
                     &self.worker,
@@ -220,18 +222,27 @@ struct H2Stream {
     has_body: bool,
     body: RecvStream,
     respond: SendResponse<Bytes>,
-    /// The response body's stream, once the head went out.
-    send: Option<SendStream<Bytes>>,
-    /// Whether the response reached its end of stream.
-    ended: bool,
+    reply: Reply,
+    /// Whether the request is a gRPC call.
+    grpc: bool,
+}
+
+/// Where a stream's response stands.
+enum Reply {
+    /// Nothing sent yet.
+    Pending,
+    /// The head went out; the body follows on this stream.
+    Open(SendStream<Bytes>),
+    /// The response reached its end of stream.
+    Ended,
 }
 
 fn client_error(e: &h2::Error) -> ProxyError {
     ProxyError::ClientIo(std::io::Error::other(e.to_string()))
 }
 
-fn timed_out(what: &'static str) -> ProxyError {
-    ProxyError::ClientIo(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+fn client_io(message: String) -> ProxyError {
+    ProxyError::ClientIo(std::io::Error::other(message))
 }
 
 impl H2Stream {
@@ -241,63 +252,34 @@ impl H2Stream {
             .respond
             .send_response(response, end)
             .map_err(|e| client_error(&e))?;
-        self.send = Some(send);
-        self.ended = end;
+        self.reply = if end { Reply::Ended } else { Reply::Open(send) };
         Ok(())
     }
 
     /// Sends `data` as the client's window allows; `end` closes the stream after it.
-    async fn send_data(&mut self, mut data: Bytes, end: bool, wait: Duration) -> Result<(), ProxyError> {
-        let Some(send) = &mut self.send else {
+    async fn send_data(&mut self, data: Bytes, end: bool, wait: Duration) -> Result<(), ProxyError> {
+        let Reply::Open(send) = &mut self.reply else {
             return Ok(());
         };
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let capacity = timeout(wait, poll_fn(|cx| send.poll_capacity(cx)))
-                .await
-                .map_err(|_| timed_out("the client kept its HTTP/2 window closed"))?;
-            match capacity {
-                Some(Ok(0)) => {}
-                Some(Ok(n)) => {
-                    let part = data.split_to(n.min(data.len()));
-                    let last = end && data.is_empty();
-                    send.send_data(part, last).map_err(|e| client_error(&e))?;
-                    if last {
-                        self.ended = true;
-                        return Ok(());
-                    }
-                }
-                Some(Err(e)) => return Err(client_error(&e)),
-                None => return Err(timed_out("the client closed the stream")),
-            }
-        }
+        upstream::send_all(send, data, end, wait)
+            .await
+            .map_err(client_io)?;
         if end {
-            send.send_data(Bytes::new(), true).map_err(|e| client_error(&e))?;
-            self.ended = true;
+            self.reply = Reply::Ended;
         }
         Ok(())
     }
 
     /// Ends the stream if the exchange left it open (a failure mid-body): reset, not truncated silently.
     fn finish(&mut self) {
-        if let Some(send) = &mut self.send
-            && !self.ended
-        {
+        if let Reply::Open(send) = &mut self.reply {
             send.send_reset(Reason::INTERNAL_ERROR);
         }
     }
 
     /// The next DATA frame of the request body; `None` at its end.
     async fn next_data(&mut self, wait: Duration) -> Result<Option<Bytes>, ProxyError> {
-        match timeout(wait, self.body.data()).await {
-            Err(_) => Err(timed_out("client body read timed out")),
-            Ok(None) => Ok(None),
-            Ok(Some(Err(e))) => Err(client_error(&e)),
-            Ok(Some(Ok(data))) => {
-                let _ = self.body.flow_control().release_capacity(data.len());
-                Ok(Some(data))
-            }
-        }
+        upstream::next_data(&mut self.body, wait, client_io).await
     }
 }
 
@@ -334,8 +316,31 @@ impl Downstream for H2Stream {
         true
     }
 
+    fn grpc(&self) -> bool {
+        self.grpc
+    }
+
     async fn send_answer(&mut self, answer: &Answer, _version: Version, _keep: bool) -> u64 {
         let (fields, body) = answer.parts();
+        if self.grpc {
+            // Trailers-only, as a gRPC server refuses a call: HTTP 200, the
+            // status in grpc-status, the reason in grpc-message.
+            let code = super::grpc::status_of(answer.status()).to_string();
+            let message = answer.label();
+            let all = fields
+                .iter()
+                .filter(|(n, _)| {
+                    n.eq_ignore_ascii_case("www-authenticate") || n.eq_ignore_ascii_case("retry-after")
+                })
+                .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+                .chain([
+                    (&b"content-type"[..], &b"application/grpc"[..]),
+                    (b"grpc-status", code.as_bytes()),
+                    (b"grpc-message", message.as_bytes()),
+                ]);
+            let _ = self.send_head(response_head(200, all), true);
+            return 0;
+        }
         let length = body.len().to_string();
         let all = fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).chain([
             (&b"content-type"[..], CONTENT_TYPE.as_bytes()),
@@ -515,6 +520,150 @@ impl Downstream for H2Stream {
         };
         ex.answer(self, worker, Answer::Failed(e)).await;
     }
+
+    /// Both ways at once, so a streaming call never waits on itself: the
+    /// request body (and trailers) go up while the response comes down.
+    async fn call_h2(
+        &mut self,
+        ex: &Exchange<'_>,
+        call: upstream::Call,
+        waits: Waits,
+        endpoint: &str,
+    ) -> Result<upstream::Called, upstream::CallError> {
+        let upstream::Call {
+            response,
+            body: mut upstream_tx,
+            deadline,
+            max_body,
+        } = call;
+        let bytes_in = Cell::new(0u64);
+        let (has_body, rx_client) = (self.has_body, &mut self.body);
+        let upload = async {
+            if !has_body {
+                return Ok(());
+            }
+            while let Some(data) = upstream::next_data(rx_client, waits.client, client_io).await? {
+                bytes_in.set(bytes_in.get() + data.len() as u64);
+                if bytes_in.get() > max_body {
+                    upstream_tx.send_reset(Reason::CANCEL);
+                    return Err(ProxyError::BodyTooLarge { limit: max_body });
+                }
+                upstream::send_all(&mut upstream_tx, data, false, waits.upstream)
+                    .await
+                    .map_err(|m| upstream_io(endpoint, m))?;
+            }
+            match rx_client.trailers().await {
+                Ok(Some(trailers)) => upstream_tx
+                    .send_trailers(trailers)
+                    .map_err(|e| upstream_io(endpoint, e.to_string())),
+                _ => upstream::send_all(&mut upstream_tx, Bytes::new(), true, waits.upstream)
+                    .await
+                    .map_err(|m| upstream_io(endpoint, m)),
+            }
+        };
+        let download = relay_response(
+            ex,
+            response,
+            deadline,
+            (&mut self.respond, &mut self.reply),
+            waits,
+            endpoint,
+        );
+        let upload_failed = {
+            tokio::pin!(upload, download);
+            tokio::select! {
+                done = &mut download => Ok(done),
+                sent = &mut upload => match sent {
+                    Ok(()) => Ok(download.await),
+                    Err(e) => Err(e),
+                },
+            }
+        };
+        match upload_failed {
+            Ok(done) => done.map(|mut d| {
+                d.bytes_in = bytes_in.get();
+                d
+            }),
+            // The client's body failed (too large, reset, timed out): the response cannot follow.
+            Err(e) if matches!(self.reply, Reply::Pending) => Err(upstream::CallError::Early(e)),
+            Err(e) => Err(upstream::CallError::Late(0, e)),
+        }
+    }
+}
+
+fn upstream_io(endpoint: &str, message: String) -> ProxyError {
+    ProxyError::UpstreamIo {
+        endpoint: endpoint.to_owned(),
+        source: std::io::Error::other(message),
+    }
+}
+
+/// An HTTP/2 upstream's response relayed on the client's stream: the head
+/// (with the response policies' edits), the body as the client's window
+/// allows, and the trailers.
+async fn relay_response(
+    ex: &Exchange<'_>,
+    response: ::h2::client::ResponseFuture,
+    deadline: Duration,
+    (respond, reply): (&mut SendResponse<Bytes>, &mut Reply),
+    waits: Waits,
+    endpoint: &str,
+) -> Result<upstream::Called, upstream::CallError> {
+    let (head, edits, mut rx) = upstream::response(ex, response, deadline, endpoint)
+        .await
+        .map_err(upstream::CallError::Early)?;
+    let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    heads::response_fields(ex, &head, &edits, |n, v| fields.push((n.to_vec(), v.to_vec())));
+    let end = rx.is_end_stream();
+    let mut grpc_status = head
+        .header("grpc-status")
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+    let head_out = response_head(
+        head.status,
+        fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
+    );
+    let stream = respond
+        .send_response(head_out, end)
+        .map_err(|e| upstream::CallError::Early(client_error(&e)))?;
+    let mut relayed = 0u64;
+    if end {
+        *reply = Reply::Ended;
+    } else {
+        *reply = Reply::Open(stream);
+        let Reply::Open(client_tx) = reply else {
+            return Err(upstream::CallError::Early(client_io("no response stream".into())));
+        };
+        let late = |relayed: u64| move |e: ProxyError| upstream::CallError::Late(relayed, e);
+        while let Some(data) = upstream::next_data(&mut rx, waits.upstream, |m| upstream_io(endpoint, m))
+            .await
+            .map_err(late(relayed))?
+        {
+            relayed += data.len() as u64;
+            upstream::send_all(client_tx, data, false, waits.client)
+                .await
+                .map_err(|m| late(relayed)(client_io(m)))?;
+        }
+        match rx.trailers().await {
+            Ok(Some(trailers)) => {
+                grpc_status = upstream::grpc_status(&trailers).or(grpc_status);
+                client_tx
+                    .send_trailers(trailers)
+                    .map_err(|e| late(relayed)(client_error(&e)))?;
+            }
+            Ok(None) => upstream::send_all(client_tx, Bytes::new(), true, waits.client)
+                .await
+                .map_err(|m| late(relayed)(client_io(m)))?,
+            Err(e) => return Err(late(relayed)(upstream_io(endpoint, e.to_string()))),
+        }
+        *reply = Reply::Ended;
+    }
+    Ok(upstream::Called {
+        bytes_in: 0,
+        bytes_out: relayed,
+        status: head.status,
+        grpc_status,
+        keep_alive: true,
+    })
 }
 
 async fn write_upstream(up: &mut Conn, bytes: Vec<u8>, wait: Duration) -> Result<(), CopyError> {
