@@ -112,106 +112,86 @@ pub struct Metrics {
     pub http2_connections: Counter,
     /// HTTP/2 connections closed for flooding control frames.
     pub http2_floods: Counter,
+    /// HTTP/2 streams the client reset before their response began.
+    pub http2_resets: Counter,
     /// gRPC calls by API and gRPC status (the upstream's, or the gateway's own refusal).
     pub grpc_calls: Family<GrpcLabels, Counter>,
+}
+
+/// A new metric of type `M`, registered as `name` with `help`.
+fn registered<M: Default + Clone + prometheus_client::registry::Metric>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("portcullis");
-        let requests = Family::<RequestLabels, Counter>::default();
+        let r = &mut registry;
+        let requests = registered(r, "requests", "Requests answered, by API instance and status");
         let latency: HistogramFamily<ApiLabels> = Family::new_with_constructor(latency_histogram);
-        let upstream_errors = Family::<UpstreamLabels, Counter>::default();
-        let open_connections = Gauge::default();
-        let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
-        let gate_rejections = Family::<GateLabels, Counter>::default();
-        let gate_open = Family::<ApiLabels, Gauge>::default();
-        let websocket_open = Family::<ApiLabels, Gauge>::default();
-        let websocket_closed = Family::<TunnelLabels, Counter>::default();
-        let websocket_bytes = Family::<TunnelBytesLabels, Counter>::default();
-        let http2_connections = Counter::default();
-        let http2_floods = Counter::default();
-        let grpc_calls = Family::<GrpcLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests answered, by API instance and status",
-            requests.clone(),
-        );
-        registry.register(
+        r.register(
             "request_duration_seconds",
             "Time from request head to last response byte",
             latency.clone(),
         );
-        registry.register(
-            "upstream_errors",
-            "Failed upstream exchanges, by service and kind",
-            upstream_errors.clone(),
-        );
-        registry.register(
-            "open_connections",
-            "Client connections open now",
-            open_connections.clone(),
-        );
-        registry.register(
-            "tls_handshakes",
-            "Inbound TLS handshakes, by result",
-            tls_handshakes.clone(),
-        );
-        registry.register(
-            "gate_rejections",
-            "Requests answered 503 by the Gatekeeper, by API instance and reason",
-            gate_rejections.clone(),
-        );
-        registry.register(
-            "gate_open",
-            "1 while the API instance's gate is open, 0 while it is blocked or applying",
-            gate_open.clone(),
-        );
-        registry.register(
-            "websocket_open",
-            "WebSocket tunnels open now, by API instance",
-            websocket_open.clone(),
-        );
-        registry.register(
-            "websocket_closed",
-            "WebSocket tunnels closed, by API instance and reason",
-            websocket_closed.clone(),
-        );
-        registry.register(
-            "websocket_bytes",
-            "Bytes carried by WebSocket tunnels, by API instance and direction",
-            websocket_bytes.clone(),
-        );
-        registry.register(
-            "http2_connections",
-            "HTTP/2 client connections opened (TLS by ALPN, or h2c)",
-            http2_connections.clone(),
-        );
-        registry.register(
-            "http2_floods",
-            "HTTP/2 connections sent GOAWAY ENHANCE_YOUR_CALM for flooding control frames",
-            http2_floods.clone(),
-        );
-        registry.register(
-            "grpc_calls",
-            "gRPC calls finished, by API instance and gRPC status",
-            grpc_calls.clone(),
-        );
         Self {
-            registry,
             requests,
             latency,
-            upstream_errors,
-            open_connections,
-            tls_handshakes,
-            gate_rejections,
-            gate_open,
-            websocket_open,
-            websocket_closed,
-            websocket_bytes,
-            http2_connections,
-            http2_floods,
-            grpc_calls,
+            upstream_errors: registered(
+                r,
+                "upstream_errors",
+                "Failed upstream exchanges, by service and kind",
+            ),
+            open_connections: registered(r, "open_connections", "Client connections open now"),
+            tls_handshakes: registered(r, "tls_handshakes", "Inbound TLS handshakes, by result"),
+            gate_rejections: registered(
+                r,
+                "gate_rejections",
+                "Requests answered 503 by the Gatekeeper, by API instance and reason",
+            ),
+            gate_open: registered(
+                r,
+                "gate_open",
+                "1 while the API instance's gate is open, 0 while it is blocked or applying",
+            ),
+            websocket_open: registered(r, "websocket_open", "WebSocket tunnels open now, by API instance"),
+            websocket_closed: registered(
+                r,
+                "websocket_closed",
+                "WebSocket tunnels closed, by API instance and reason",
+            ),
+            websocket_bytes: registered(
+                r,
+                "websocket_bytes",
+                "Bytes carried by WebSocket tunnels, by API instance and direction",
+            ),
+            http2_connections: registered(
+                r,
+                "http2_connections",
+                "HTTP/2 client connections opened (TLS by ALPN, or h2c)",
+            ),
+            http2_floods: registered(
+                r,
+                "http2_floods",
+                "HTTP/2 connections sent GOAWAY ENHANCE_YOUR_CALM for flooding control frames",
+            ),
+            http2_resets: registered(
+                r,
+                "http2_resets",
+                "HTTP/2 streams the client reset before their response began; their upstream requests are dropped",
+            ),
+            grpc_calls: registered(
+                r,
+                "grpc_calls",
+                "gRPC calls finished, by API instance and gRPC status",
+            ),
+            registry,
         }
     }
 }

@@ -216,3 +216,35 @@ fn a_reload_leaves_tunnels_open_unless_the_api_asks() -> anyhow::Result<()> {
     ensure!(renewed.line()? == "closed", "closeOnReload closes it");
     Ok(())
 }
+
+#[test]
+fn websockets_over_http2_by_extended_connect() -> anyhow::Result<()> {
+    let h2c = "  http2:\n    cleartext: true\n";
+    let locked = "  policies:\n    - policyRef:\n        name: ip-blocklist-flex\n      config:\n        ips: [127.0.0.1]\n";
+    let mut s = scene(&format!(
+        "{}{}",
+        api("chat", "http://127.0.0.1:8080/", h2c),
+        api("locked", "http://127.0.0.1:8081/", &format!("{h2c}{locked}")),
+    ))?;
+    // RFC 8441: the gateway offers SETTINGS_ENABLE_CONNECT_PROTOCOL, answers
+    // the CONNECT with 200 once the upstream's 101 came, and carries frames.
+    let case = |port: u16| {
+        portcullis_tests::h2::case_on(&s.ns, &s.dir.0, "websocket", ("127.0.0.1", port), 0, "/chat")
+    };
+    let got = case(8080)?;
+    ensure!(got == "connect-protocol 1 status 200 echo ok", "{got}");
+    ensure!(
+        s.server.line()? == "connection 1 127.0.0.1",
+        "an HTTP/1.1 handshake upstream"
+    );
+    let refused = case(8081)?;
+    ensure!(
+        refused == "connect-protocol 1 status 403 echo b''",
+        "policies judge the CONNECT: {refused}"
+    );
+    wait_for("the tunnel to close", || {
+        Ok(metrics(&s.ns)?.contains("portcullis_websocket_open{api=\"chat\"} 0"))
+    })?;
+    s.gw.wait_log("status=101", "the tunnel's access line")?;
+    Ok(())
+}

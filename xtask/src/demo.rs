@@ -8,6 +8,7 @@ use std::{net::SocketAddr, time::Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use nix::sys::signal::{SigSet, Signal};
+use portcullis_harness::grpc;
 use portcullis_harness::http::{GatewayProcess, Issued, Pki, TempDir, Upstream, mobile_contract};
 use portcullis_harness::ws::{self, Py};
 use portcullis_harness::{Gateway, Topology};
@@ -66,6 +67,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     let upstream = Upstream::start(&topo.gw, "127.0.0.1:9000".parse()?)?;
     let mut echo = Py::start(&topo.gw, &dir.0, &["serve", "9100"])?;
     ensure!(echo.line()? == "ready", "the WebSocket echo server did not start");
+    let _grpc_server = grpc::serve(&topo.gw, &dir.0, 9200, None)?;
     let conf = dir.0.join("conf.d");
     std::fs::create_dir_all(&conf)?;
     std::fs::write(conf.join("orders.yaml"), demo_config(&listener, &plain, &cert))?;
@@ -114,6 +116,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         upstream.requests()
     );
     websocket_steps(&topo, &plain, &dir.0)?;
+    grpc_steps(&topo, &plain, &dir.0)?;
     std::thread::sleep(std::time::Duration::from_millis(200));
     println!("\n== access log");
     for line in proxy.log_text().lines().filter(|l| l.contains("access")) {
@@ -197,6 +200,35 @@ fn http2_steps(topo: &Topology, good: std::net::IpAddr, tls: &[&str], url: &str)
         text.replace('\n', "\n   ")
     );
     ensure!(ok && text.contains("HTTP/2 200"), "HTTP/2 failed: {text}");
+    Ok(())
+}
+
+/// gRPC calls (Python `grpcio`) over h2c through the gateway to an HTTP/2 upstream.
+fn grpc_steps(topo: &Topology, plain: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    println!(
+        "\n== gRPC to {plain} (h2c beside HTTP/1.1 and WebSocket on one port), upstream h2c://127.0.0.1:9200"
+    );
+    for (case, want) in [
+        ("unary", "echo:hello seen"),
+        ("server-stream", "item 0,item 1,item 2,item 3,item 4"),
+        ("bidi", "re:one,re:two,re:three"),
+        ("fail", "status 5 no such order"),
+    ] {
+        let got = grpc::call(&topo.client, dir, plain, case, None)?;
+        println!("   {case:<14} {got}");
+        ensure!(got == want, "gRPC {case}: {got}, expected {want}");
+    }
+    let metrics = topo
+        .gw
+        .command("curl")
+        .args(["-sS", "http://127.0.0.1:9901/metrics"])
+        .output()?;
+    for line in String::from_utf8_lossy(&metrics.stdout)
+        .lines()
+        .filter(|l| l.starts_with("portcullis_grpc_calls_total"))
+    {
+        println!("   {line}");
+    }
     Ok(())
 }
 
@@ -584,6 +616,8 @@ metadata:
   name: inventory
 spec:
   address: http://{plain}/inventory
+  http2:
+    cleartext: true
   services:
     inventory:
       address: http://127.0.0.1:9000/
@@ -597,12 +631,26 @@ metadata:
   name: chat
 spec:
   address: http://{plain}/chat
+  http2:
+    cleartext: true
   services:
     chat:
       address: http://127.0.0.1:9100/
   websocket:
     idleTimeout: 1m
     maxConnections: 100
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: echo-grpc
+spec:
+  address: http://{plain}/demo.Echo
+  http2:
+    cleartext: true
+  services:
+    echo:
+      address: h2c://127.0.0.1:9200/demo.Echo
 ---
 apiVersion: gateway.mulesoft.com/v1alpha1
 kind: Configuration

@@ -154,10 +154,11 @@ impl Head {
     }
 
     /// Whether this request opens a WebSocket (RFC 6455 §4.1): a `GET` over
-    /// HTTP/1.1 without a body, with `Upgrade: websocket` and `Connection: upgrade`.
+    /// HTTP/1.1 without a body, with `Upgrade: websocket` and `Connection:
+    /// upgrade` (or the head an HTTP/2 extended CONNECT stands for, RFC 8441).
     pub fn is_websocket_upgrade(&self) -> bool {
         self.method() == "GET"
-            && self.version == Version::Http11
+            && self.version != Version::Http10
             && matches!(self.framing, Framing::Empty | Framing::Length(0))
             && self.lists_token("upgrade", "websocket")
             && self.lists_token("connection", "upgrade")

@@ -75,20 +75,22 @@ pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, stream: Stream
     if conn.alpn() == Some(b"h2") {
         let (stream, tls) = conn.into_parts();
         let transport = H2Io::new(stream, tls, Vec::new(), http2.control_frames_per_second);
-        h2::serve(worker.clone(), listener, transport, peer, true).await;
+        // Boxed, as every HTTP/2 path here: an HTTP/1.1 connection's task
+        // then carries none of the HTTP/2 state in its size.
+        Box::pin(h2::serve(worker.clone(), listener, transport, peer, true)).await;
         return;
     }
     if listener.h2c
         && let Conn::Plain(stream) = &conn
     {
         let wait = worker.current().settings.timeouts.request_headers;
-        let Some((preface, bytes)) = h2::sniff_preface(stream, wait).await else {
+        let Some((preface, bytes)) = Box::pin(h2::sniff_preface(stream, wait)).await else {
             return;
         };
         if preface {
             let (stream, _) = conn.into_parts();
             let transport = H2Io::new(stream, None, bytes, http2.control_frames_per_second);
-            h2::serve(worker.clone(), listener, transport, peer, false).await;
+            Box::pin(h2::serve(worker.clone(), listener, transport, peer, false)).await;
             return;
         }
         already = bytes;

@@ -131,26 +131,57 @@ pub(super) async fn carry(
         ex.finish(worker);
         return;
     }
-    let api = ApiLabels {
-        api: route.api.clone(),
-    };
-    let open = worker.shared.metrics.websocket_open.get_or_create(&api).clone();
-    open.inc();
+    let open = opened(worker, &route.api);
     let early = std::mem::take(&mut client.buf);
     let client_side = client.conn.duplex();
     let up_side = up.duplex();
     let (reason, to_upstream, to_client) =
         run(worker, &route.websocket, &client_side, &up_side, (early, up_buf)).await;
-    open.dec();
+    drop(open);
+    closed(worker, ex, reason, (to_upstream, to_client), head_len);
+}
+
+/// Holds one open tunnel in `portcullis_websocket_open` until dropped.
+pub(super) struct OpenTunnel(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Counts a tunnel of `api` open.
+pub(super) fn opened(worker: &Worker, api: &str) -> OpenTunnel {
+    let labels = ApiLabels { api: api.to_owned() };
+    let open = worker
+        .shared
+        .metrics
+        .websocket_open
+        .get_or_create(&labels)
+        .clone();
+    open.inc();
+    OpenTunnel(open)
+}
+
+/// Counts a closed tunnel and writes its access line: why it closed, the
+/// bytes carried to the upstream and to the client, after a head of `head_len`.
+pub(super) fn closed(
+    worker: &Worker,
+    ex: &mut Exchange<'_>,
+    reason: Close,
+    (to_upstream, to_client): (u64, u64),
+    head_len: u64,
+) {
+    let api = ex.route.map_or("-", |r| r.api.as_str()).to_owned();
     let metrics = &worker.shared.metrics;
-    let closed = TunnelLabels {
-        api: route.api.clone(),
+    let labels = TunnelLabels {
+        api: api.clone(),
         reason: reason.label().to_owned(),
     };
-    metrics.websocket_closed.get_or_create(&closed).inc();
+    metrics.websocket_closed.get_or_create(&labels).inc();
     for (direction, n) in [("upstream", to_upstream), ("client", to_client)] {
         let labels = TunnelBytesLabels {
-            api: route.api.clone(),
+            api: api.clone(),
             direction: direction.to_owned(),
         };
         metrics.websocket_bytes.get_or_create(&labels).inc_by(n);
@@ -161,6 +192,36 @@ pub(super) async fn carry(
         ex.record.error = Some(reason.label());
     }
     ex.finish(worker);
+}
+
+/// A fresh `Sec-WebSocket-Key`, for a handshake the gateway makes itself
+/// (a WebSocket that arrived over HTTP/2).
+pub(super) fn handshake_key() -> String {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+    let mut nonce = [0u8; 16];
+    // The key only has to be unpredictable to the upstream, not secret.
+    let _ = ring::rand::SystemRandom::new().fill(&mut nonce);
+    base64::engine::general_purpose::STANDARD.encode(nonce)
+}
+
+/// Whether the upstream's `101` answers the handshake's key (RFC 6455 §4.2.2).
+pub(super) fn accepts(request: &Head, response: &Head) -> bool {
+    use base64::Engine as _;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let (Some(key), Some(accept)) = (
+        request.header("sec-websocket-key"),
+        response.header("sec-websocket-accept"),
+    ) else {
+        return false;
+    };
+    let mut input = key.trim_ascii().to_vec();
+    input.extend_from_slice(GUID);
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
+    base64::engine::general_purpose::STANDARD
+        .encode(digest.as_ref())
+        .as_bytes()
+        == accept.trim_ascii()
 }
 
 /// Carries both directions, starting with the bytes each side sent early;
@@ -209,7 +270,12 @@ async fn run(
 }
 
 /// Returns when the tunnel must close for a reason of the gateway's.
-async fn watch(worker: &Worker, cfg: &WebSocketConfig, started: Instant, last: &Cell<Instant>) -> Close {
+pub(super) async fn watch(
+    worker: &Worker,
+    cfg: &WebSocketConfig,
+    started: Instant,
+    last: &Cell<Instant>,
+) -> Close {
     let shared = &worker.shared;
     let version = shared.version();
     let drained = shared.drain.notified();

@@ -104,6 +104,16 @@ def rapid_reset():
         out.append(RstStreamFrame(sid, error_code=8).serialize())
     return flood(out)
 
+def reset_after_accept():
+    """ARG slow requests, reset once the gateway took them; then one more request."""
+    s = connect()
+    s.sendall(b"".join(headers(1 + 2 * i, "/slow/3000") for i in range(ARG)))
+    time.sleep(0.5)
+    s.sendall(b"".join(RstStreamFrame(1 + 2 * i, error_code=8).serialize() for i in range(ARG)))
+    last = 1 + 2 * ARG
+    s.sendall(headers(last))
+    return outcome(s, last)
+
 def empty_data():
     return flood([headers(1, "/sink", end=False, method="POST")] +
                  [DataFrame(1, b"").serialize() for _ in range(ARG)])
@@ -139,6 +149,43 @@ def streams():
         if refused + answered == ARG:
             break
     return "refused %d answered %d" % (refused, answered)
+
+def websocket():
+    """RFC 8441: a WebSocket over an extended CONNECT stream; one text message echoed."""
+    import os
+    from hpack import Decoder
+    s = connect()
+    path = sys.argv[5] if len(sys.argv) > 5 else "/"
+    f = HeadersFrame(1, enc.encode([(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+                                    (":path", path), (":authority", HOST), ("sec-websocket-version", "13")]))
+    f.flags.add("END_HEADERS")
+    dec = Decoder()
+    enabled = False
+    status = None
+    got = b""
+    sent = False
+    message = b"hello over h2"
+    for fr in frames(s, 5):
+        if isinstance(fr, SettingsFrame) and 0x8 in fr.settings:
+            enabled = fr.settings[0x8] == 1
+        if isinstance(fr, SettingsFrame) and "ACK" not in fr.flags and not sent:
+            s.sendall(SettingsFrame(0, flags=["ACK"]).serialize() + f.serialize())
+            sent = True
+        if isinstance(fr, HeadersFrame) and fr.stream_id == 1:
+            status = dict(dec.decode(fr.data)).get(":status")
+            if status != "200":
+                break
+            mask = os.urandom(4)
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(message))
+            s.sendall(DataFrame(1, bytes([0x81, 0x80 | len(message)]) + mask + payload).serialize())
+        if isinstance(fr, DataFrame) and fr.stream_id == 1:
+            got += fr.data
+            if len(got) >= 2 + len(message):
+                break
+        if isinstance(fr, (RstStreamFrame, GoAwayFrame)):
+            break
+    echoed = got[2:2 + len(message)] == message and got[0] == 0x81
+    return "connect-protocol %d status %s echo %s" % (enabled, status, "ok" if echoed else repr(got))
 
 def huge(n):
     return b"a" * n
@@ -186,7 +233,7 @@ CASES = {
 part = sys.argv[1]
 fn = {"ping-flood": ping_flood, "settings-flood": settings_flood, "rapid-reset": rapid_reset,
       "empty-data": empty_data, "continuation": continuation, "hpack-bomb": hpack_bomb,
-      "streams": streams}.get(part) or CASES[part]
+      "streams": streams, "websocket": websocket, "reset-after-accept": reset_after_accept}.get(part) or CASES[part]
 print(fn(), flush=True)
 "#;
 
@@ -227,12 +274,24 @@ pub const CONFORMANCE: &[&str] = &[
 
 /// Runs one case against the h2c listener `host:port` in `ns`; what the gateway did.
 pub fn case(ns: &NetNs, dir: &Path, name: &str, host: &str, port: u16, arg: u64) -> anyhow::Result<String> {
+    case_on(ns, dir, name, (host, port), arg, "/")
+}
+
+/// Runs one case against `path` on the h2c listener `host:port` in `ns`.
+pub fn case_on(
+    ns: &NetNs,
+    dir: &Path,
+    name: &str,
+    (host, port): (&str, u16),
+    arg: u64,
+    path: &str,
+) -> anyhow::Result<String> {
     let script = dir.join("h2.py");
     std::fs::write(&script, SCRIPT)?;
     let out = ns
         .command("/usr/bin/python3")
         .arg(&script)
-        .args([name, host, &port.to_string(), &arg.to_string()])
+        .args([name, host, &port.to_string(), &arg.to_string(), path])
         .output()
         .context("running /usr/bin/python3 (Debian's, with python3-h2)")?;
     anyhow::ensure!(

@@ -21,7 +21,7 @@
 pub(super) mod io;
 pub(super) mod upstream;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -43,6 +43,7 @@ use super::error::ProxyError;
 use super::exchange::{self, ANSWER_WRITE, Exchange};
 use super::heads;
 use super::io::Transport as _;
+use super::tunnel;
 use crate::http::{self, ChunkedDecoder, Framing, Head, HttpError, Reencode, Version};
 use crate::policy::HeaderEdits;
 use crate::runtime::ListenerRt;
@@ -75,7 +76,8 @@ pub(super) async fn serve(
         .initial_connection_window_size(limits.connection_window)
         .max_header_list_size(u32::try_from(settings.limits.header_bytes).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(PENDING_RESETS)
-        .max_send_buffer_size(SEND_BUFFER);
+        .max_send_buffer_size(SEND_BUFFER)
+        .enable_connect_protocol();
     let handshake = timeout(
         settings.timeouts.request_headers,
         builder.handshake::<_, Bytes>(transport),
@@ -168,46 +170,91 @@ impl StreamTask {
     async fn run(self, request: ::http::Request<RecvStream>, respond: SendResponse<Bytes>) {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
+        let respond = Rc::new(RefCell::new(respond));
         let mut down = H2Stream {
             peer: self.peer,
             tls: self.tls,
             has_body: !body.is_end_stream(),
             body,
-            respond,
+            respond: respond.clone(),
             reply: Reply::Pending,
-            grpc: false,
+            kind: StreamKind::Plain,
+            answered: Rc::new(Cell::new(false)),
         };
+        let answered = down.answered.clone();
         let generation = self.worker.current();
         let target = parts
             .uri
             .path_and_query()
             .map_or("", ::http::uri::PathAndQuery::as_str);
         let authority = parts.uri.authority().map(::http::uri::Authority::as_str);
+        // RFC 8441: a WebSocket opened by an extended CONNECT is judged and
+        // forwarded as the HTTP/1.1 handshake it stands for.
+        let websocket = parts.method == ::http::Method::CONNECT
+            && parts
+                .extensions
+                .get::<h2::ext::Protocol>()
+                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        let key = websocket.then(tunnel::handshake_key);
+        let upgrade: [(&[u8], &[u8]); 3] = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"upgrade"),
+            (
+                b"sec-websocket-key",
+                key.as_deref().unwrap_or_default().as_bytes(),
+            ),
+        ];
         let fields = parts
             .headers
             .iter()
-            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+            .chain(upgrade.into_iter().filter(|_| websocket));
+        let method = if websocket { "GET" } else { parts.method.as_str() };
         let head = http::h2_request(
-            parts.method.as_str(),
+            method,
             target,
             authority,
             fields,
-            down.has_body,
+            down.has_body && !websocket,
             &generation.settings.limits,
         );
-        match head {
-            Ok(head) => {
-                down.grpc = super::grpc::is_grpc(&head);
-                Box::pin(exchange::handle(
-                    &mut down,
-                    &self.worker,
-                    self.listener,
-                    head,
-                    started,
-                ))
-                .await;
+        let work = async {
+            match head {
+                Ok(head) => {
+                    if websocket {
+                        down.kind = StreamKind::WebSocket;
+                    } else if super::grpc::is_grpc(&head) {
+                        down.kind = StreamKind::Grpc;
+                    }
+                    Box::pin(exchange::handle(
+                        &mut down,
+                        &self.worker,
+                        self.listener,
+                        head,
+                        started,
+                    ))
+                    .await;
+                }
+                Err(e) => exchange::refuse_head(&mut down, &self.worker, ProxyError::Client(e)).await,
             }
-            Err(e) => exchange::refuse_head(&mut down, &self.worker, ProxyError::Client(e)).await,
+        };
+        // A stream the client resets before its response began (rapid reset)
+        // drops its exchange at once, and with it the upstream request.
+        let reset = poll_fn(|cx| {
+            if answered.get() {
+                return std::task::Poll::Pending;
+            }
+            match respond.borrow_mut().poll_reset(cx) {
+                std::task::Poll::Ready(Ok(reason)) => std::task::Poll::Ready(reason),
+                _ => std::task::Poll::Pending,
+            }
+        });
+        tokio::select! {
+            () = work => {}
+            reason = reset => {
+                self.worker.shared.metrics.http2_resets.inc();
+                tracing::debug!(peer = %self.peer, %reason, path = target, "client reset the stream before its response");
+            }
         }
         down.finish();
         self.open.set(self.open.get() - 1);
@@ -221,10 +268,23 @@ struct H2Stream {
     tls: bool,
     has_body: bool,
     body: RecvStream,
-    respond: SendResponse<Bytes>,
+    /// Shared with the task's reset watch, borrowed only between awaits.
+    respond: Rc<RefCell<SendResponse<Bytes>>>,
     reply: Reply,
-    /// Whether the request is a gRPC call.
-    grpc: bool,
+    kind: StreamKind,
+    /// Set once the response head went out: a reset after it is not a rapid reset.
+    answered: Rc<Cell<bool>>,
+}
+
+/// What a stream carries, as far as answering it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    /// A request like any.
+    Plain,
+    /// A gRPC call: the gateway's own answers are in gRPC form.
+    Grpc,
+    /// An extended CONNECT for a WebSocket: only a tunnel may answer it with 2xx.
+    WebSocket,
 }
 
 /// Where a stream's response stands.
@@ -250,8 +310,10 @@ impl H2Stream {
     fn send_head(&mut self, response: ::http::Response<()>, end: bool) -> Result<(), ProxyError> {
         let send = self
             .respond
+            .borrow_mut()
             .send_response(response, end)
             .map_err(|e| client_error(&e))?;
+        self.answered.set(true);
         self.reply = if end { Reply::Ended } else { Reply::Open(send) };
         Ok(())
     }
@@ -317,12 +379,12 @@ impl Downstream for H2Stream {
     }
 
     fn grpc(&self) -> bool {
-        self.grpc
+        self.kind == StreamKind::Grpc
     }
 
     async fn send_answer(&mut self, answer: &Answer, _version: Version, _keep: bool) -> u64 {
         let (fields, body) = answer.parts();
-        if self.grpc {
+        if self.kind == StreamKind::Grpc {
             // Trailers-only, as a gRPC server refuses a call: HTTP 200, the
             // status in grpc-status, the reason in grpc-message.
             let code = super::grpc::status_of(answer.status()).to_string();
@@ -362,6 +424,7 @@ impl Downstream for H2Stream {
     async fn send_continue(&mut self, _wait: Duration) -> Result<(), ProxyError> {
         let head = response_head(100, std::iter::empty());
         self.respond
+            .borrow_mut()
             .send_informational(head)
             .map_err(|e| client_error(&e))
     }
@@ -373,7 +436,8 @@ impl Downstream for H2Stream {
         max: u64,
         waits: Waits,
     ) -> Result<u64, CopyError> {
-        if !self.has_body {
+        // An extended CONNECT's stream stays open for the tunnel, not for a body.
+        if !self.has_body || framing == Framing::Empty {
             return Ok(0);
         }
         let mut payload: u64 = 0;
@@ -418,6 +482,7 @@ impl Downstream for H2Stream {
     async fn interim(&mut self, response: &Head, _wait: Duration) -> Result<(), ProxyError> {
         let head = response_head(response.status, response.headers());
         self.respond
+            .borrow_mut()
             .send_informational(head)
             .map_err(|e| client_error(&e))
     }
@@ -430,6 +495,15 @@ impl Downstream for H2Stream {
         (up, mut up_buf, endpoint): (&mut Conn, Vec<u8>, &str),
         waits: Waits,
     ) -> (Result<Sent, (u64, ProxyError)>, bool) {
+        if self.kind == StreamKind::WebSocket && response.status < 300 {
+            // The upstream (or the API, with WebSockets off) did not switch
+            // protocols: a 2xx would tell the client its tunnel is open.
+            let e = ProxyError::UpstreamProtocol {
+                endpoint: endpoint.to_owned(),
+                source: HttpError::Malformed("the upstream did not switch to WebSocket"),
+            };
+            return (Err((0, e)), true);
+        }
         let no_body = ex.head().method() == "HEAD" || matches!(response.status, 204 | 304);
         let framing = if no_body { Framing::Empty } else { response.framing };
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
@@ -505,20 +579,107 @@ impl Downstream for H2Stream {
         }
     }
 
+    /// RFC 8441: the upstream's `101` becomes a `200` on the CONNECT stream,
+    /// whose DATA frames then carry the WebSocket's bytes both ways.
     async fn tunnel(
         &mut self,
         worker: &Worker,
         ex: &mut Exchange<'_>,
-        _response: &Head,
-        _up: Conn,
-        _up_buf: Vec<u8>,
+        response: &Head,
+        mut up: Conn,
+        up_buf: Vec<u8>,
     ) {
-        // A WebSocket handshake is HTTP/1.1 only (RFC 8441 is not served), so no 101 is final here.
-        let e = ProxyError::UpstreamProtocol {
-            endpoint: "upstream".into(),
-            source: HttpError::Malformed("upgrade over HTTP/2"),
+        let Some(route) = ex.route else { return };
+        if !tunnel::accepts(ex.head(), response) {
+            let e = ProxyError::UpstreamProtocol {
+                endpoint: "upstream".into(),
+                source: HttpError::Malformed("Sec-WebSocket-Accept does not answer the key"),
+            };
+            ex.answer(self, worker, Answer::Failed(e)).await;
+            return;
+        }
+        let edits = if ex.chain.is_empty() {
+            HeaderEdits::default()
+        } else {
+            ex.chain.on_response(&ex.request, response)
         };
-        ex.answer(self, worker, Answer::Failed(e)).await;
+        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        heads::response_fields(ex, response, &edits, |n, v| {
+            if !n.eq_ignore_ascii_case(b"sec-websocket-accept") {
+                fields.push((n.to_vec(), v.to_vec()));
+            }
+        });
+        ex.record.status = 101;
+        let head = response_head(200, fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        if let Err(e) = self.send_head(head, false) {
+            ex.note(worker, &e);
+            ex.finish(worker);
+            return;
+        }
+        let cfg = &route.websocket;
+        let open = tunnel::opened(worker, &route.api);
+        let started = Instant::now();
+        let last = Cell::new(started);
+        let (to_upstream, to_client) = (Cell::new(0u64), Cell::new(0u64));
+        let up_side = up.duplex();
+        let (body, reply) = (&mut self.body, &mut self.reply);
+        let Reply::Open(send) = reply else { return };
+        let upward = async {
+            let carried = async {
+                while let Some(data) = upstream::next_data(body, cfg.max_duration, client_io).await? {
+                    last.set(Instant::now());
+                    to_upstream.set(to_upstream.get() + data.len() as u64);
+                    let (res, _) = up_side.write_all(data.to_vec()).await;
+                    res.map_err(|e| upstream_io("upstream", e.to_string()))?;
+                }
+                up_side.shutdown_write().await;
+                Ok::<(), ProxyError>(())
+            }
+            .await;
+            if carried.is_err() {
+                // The client's side failed: end the upstream's, and with it the other direction.
+                up_side.shutdown();
+            }
+            carried
+        };
+        let downward = async {
+            let mut buf = up_buf;
+            loop {
+                if !buf.is_empty() {
+                    to_client.set(to_client.get() + buf.len() as u64);
+                    let data = Bytes::copy_from_slice(&buf);
+                    upstream::send_all(send, data, false, cfg.idle_timeout)
+                        .await
+                        .map_err(client_io)?;
+                    buf.clear();
+                }
+                buf.reserve(super::client::BODY_CHUNK);
+                let (res, back) = up_side.read(buf).await;
+                buf = back;
+                if res.map_err(|e| upstream_io("upstream", e.to_string()))? == 0 {
+                    upstream::send_all(send, Bytes::new(), true, cfg.idle_timeout)
+                        .await
+                        .map_err(client_io)?;
+                    return Ok::<(), ProxyError>(());
+                }
+                last.set(Instant::now());
+            }
+        };
+        let reason = tokio::select! {
+            (a, b) = async { tokio::join!(upward, downward) } => {
+                if a.is_ok() && b.is_ok() { tunnel::Close::Ended } else { tunnel::Close::Error }
+            }
+            reason = tunnel::watch(worker, cfg, started, &last) => reason,
+        };
+        up_side.shutdown();
+        if reason == tunnel::Close::Ended {
+            *reply = Reply::Ended;
+        } else if let Reply::Open(send) = reply {
+            send.send_reset(Reason::CANCEL);
+            *reply = Reply::Ended;
+        }
+        drop(open);
+        tunnel::closed(worker, ex, reason, (to_upstream.get(), to_client.get()), 0);
     }
 
     /// Both ways at once, so a streaming call never waits on itself: the
@@ -565,7 +726,7 @@ impl Downstream for H2Stream {
             ex,
             response,
             deadline,
-            (&mut self.respond, &mut self.reply),
+            (&self.respond, &mut self.reply, &self.answered),
             waits,
             endpoint,
         );
@@ -605,7 +766,7 @@ async fn relay_response(
     ex: &Exchange<'_>,
     response: ::h2::client::ResponseFuture,
     deadline: Duration,
-    (respond, reply): (&mut SendResponse<Bytes>, &mut Reply),
+    (respond, reply, answered): (&RefCell<SendResponse<Bytes>>, &mut Reply, &Cell<bool>),
     waits: Waits,
     endpoint: &str,
 ) -> Result<upstream::Called, upstream::CallError> {
@@ -623,8 +784,10 @@ async fn relay_response(
         fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
     );
     let stream = respond
+        .borrow_mut()
         .send_response(head_out, end)
         .map_err(|e| upstream::CallError::Early(client_error(&e)))?;
+    answered.set(true);
     let mut relayed = 0u64;
     if end {
         *reply = Reply::Ended;
