@@ -236,6 +236,7 @@ fn http2_floods_are_cut_off_and_never_reach_the_upstream() -> anyhow::Result<()>
     for (case, n) in [
         ("ping-flood", 20_000),
         ("settings-flood", 20_000),
+        ("window-update-flood", 20_000),
         ("empty-data", 20_000),
         ("continuation", 1_000),
         ("hpack-bomb", 1_000),

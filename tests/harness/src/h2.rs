@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use crate::NetNs;
 
-/// The cases: floods (`ping-flood`, `settings-flood`, `rapid-reset`,
+/// The cases: floods (`ping-flood`, `settings-flood`, `window-update-flood`, `rapid-reset`,
 /// `empty-data`, `continuation`, `hpack-bomb`, `streams`) and conformance
 /// cases named by their RFC 9113 section, each printing one line.
 pub const SCRIPT: &str = r#"
@@ -92,6 +92,9 @@ def flood(payload_frames, stream=None):
 
 def ping_flood():
     return flood(PingFrame(0, b"12345678").serialize() for _ in range(ARG))
+
+def window_update_flood():
+    return flood(WindowUpdateFrame(0, window_increment=1).serialize() for _ in range(ARG))
 
 def settings_flood():
     return flood(SettingsFrame(0).serialize() for _ in range(ARG))
@@ -231,7 +234,8 @@ CASES = {
 }
 
 part = sys.argv[1]
-fn = {"ping-flood": ping_flood, "settings-flood": settings_flood, "rapid-reset": rapid_reset,
+fn = {"ping-flood": ping_flood, "settings-flood": settings_flood,
+      "window-update-flood": window_update_flood, "rapid-reset": rapid_reset,
       "empty-data": empty_data, "continuation": continuation, "hpack-bomb": hpack_bomb,
       "streams": streams, "websocket": websocket, "reset-after-accept": reset_after_accept}.get(part) or CASES[part]
 print(fn(), flush=True)
