@@ -5,21 +5,8 @@
 
 use anyhow::{Context, ensure};
 use portcullis_tests::grpc;
-use portcullis_tests::http::{GatewayProcess, Pki, TempDir, api_instance, curl};
+use portcullis_tests::http::{GatewayProcess, Pki, TempDir, api_instance, curl, strict_settings};
 use portcullis_tests::{NetNs, wait_for};
-
-const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: Configuration
-metadata:
-  name: grpc
-spec:
-  proxy:
-    workers: 2
-    admin: 127.0.0.1:9901
-  gatekeeper:
-    level: strict
----
-";
 
 const H2C: &str = "  http2:\n    cleartext: true\n";
 
@@ -146,7 +133,10 @@ spec:
         ),
         outbound,
     ];
-    dir.write("gateway.yaml", &format!("{SETTINGS}{}", resources.concat()))?;
+    dir.write(
+        "gateway.yaml",
+        &format!("{}{}", strict_settings("grpc"), resources.concat()),
+    )?;
     let gw = GatewayProcess::start(&ns, &dir.0, "127.0.0.1:9901".parse()?)?;
     Ok(Scene {
         ns,

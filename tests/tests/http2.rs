@@ -7,20 +7,9 @@
 use anyhow::{Context, ensure};
 use portcullis_tests::NetNs;
 use portcullis_tests::h2::{self, CONFORMANCE};
-use portcullis_tests::http::{GatewayProcess, Pki, TempDir, Upstream, api_instance, curl, tls_binding};
-
-const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: Configuration
-metadata:
-  name: h2
-spec:
-  proxy:
-    workers: 2
-    admin: 127.0.0.1:9901
-  gatekeeper:
-    level: strict
----
-";
+use portcullis_tests::http::{
+    GatewayProcess, Pki, TempDir, Upstream, api_instance, curl, strict_settings, tls_binding,
+};
 
 const H2C: &str = "  http2:\n    cleartext: true\n";
 
@@ -40,7 +29,10 @@ fn scene(resources: impl FnOnce(&Pki) -> anyhow::Result<String>) -> anyhow::Resu
     let pki_dir = TempDir::new("h2p")?;
     let pki = Pki::new(&pki_dir.0, "h2")?;
     let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
-    dir.write("gateway.yaml", &format!("{SETTINGS}{}", resources(&pki)?))?;
+    dir.write(
+        "gateway.yaml",
+        &format!("{}{}", strict_settings("h2"), resources(&pki)?),
+    )?;
     let gw = GatewayProcess::start(&ns, &dir.0, "127.0.0.1:9901".parse()?)?;
     Ok(Scene {
         ns,

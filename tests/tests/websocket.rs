@@ -3,26 +3,15 @@
 //! in a fresh namespace, plain and TLS.
 
 use anyhow::{Context, ensure};
-use portcullis_tests::http::{GatewayProcess, Pki, TempDir, api_instance, curl, tls_binding};
+use portcullis_tests::http::{
+    GatewayProcess, Pki, TempDir, api_instance, curl, strict_settings, tls_binding,
+};
 use portcullis_tests::ws::{self, Py};
 use portcullis_tests::{NetNs, wait_for};
 
 fn client(ns: &NetNs, dir: &TempDir, part: &str, uri: &str, ca: Option<&str>) -> anyhow::Result<String> {
     ws::client(ns, &dir.0, part, uri, ca.map(|ca| (ca, None)))
 }
-
-const SETTINGS: &str = "apiVersion: gateway.mulesoft.com/v1alpha1
-kind: Configuration
-metadata:
-  name: ws
-spec:
-  proxy:
-    workers: 2
-    admin: 127.0.0.1:9901
-  gatekeeper:
-    level: strict
----
-";
 
 /// A namespace with the echo server on :9000 and the gateway running `resources`.
 struct Scene {
@@ -37,7 +26,7 @@ fn scene(resources: &str) -> anyhow::Result<Scene> {
     let dir = TempDir::new("ws")?;
     let mut server = Py::start(&ns, &dir.0, &["serve"])?;
     ensure!(server.line()? == "ready", "echo server started");
-    dir.write("gateway.yaml", &format!("{SETTINGS}{resources}"))?;
+    dir.write("gateway.yaml", &format!("{}{resources}", strict_settings("ws")))?;
     let gw = GatewayProcess::start(&ns, &dir.0, "127.0.0.1:9901".parse()?)?;
     Ok(Scene { ns, dir, server, gw })
 }
@@ -201,8 +190,10 @@ fn a_reload_leaves_tunnels_open_unless_the_api_asks() -> anyhow::Result<()> {
     let mut renewed = Py::start(&s.ns, &s.dir.0, &["hold", "ws://127.0.0.1:8081/"])?;
     ensure!(kept.line()? == "open" && renewed.line()? == "open");
 
-    s.dir
-        .write("gateway.yaml", &format!("{SETTINGS}{}", resources("two")))?;
+    s.dir.write(
+        "gateway.yaml",
+        &format!("{}{}", strict_settings("ws"), resources("two")),
+    )?;
     s.gw.reload()?;
     wait_for("the reload", || {
         Ok(metrics(&s.ns)?.contains("reason=\"reload\"} 1"))

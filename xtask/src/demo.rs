@@ -203,6 +203,22 @@ fn http2_steps(topo: &Topology, good: std::net::IpAddr, tls: &[&str], url: &str)
     Ok(())
 }
 
+/// Prints the gateway's metrics whose names start with `prefix`.
+fn print_metrics(topo: &Topology, prefix: &str) -> anyhow::Result<()> {
+    let metrics = topo
+        .gw
+        .command("curl")
+        .args(["-sS", "http://127.0.0.1:9901/metrics"])
+        .output()?;
+    for line in String::from_utf8_lossy(&metrics.stdout)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+    {
+        println!("   {line}");
+    }
+    Ok(())
+}
+
 /// gRPC calls (Python `grpcio`) over h2c through the gateway to an HTTP/2 upstream.
 fn grpc_steps(topo: &Topology, plain: &str, dir: &std::path::Path) -> anyhow::Result<()> {
     println!(
@@ -218,18 +234,7 @@ fn grpc_steps(topo: &Topology, plain: &str, dir: &std::path::Path) -> anyhow::Re
         println!("   {case:<14} {got}");
         ensure!(got == want, "gRPC {case}: {got}, expected {want}");
     }
-    let metrics = topo
-        .gw
-        .command("curl")
-        .args(["-sS", "http://127.0.0.1:9901/metrics"])
-        .output()?;
-    for line in String::from_utf8_lossy(&metrics.stdout)
-        .lines()
-        .filter(|l| l.starts_with("portcullis_grpc_calls_total"))
-    {
-        println!("   {line}");
-    }
-    Ok(())
+    print_metrics(topo, "portcullis_grpc_calls_total")
 }
 
 /// A WebSocket client (Python `websockets`) through the gateway to an echo server.
@@ -241,18 +246,7 @@ fn websocket_steps(topo: &Topology, plain: &str, dir: &std::path::Path) -> anyho
         if said == "ok" { "ok" } else { "FAILED" }
     );
     ensure!(said == "ok", "the WebSocket echo failed: {said}");
-    let metrics = topo
-        .gw
-        .command("curl")
-        .args(["-sS", "http://127.0.0.1:9901/metrics"])
-        .output()?;
-    for line in String::from_utf8_lossy(&metrics.stdout)
-        .lines()
-        .filter(|l| l.starts_with("portcullis_websocket"))
-    {
-        println!("   {line}");
-    }
-    Ok(())
+    print_metrics(topo, "portcullis_websocket")
 }
 
 /// An API whose policy needs contracts is gated until a Contract is written, then opens.

@@ -124,6 +124,15 @@ impl<'a> Exchange<'a> {
         keep
     }
 
+    /// What the response policies do to `response`'s head.
+    pub fn response_edits(&self, response: &Head) -> HeaderEdits {
+        if self.chain.is_empty() {
+            HeaderEdits::default()
+        } else {
+            self.chain.on_response(&self.request, response)
+        }
+    }
+
     /// Counts and logs a failed exchange by who is to blame.
     pub fn note(&mut self, worker: &Worker, e: &ProxyError) {
         self.record.error = Some(e.kind());

@@ -249,11 +249,7 @@ impl Attempt {
             client.tunnel(worker, ex, &response, up, up_buf).await;
             return Self::Done(false);
         }
-        let edits = if ex.chain.is_empty() {
-            crate::policy::HeaderEdits::default()
-        } else {
-            ex.chain.on_response(&ex.request, &response)
-        };
+        let edits = ex.response_edits(&response);
         let (result, keep_alive) = client
             .relay(ex, &response, &edits, (&mut up, up_buf, &endpoint_name), waits)
             .await;

@@ -117,11 +117,7 @@ pub(super) async fn carry(
     up_buf: Vec<u8>,
 ) {
     let Some(route) = ex.route else { return };
-    let edits = if ex.chain.is_empty() {
-        crate::policy::HeaderEdits::default()
-    } else {
-        ex.chain.on_response(&ex.request, response)
-    };
+    let edits = ex.response_edits(response);
     let head = heads::client_response(ex, response, &edits, Relay::upgrade());
     let head_len = head.len() as u64;
     ex.record.status = 101;

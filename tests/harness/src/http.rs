@@ -694,6 +694,25 @@ pub fn curl(ns: &NetNs, args: &[&str]) -> anyhow::Result<(i32, String, String)> 
     ))
 }
 
+/// A `Configuration` resource named `name`: two workers, the admin listener
+/// on 127.0.0.1:9901, the Gatekeeper strict; ends in a `---`.
+pub fn strict_settings(name: &str) -> String {
+    format!(
+        "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Configuration
+metadata:
+  name: {name}
+spec:
+  proxy:
+    workers: 2
+    admin: 127.0.0.1:9901
+  gatekeeper:
+    level: strict
+---
+"
+    )
+}
+
 /// A Contract for client `mobile` with secret `password` (sha256) on
 /// `apis` (`orders` or `orders, inventory`), ending in a `---`.
 pub fn mobile_contract(apis: &str) -> String {

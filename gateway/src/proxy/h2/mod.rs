@@ -598,11 +598,7 @@ impl Downstream for H2Stream {
             ex.answer(self, worker, Answer::Failed(e)).await;
             return;
         }
-        let edits = if ex.chain.is_empty() {
-            HeaderEdits::default()
-        } else {
-            ex.chain.on_response(&ex.request, response)
-        };
+        let edits = ex.response_edits(response);
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         heads::response_fields(ex, response, &edits, |n, v| {
             if !n.eq_ignore_ascii_case(b"sec-websocket-accept") {

@@ -319,11 +319,7 @@ pub(in crate::proxy) async fn response(
     } else if head.framing == Framing::Empty {
         head.framing = Framing::UntilClose;
     }
-    let edits = if ex.chain.is_empty() {
-        HeaderEdits::default()
-    } else {
-        ex.chain.on_response(&ex.request, &head)
-    };
+    let edits = ex.response_edits(&head);
     Ok((head, edits, body))
 }
 
