@@ -84,6 +84,10 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
 }
 
+/// Metrics another part of the gateway writes at scrape time (what XDP
+/// counted, read from its maps), as OpenMetrics text families.
+pub type ScrapeHook = Box<dyn Fn(&mut String) + Send + Sync>;
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -116,6 +120,25 @@ pub struct Metrics {
     pub http2_resets: Counter,
     /// gRPC calls by API and gRPC status (the upstream's, or the gateway's own refusal).
     pub grpc_calls: Family<GrpcLabels, Counter>,
+    /// Families written at scrape time by a layer above (set once, at start).
+    pub scrape: Scrape,
+}
+
+/// The scrape-time hook of [`Metrics`].
+#[derive(Default)]
+pub struct Scrape(std::sync::OnceLock<ScrapeHook>);
+
+impl Scrape {
+    /// Installs `hook`; later calls are ignored.
+    pub fn set(&self, hook: ScrapeHook) {
+        let _ = self.0.set(hook);
+    }
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Scrape").field(&self.0.get().is_some()).finish()
+    }
 }
 
 /// A new metric of type `M`, registered as `name` with `help`.
@@ -191,16 +214,24 @@ impl Default for Metrics {
                 "grpc_calls",
                 "gRPC calls finished, by API instance and gRPC status",
             ),
+            scrape: Scrape::default(),
             registry,
         }
     }
 }
 
 impl Metrics {
-    /// Prometheus text exposition of every metric.
+    /// Prometheus text exposition of every metric, the scrape-time families included.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        if let Some(hook) = self.scrape.0.get() {
+            // OpenMetrics ends with `# EOF`: the extra families go before it.
+            let eof = out.rfind("# EOF").unwrap_or(out.len());
+            let tail = out.split_off(eof);
+            hook(&mut out);
+            out.push_str(&tail);
+        }
         out
     }
 }
@@ -316,5 +347,26 @@ impl LocalMetrics {
             });
             histogram.observe(seconds);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrape_time_families_go_before_the_end_of_the_exposition() {
+        let metrics = Metrics::default();
+        metrics.open_connections.set(3);
+        metrics.scrape.set(Box::new(|out: &mut String| {
+            out.push_str("# TYPE portcullis_xdp_listeners gauge\nportcullis_xdp_listeners 2\n");
+        }));
+        let text = metrics.encode();
+        assert!(text.contains("portcullis_open_connections 3\n"), "{text}");
+        let extra = text
+            .find("portcullis_xdp_listeners 2\n")
+            .expect("the hook's family");
+        let eof = text.find("# EOF").expect("the end marker");
+        assert!(extra < eof && text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -286,6 +286,23 @@ fn a_listener_whose_routes_are_all_gated_is_answered_at_the_nic() -> anyhow::Res
     })?;
     ensure!(s.gate(&plain)?["open"] == true);
     ensure!(s.status()?["gates"]["apis"][0]["state"] == "open");
+    // What XDP counted is in the proxy's own scrape, read from the maps.
+    let out = s
+        .topo
+        .gw
+        .command("curl")
+        .args(["-sS", "http://127.0.0.1:9901/metrics"])
+        .output()?;
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        format!("portcullis_xdp_packets_total{{listener=\"{plain}\",verdict=\"gate_503\"}} 1\n"),
+        format!("portcullis_xdp_gate_open{{listener=\"{plain}\",mode=\"503\"}} 1\n"),
+        "portcullis_xdp_listeners 1\n".to_owned(),
+        "portcullis_requests_total{api=\"orders\",status=\"200\"}".to_owned(),
+    ] {
+        ensure!(metrics.contains(&needle), "{needle} in /metrics:\n{metrics}");
+    }
+    ensure!(metrics.ends_with("# EOF\n"), "one OpenMetrics exposition");
     // With the proxy gone, status still tells what was in force and that XDP answers.
     let mut gw = gw;
     gw.terminate()?;

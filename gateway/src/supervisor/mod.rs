@@ -106,6 +106,20 @@ struct Mirror {
 }
 
 impl Mirror {
+    /// Has `/metrics` carry what XDP counted, read from the pinned maps at each scrape.
+    fn export_counters(&self, metrics: &Metrics) {
+        let Some(nic) = &self.nic else { return };
+        let instance = nic.instance().clone();
+        metrics.scrape.set(Box::new(move |out: &mut String| {
+            if let Err(e) = instance
+                .maps()
+                .and_then(|maps| crate::xdp::metrics::write(&maps, out))
+            {
+                tracing::debug!(error = %e, "the XDP maps could not be read for /metrics");
+            }
+        }));
+    }
+
     fn sync_nic(&mut self, generation: &Generation) {
         if let Some(nic) = self.nic.as_mut()
             && let Err(e) = nic.sync(generation)
@@ -238,6 +252,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
         tracing::info!(listener = %addr, scheme, "listening");
     }
     let shared = Arc::new(Shared::new(generation, Arc::new(Metrics::default())));
+    mirror.export_counters(&shared.metrics);
     let signals = stop_signals();
     signals.thread_block().map_err(SupervisorError::Signals)?;
     start_workers(&shared, per_worker)?;

@@ -13,6 +13,7 @@ mod attach;
 mod error;
 mod gate;
 mod maps;
+pub mod metrics;
 mod mmap;
 mod table;
 
