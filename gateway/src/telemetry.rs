@@ -60,6 +60,13 @@ pub struct TunnelLabels {
     pub reason: String,
 }
 
+/// Labels of a connection refused for the PROXY protocol.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyProtocolLabels {
+    /// `untrusted_source` or `bad_header`.
+    pub reason: String,
+}
+
 /// Labels of a finished gRPC call.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
@@ -120,6 +127,8 @@ pub struct Metrics {
     pub http2_resets: Counter,
     /// gRPC calls by API and gRPC status (the upstream's, or the gateway's own refusal).
     pub grpc_calls: Family<GrpcLabels, Counter>,
+    /// Connections refused on PROXY-protocol listeners, by reason.
+    pub proxy_protocol_refused: Family<ProxyProtocolLabels, Counter>,
     /// Families written at scrape time by a layer above (set once, at start).
     pub scrape: Scrape,
 }
@@ -213,6 +222,11 @@ impl Default for Metrics {
                 r,
                 "grpc_calls",
                 "gRPC calls finished, by API instance and gRPC status",
+            ),
+            proxy_protocol_refused: registered(
+                r,
+                "proxy_protocol_refused",
+                "Connections refused on PROXY-protocol listeners: from an untrusted source, or without a valid header",
             ),
             scrape: Scrape::default(),
             registry,

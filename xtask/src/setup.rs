@@ -36,6 +36,8 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-h2",
     // The gRPC tests' server and client.
     "python3-grpcio",
+    // The PROXY protocol tests' load balancer (send-proxy, send-proxy-v2).
+    "haproxy",
 ];
 
 static APT_UPDATE: Once = Once::new();

@@ -207,6 +207,9 @@ pub struct ListenerConfig {
     pub tls: Option<InboundTls>,
     /// Whether a cleartext listener also takes HTTP/2 with prior knowledge (h2c).
     pub h2c: bool,
+    /// PROXY protocol: every connection must open with a PROXY header, and
+    /// only these sources may connect at all.
+    pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
     /// Routes, most specific first.
     pub routes: Vec<RouteConfig>,
 }
@@ -456,6 +459,8 @@ pub struct ProxySettings {
     pub forwarded: Forwarded,
     /// HTTP/2 connection limits.
     pub http2: Http2Settings,
+    /// PROXY protocol on every listener that does not say otherwise: the trusted sources.
+    pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
 }
 
 /// Limits of one HTTP/2 client connection.
@@ -505,6 +510,7 @@ impl Default for ProxySettings {
                 via: true,
             },
             http2: Http2Settings::default(),
+            proxy_protocol: None,
         }
     }
 }

@@ -67,6 +67,18 @@ pub struct ApiInstanceSpec {
     /// Portcullis extension: HTTP/2 on this API's listener.
     #[serde(default)]
     pub http2: Option<ListenerHttp2Spec>,
+    /// Portcullis extension: PROXY protocol on this API's listener.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolSpec>,
+}
+
+/// PROXY protocol (v1 and v2) from L4 load balancers.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyProtocolSpec {
+    pub enabled: Option<bool>,
+    /// Portcullis extension: the only sources whose PROXY header is believed.
+    pub trusted_sources: Option<Vec<String>>,
 }
 
 /// HTTP/2 on a listener.
@@ -332,6 +344,9 @@ pub struct ConfigurationSpec {
     /// Portcullis extension: where the key for `${encrypted:...}` values is.
     #[serde(default)]
     pub secrets: Option<SecretsSpec>,
+    /// PROXY protocol on every listener (the source gateway's shape, with `trustedSources`).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolSpec>,
 }
 
 /// Logging.

@@ -22,6 +22,7 @@ mod h2;
 mod heads;
 pub mod io;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod server;
 mod tunnel;
 
@@ -137,6 +138,23 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                     // A reload removed this listener.
                     return;
                 };
+                if let Some(trusted) = &rt.proxy_protocol
+                    && !trusted.iter().any(|net| net.contains(&peer.ip()))
+                {
+                    // Refused at accept: only the load balancers may speak PROXY here.
+                    tracing::debug!(%peer, listener = %addr, "not a trusted PROXY protocol source; closing");
+                    let labels = crate::telemetry::ProxyProtocolLabels {
+                        reason: "untrusted_source".into(),
+                    };
+                    worker
+                        .shared
+                        .metrics
+                        .proxy_protocol_refused
+                        .get_or_create(&labels)
+                        .inc();
+                    drop(tcp);
+                    continue;
+                }
                 let limit = worker.shared.startup.max_connections;
                 if worker.open.get() >= limit {
                     tracing::warn!(%peer, limit, "connection limit reached; closing");

@@ -15,6 +15,7 @@ use super::conn::Conn;
 use super::exchange;
 use super::h2::{self, H2Io};
 use super::io::Stream;
+use super::proxy_protocol;
 use crate::runtime::ListenerRt;
 use crate::telemetry::HandshakeLabels;
 
@@ -63,10 +64,30 @@ async fn handshake(worker: &Worker, listener: &ListenerRt, stream: Stream, peer:
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, stream: Stream, peer: SocketAddr) {
+pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, stream: Stream, mut peer: SocketAddr) {
     worker.open.set(worker.open.get() + 1);
     worker.shared.metrics.open_connections.inc();
     let _guard = OpenGuard(worker.clone());
+    if listener.proxy_protocol.is_some() {
+        let wait = worker.current().settings.timeouts.request_headers;
+        match Box::pin(proxy_protocol::read(&stream, wait)).await {
+            Ok(Some(client)) => peer = client,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "PROXY protocol header refused; closing");
+                let labels = crate::telemetry::ProxyProtocolLabels {
+                    reason: "bad_header".into(),
+                };
+                worker
+                    .shared
+                    .metrics
+                    .proxy_protocol_refused
+                    .get_or_create(&labels)
+                    .inc();
+                return;
+            }
+        }
+    }
     let Some(mut conn) = handshake(&worker, &listener, stream, peer).await else {
         return;
     };

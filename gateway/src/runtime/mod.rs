@@ -32,6 +32,8 @@ pub struct ListenerRt {
     pub tls: Option<Arc<ServerConfig>>,
     /// Whether it also takes cleartext HTTP/2 with prior knowledge.
     pub h2c: bool,
+    /// The sources allowed to connect, each opening with a PROXY header; `None`: no PROXY protocol.
+    pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
     /// Its routes.
     pub router: Router,
 }
@@ -79,6 +81,7 @@ impl Generation {
                 addr: l.addr,
                 tls,
                 h2c: l.h2c,
+                proxy_protocol: l.proxy_protocol.clone(),
                 router: Router::new(l.routes.clone()),
             };
             listeners.insert(l.addr, Arc::new(rt));

@@ -27,6 +27,8 @@ pub(super) struct ListenerDraft {
     network: Option<(bool, Origin)>,
     /// Whether it takes h2c, and where that was first said.
     h2c: Option<(bool, Origin)>,
+    /// Its own PROXY protocol setting (over the Configuration's), and where it was first said.
+    proxy_protocol: Option<(Option<Vec<ipnet::IpNet>>, Origin)>,
 }
 
 /// What the ApiInstances came to.
@@ -185,6 +187,7 @@ pub(super) fn draft<'a>(
             tls: None,
             network: None,
             h2c: None,
+            proxy_protocol: None,
         });
         entry.add(api, listen, &url, route, name_at, bindings, c);
     }
@@ -240,6 +243,21 @@ impl ListenerDraft {
                 ),
                 Some(_) => {}
                 None => self.h2c = Some((cleartext, at)),
+            }
+        }
+        if let Some(pp) = &api.spec.proxy_protocol {
+            let at = api.doc.at("spec.proxyProtocol");
+            let setting = super::settings::proxy_protocol(&api.doc, "spec.proxyProtocol", pp, c);
+            match &self.proxy_protocol {
+                Some((other, prev)) if *other != setting => c.push(
+                    &at,
+                    format!(
+                        "{listen} has another PROXY protocol setting at {}:{}; it is per port",
+                        prev.file, prev.line
+                    ),
+                ),
+                Some(_) => {}
+                None => self.proxy_protocol = Some((setting, at)),
             }
         }
         if self.https != url.tls {
@@ -316,6 +334,10 @@ pub(super) fn finish(
             external: draft.network.is_some_and(|(e, _)| e),
             tls: draft.tls,
             h2c: draft.h2c.is_some_and(|(on, _)| on),
+            proxy_protocol: match draft.proxy_protocol {
+                Some((setting, _)) => setting,
+                None => out.proxy.proxy_protocol.clone(),
+            },
             routes,
         });
     }

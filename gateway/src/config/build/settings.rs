@@ -139,6 +139,9 @@ pub(super) fn gateway_settings(
 )]
 pub(super) fn proxy_settings(doc: &Doc, spec: &raw::ConfigurationSpec, c: &mut Collector) -> ProxySettings {
     let mut s = ProxySettings::default();
+    if let Some(pp) = &spec.proxy_protocol {
+        s.proxy_protocol = proxy_protocol(doc, "spec.proxyProtocol", pp, c);
+    }
     let Some(p) = &spec.proxy else { return s };
     if let Some(w) = p.workers {
         if w == 0 || w > 1024 {
@@ -243,6 +246,47 @@ pub(super) fn proxy_settings(doc: &Doc, spec: &raw::ConfigurationSpec, c: &mut C
         http2_settings(doc, h, &mut s.http2, c);
     }
     s
+}
+
+/// A `proxyProtocol` mapping at `field`: the trusted sources, or `None`
+/// when it turns the protocol off (or is broken, which `c` then says).
+pub(super) fn proxy_protocol(
+    doc: &Doc,
+    field: &str,
+    spec: &raw::ProxyProtocolSpec,
+    c: &mut Collector,
+) -> Option<Vec<ipnet::IpNet>> {
+    if spec.enabled == Some(false) {
+        return None;
+    }
+    let Some(sources) = &spec.trusted_sources else {
+        c.push(
+            &doc.at(&format!("{field}.enabled")),
+            "PROXY protocol needs `trustedSources` (the load balancers' addresses): a header from anyone else would let a client choose its own address",
+        );
+        return None;
+    };
+    let mut nets = Vec::new();
+    for (i, text) in sources.iter().enumerate() {
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match net {
+            Ok(net) => nets.push(net),
+            Err(_) => c.push(
+                &doc.at(&format!("{field}.trustedSources[{i}]")),
+                format!("`{text}` is not an IP address or CIDR"),
+            ),
+        }
+    }
+    if nets.is_empty() {
+        c.push(
+            &doc.at(&format!("{field}.trustedSources")),
+            "name at least one trusted source",
+        );
+        return None;
+    }
+    Some(nets)
 }
 
 /// `spec.proxy.http2` over the defaults: each limit at least 1, windows within HTTP/2's range.
