@@ -30,7 +30,9 @@ fn from(ns: &NetNs, source: &str, url: &str) -> anyhow::Result<(i32, String)> {
 }
 
 /// haproxy in `ns`: `send-proxy` from :7000 to the plain listener,
-/// `send-proxy-v2` from :7001 to the TLS one (the client's TLS passed through).
+/// `send-proxy-v2` from :7001 to the TLS one (the client's TLS passed
+/// through), and on :9100 an `accept-proxy` frontend before the upstream
+/// that tells it, in `x-proxy-src`, the client a PROXY header named.
 fn haproxy(ns: &NetNs, dir: &TempDir) -> anyhow::Result<Haproxy> {
     let cfg = dir.write(
         "haproxy.cfg",
@@ -51,6 +53,14 @@ backend gw_v1
   server gw 127.0.0.1:8080 send-proxy
 backend gw_v2
   server gw 127.0.0.1:8443 send-proxy-v2
+frontend from_gateway
+  mode http
+  bind 127.0.0.1:9100 accept-proxy
+  http-request set-header x-proxy-src %[src]
+  default_backend upstream
+backend upstream
+  mode http
+  server up 127.0.0.1:9000
 ",
     )?;
     Ok(Haproxy(
@@ -64,6 +74,35 @@ backend gw_v2
     ))
 }
 
+/// Two Services behind haproxy's `accept-proxy` frontend, one sent PROXY v1
+/// and one v2, with an ApiInstance each (on :8081 and :8082).
+fn towards_upstream() -> String {
+    [("v1", 8081), ("v2", 8082)]
+        .map(|(version, port)| {
+            format!(
+                "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Service
+metadata:
+  name: via-lb-{version}
+spec:
+  address: http://127.0.0.1:9100/
+  proxyProtocol: {version}
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: tagged-{version}
+spec:
+  address: http://127.0.0.1:{port}/
+  services:
+    via-lb-{version}: {{}}
+---
+"
+            )
+        })
+        .concat()
+}
+
 #[test]
 fn the_client_behind_a_load_balancer_is_the_one_policies_and_logs_see() -> anyhow::Result<()> {
     let ns = NetNs::new("pp")?;
@@ -75,7 +114,7 @@ fn the_client_behind_a_load_balancer_is_the_one_policies_and_logs_see() -> anyho
     dir.write(
         "gateway.yaml",
         &format!(
-            "{}{}{}{}",
+            "{}{}{}{}{}",
             strict_settings("pp"),
             api_instance(
                 "orders",
@@ -90,6 +129,7 @@ fn the_client_behind_a_load_balancer_is_the_one_policies_and_logs_see() -> anyho
                 TRUSTED
             ),
             tls_binding("secure", &[&leaf], ""),
+            towards_upstream(),
         ),
     )?;
     let gw = GatewayProcess::start(&ns, &dir.0, "127.0.0.1:9901".parse()?)?;
@@ -138,6 +178,20 @@ fn the_client_behind_a_load_balancer_is_the_one_policies_and_logs_see() -> anyho
         code != 0,
         "a connection without a header is refused (curl {code})"
     );
+    // Towards a Service: each upstream connection opens with its client's
+    // header, v1 or v2, and is never handed to another client.
+    for (port, sources) in [
+        (8081, ["127.0.0.5", "127.0.0.8"]),
+        (8082, ["127.0.0.8", "127.0.0.5"]),
+    ] {
+        for source in sources {
+            let (code, head) = from(&ns, source, &format!("http://127.0.0.1:{port}/headers"))?;
+            ensure!(
+                code == 0 && head.contains(&format!("x-proxy-src: {source}\r\n")),
+                "{port} from {source}: {head}"
+            );
+        }
+    }
     let (_, m, _) = curl(&ns, &["http://127.0.0.1:9901/metrics"])?;
     for needle in [
         "portcullis_proxy_protocol_refused_total{reason=\"untrusted_source\"} 1",

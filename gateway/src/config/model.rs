@@ -311,6 +311,9 @@ pub struct ServiceConfig {
     pub tls: Option<OutboundTls>,
     /// Whether requests go to it over HTTP/2 (`h2c://` or `h2://`) instead of HTTP/1.1.
     pub http2: bool,
+    /// The PROXY protocol version (1 or 2) each upstream connection opens with,
+    /// naming its client; such connections carry one client's requests only.
+    pub proxy_protocol: Option<u8>,
     /// Host header policy.
     pub host_header: HostHeader,
     /// Connect timeout.

@@ -175,6 +175,9 @@ pub struct ServiceSpec {
     /// Portcullis extension: `external` or `internal` (default: by endpoint addresses).
     #[serde(default)]
     pub network: Option<String>,
+    /// Portcullis extension: a PROXY protocol header (`v1` or `v2`) on each upstream connection.
+    #[serde(default)]
+    pub proxy_protocol: Option<String>,
 }
 
 /// Service timeouts.

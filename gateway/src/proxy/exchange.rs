@@ -55,12 +55,19 @@ pub(super) struct Exchange<'a> {
     pub record: Record,
     /// Whether the request opens a WebSocket the route carries.
     pub websocket: bool,
+    /// The listener the request came in on.
+    pub listener: SocketAddr,
     peer: SocketAddr,
     started: Instant,
 }
 
 impl<'a> Exchange<'a> {
-    fn new(generation: &'a Generation, peer: SocketAddr, head: &'a Head, started: Instant) -> Self {
+    fn new(
+        generation: &'a Generation,
+        (peer, listener): (SocketAddr, SocketAddr),
+        head: &'a Head,
+        started: Instant,
+    ) -> Self {
         Self {
             generation,
             route: None,
@@ -74,6 +81,7 @@ impl<'a> Exchange<'a> {
             },
             record: Record::default(),
             websocket: false,
+            listener,
             peer,
             started,
         }
@@ -191,7 +199,7 @@ pub(super) async fn handle(
 ) -> bool {
     // The request runs to its end on the configuration in force now.
     let generation = worker.current();
-    let mut ex = Exchange::new(&generation, client.peer(), &head, started);
+    let mut ex = Exchange::new(&generation, (client.peer(), listener), &head, started);
     let Some(rt) = generation.listeners.get(&listener) else {
         return ex.answer(client, worker, Answer::ListenerGone).await;
     };

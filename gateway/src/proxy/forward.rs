@@ -20,6 +20,7 @@ use super::downstream::{Downstream, Waits};
 use super::error::ProxyError;
 use super::exchange::Exchange;
 use super::heads;
+use super::io::Transport as _;
 use crate::config::RouteConfig;
 use crate::http::{Framing, Head, HttpError};
 use crate::runtime::service::Upstream;
@@ -33,16 +34,25 @@ async fn connect(
     worker: &Worker,
     upstream: &Upstream,
     endpoint: usize,
+    proxy_header: Option<Vec<u8>>,
 ) -> Result<(Conn, bool, Vec<u8>), ProxyError> {
-    if let Some((conn, buf)) = worker.pool.take(upstream.id, endpoint) {
+    if proxy_header.is_none()
+        && let Some((conn, buf)) = worker.pool.take(upstream.id, endpoint)
+    {
         return Ok((conn, true, buf));
     }
-    let conn = fresh(worker, upstream, endpoint).await?;
+    let conn = fresh(worker, upstream, endpoint, proxy_header).await?;
     Ok((conn, false, Vec::with_capacity(UPSTREAM_BUF)))
 }
 
-/// A new connection to an endpoint, TLS when the service is.
-pub(super) async fn fresh(worker: &Worker, upstream: &Upstream, endpoint: usize) -> Result<Conn, ProxyError> {
+/// A new connection to an endpoint, opening with `proxy_header` if given,
+/// then TLS when the service is.
+pub(super) async fn fresh(
+    worker: &Worker,
+    upstream: &Upstream,
+    endpoint: usize,
+    proxy_header: Option<Vec<u8>>,
+) -> Result<Conn, ProxyError> {
     let ep = &upstream.cfg.endpoints[endpoint];
     let stream = match worker
         .connector
@@ -62,6 +72,13 @@ pub(super) async fn fresh(worker: &Worker, upstream: &Upstream, endpoint: usize)
             });
         }
     };
+    if let Some(header) = proxy_header {
+        let (res, _) = stream.write_all(header).await;
+        res.map_err(|source| ProxyError::Connect {
+            service: upstream.cfg.name.clone(),
+            source,
+        })?;
+    }
     let Some(tls) = &upstream.tls else {
         return Ok(Conn::Plain(stream));
     };
@@ -113,7 +130,11 @@ pub(super) async fn forward(
             break;
         }
         ex.record.upstream = Some(upstream.cfg.endpoints[endpoint].addr);
-        let (up, reused, up_buf) = match connect(worker, &upstream, endpoint).await {
+        let proxy_header = upstream
+            .cfg
+            .proxy_protocol
+            .map(|version| super::proxy_protocol::encode(version, client.peer(), ex.listener));
+        let (up, reused, up_buf) = match connect(worker, &upstream, endpoint, proxy_header).await {
             Ok(c) => c,
             Err(e) => {
                 attempts += 1;
@@ -257,7 +278,8 @@ impl Attempt {
         let keep = match result {
             Ok((sent, reusable, buf)) => {
                 ex.record.bytes_out = sent;
-                if reusable && response.keep_alive {
+                // A connection that opened with a client's PROXY header is that client's alone.
+                if reusable && response.keep_alive && upstream.cfg.proxy_protocol.is_none() {
                     worker.pool.put(upstream.id, endpoint, up, buf);
                 }
                 keep_alive

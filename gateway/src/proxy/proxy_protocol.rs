@@ -130,6 +130,54 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Source, usize)>, ProxyHeaderError> {
     Ok(Some((source, 16 + len)))
 }
 
+/// The header an upstream connection opens with (`version` 1 or 2): `client`
+/// connected to the gateway at `local`. Addresses of different families
+/// (which a dual-stack listener could pair) are sent as unknown.
+pub fn encode(version: u8, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let (client, local) = (
+        SocketAddr::new(client.ip().to_canonical(), client.port()),
+        SocketAddr::new(local.ip().to_canonical(), local.port()),
+    );
+    let same_family = client.is_ipv4() == local.is_ipv4();
+    if version == 1 {
+        if !same_family {
+            return b"PROXY UNKNOWN\r\n".to_vec();
+        }
+        let family = if client.is_ipv4() { "TCP4" } else { "TCP6" };
+        return format!(
+            "PROXY {family} {} {} {} {}\r\n",
+            client.ip(),
+            local.ip(),
+            client.port(),
+            local.port()
+        )
+        .into_bytes();
+    }
+    let mut out = V2_SIGNATURE.to_vec();
+    let mut body = Vec::with_capacity(36);
+    match (client.ip(), local.ip()) {
+        (IpAddr::V4(c), IpAddr::V4(l)) => {
+            out.extend_from_slice(&[0x21, 0x11]);
+            body.extend_from_slice(&c.octets());
+            body.extend_from_slice(&l.octets());
+        }
+        (IpAddr::V6(c), IpAddr::V6(l)) => {
+            out.extend_from_slice(&[0x21, 0x21]);
+            body.extend_from_slice(&c.octets());
+            body.extend_from_slice(&l.octets());
+        }
+        // LOCAL: the receiver keeps the connection's own addresses.
+        _ => out.extend_from_slice(&[0x20, 0x00]),
+    }
+    if !body.is_empty() {
+        body.extend_from_slice(&client.port().to_be_bytes());
+        body.extend_from_slice(&local.port().to_be_bytes());
+    }
+    out.extend_from_slice(&u16::try_from(body.len()).unwrap_or(0).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
 /// Reads the header off `stream` without reading past it (the bytes after it
 /// belong to TLS or HTTP): the client it names, if any.
 pub(super) async fn read(stream: &Stream, wait: Duration) -> Result<Source, ProxyHeaderError> {
@@ -209,6 +257,22 @@ mod tests {
             parse(&[b'P', b'R', b'O', b'X', b'Y', b' '].repeat(20)),
             Err(ProxyHeaderError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn headers_made_for_upstreams_read_back() {
+        let local: SocketAddr = "10.0.0.1:443".parse().expect("addr");
+        for client in ["192.0.2.7:51000", "[2001:db8::5]:4000", "[::ffff:192.0.2.9]:80"] {
+            let client: SocketAddr = client.parse().expect("addr");
+            for version in [1, 2] {
+                let header = encode(version, client, local);
+                let (source, len) = parse(&header).expect("valid").expect("complete");
+                assert_eq!(len, header.len());
+                let canonical = SocketAddr::new(client.ip().to_canonical(), client.port());
+                let expected = canonical.is_ipv4().then_some(canonical);
+                assert_eq!(source, expected, "v{version} {client}");
+            }
+        }
     }
 
     #[test]

@@ -142,6 +142,7 @@ mod tests {
             balance,
             tls: None,
             http2: false,
+            proxy_protocol: None,
             host_header: HostHeader::Preserve,
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),

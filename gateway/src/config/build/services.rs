@@ -260,6 +260,25 @@ pub(super) fn service(
         proxy.timeouts.upstream_response,
     );
     let eject_for = duration(spec.eject_for.as_ref(), "ejectFor", Duration::from_secs(10));
+    let proxy_protocol = match spec.proxy_protocol.as_deref() {
+        None => None,
+        Some(_) if scheme.is_some_and(|(_, http2)| http2) => {
+            c.push(
+                &doc.at(&format!("{prefix}.proxyProtocol")),
+                "an HTTP/2 connection carries many clients' requests; PROXY protocol needs one connection per client (use http:// or https://)",
+            );
+            None
+        }
+        Some("v1") => Some(1),
+        Some("v2") => Some(2),
+        Some(other) => {
+            c.push(
+                &doc.at(&format!("{prefix}.proxyProtocol")),
+                format!("`{other}` is not v1 or v2"),
+            );
+            None
+        }
+    };
     let (tls, http2) = scheme.unwrap_or_default();
     let tls = if tls {
         Some(OutboundTls {
@@ -283,6 +302,7 @@ pub(super) fn service(
         balance,
         tls,
         http2,
+        proxy_protocol,
         host_header,
         connect_timeout,
         response_timeout,

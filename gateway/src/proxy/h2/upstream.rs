@@ -77,7 +77,7 @@ async fn connect(
     upstream: &Upstream,
     endpoint: usize,
 ) -> Result<SendRequest<Bytes>, ProxyError> {
-    let conn = forward::fresh(worker, upstream, endpoint).await?;
+    let conn = forward::fresh(worker, upstream, endpoint, None).await?;
     let addr = upstream.cfg.endpoints[endpoint].addr.to_string();
     if conn.is_tls() && conn.alpn() != Some(b"h2") {
         return Err(ProxyError::UpstreamTls {
