@@ -383,3 +383,53 @@ fn drop_mode_drops_the_syns_of_a_gated_listener() -> anyhow::Result<()> {
     ensure!(s.gate(&plain)?["mode"] == "drop" && s.counter(&plain, "gate_drop")? >= 1);
     Ok(())
 }
+
+#[test]
+fn a_syn_limit_in_the_configuration_reaches_the_nic_and_a_cli_one_stays_otherwise() -> anyhow::Result<()> {
+    let config = |ip: std::net::IpAddr, limit: &str| {
+        format!(
+            "{}{}",
+            api_instance(
+                "limited",
+                &format!("http://{ip}:8080/"),
+                "http://127.0.0.1:9000/",
+                limit
+            ),
+            api_instance(
+                "open",
+                &format!("http://{ip}:8081/"),
+                "http://127.0.0.1:9000/",
+                ""
+            )
+        )
+    };
+    let s = Scene::new(|topo, _| Ok(config(topo.gw_ip(false), "  synLimit:\n    perSourceRate: 50\n")))?;
+    let (limited, open) = (
+        format!("{}:8080", s.topo.gw_ip(false)),
+        format!("{}:8081", s.topo.gw_ip(false)),
+    );
+    let syn = |listener: &str| -> anyhow::Result<(u64, u64)> {
+        let status = s.xdp.status()?;
+        let l = status["listeners"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["listener"] == listener))
+            .with_context(|| format!("{listener} in {status}"))?;
+        Ok((
+            l["syn"]["rate"].as_u64().context("rate")?,
+            l["syn"]["burst"].as_u64().context("burst")?,
+        ))
+    };
+    let _gw = s.start()?;
+    wait_for("the configured SYN limit", || Ok(syn(&limited)? == (50, 100)))?;
+    // The listener the configuration is silent about keeps what the operator set.
+    s.xdp
+        .cli(&["listener", "syn-limit", &open, "--rate", "7", "--burst", "9"])?;
+    let edited = config(
+        s.topo.gw_ip(false),
+        "  synLimit:\n    perSourceRate: 70\n    burst: 80\n",
+    );
+    s.dir.write("gateway.yaml", &format!("{SETTINGS}{edited}"))?;
+    wait_for("the edited SYN limit", || Ok(syn(&limited)? == (70, 80)))?;
+    ensure!(syn(&open)? == (7, 9), "the CLI's limit stays: {:?}", syn(&open)?);
+    Ok(())
+}

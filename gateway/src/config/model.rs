@@ -210,6 +210,9 @@ pub struct ListenerConfig {
     /// PROXY protocol: every connection must open with a PROXY header, and
     /// only these sources may connect at all.
     pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
+    /// The per-source SYN limit XDP applies (SYNs per second, burst); `None`
+    /// leaves whatever the maps hold (the default, or `portcullis listener syn-limit`).
+    pub syn_limit: Option<(u32, u32)>,
     /// Routes, most specific first.
     pub routes: Vec<RouteConfig>,
 }

@@ -70,6 +70,17 @@ pub struct ApiInstanceSpec {
     /// Portcullis extension: PROXY protocol on this API's listener.
     #[serde(default)]
     pub proxy_protocol: Option<ProxyProtocolSpec>,
+    /// Portcullis extension: the per-source SYN limit XDP applies on this API's listener.
+    #[serde(default)]
+    pub syn_limit: Option<SynLimitSpec>,
+}
+
+/// A per-source SYN limit at the NIC.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SynLimitSpec {
+    pub per_source_rate: u32,
+    pub burst: Option<u32>,
 }
 
 /// PROXY protocol (v1 and v2) from L4 load balancers.

@@ -34,6 +34,8 @@ pub struct ListenerRt {
     pub h2c: bool,
     /// The sources allowed to connect, each opening with a PROXY header; `None`: no PROXY protocol.
     pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
+    /// The per-source SYN limit the configuration sets for it at the NIC (rate, burst).
+    pub syn_limit: Option<(u32, u32)>,
     /// Its routes.
     pub router: Router,
 }
@@ -82,6 +84,7 @@ impl Generation {
                 tls,
                 h2c: l.h2c,
                 proxy_protocol: l.proxy_protocol.clone(),
+                syn_limit: l.syn_limit,
                 router: Router::new(l.routes.clone()),
             };
             listeners.insert(l.addr, Arc::new(rt));

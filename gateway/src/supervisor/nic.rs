@@ -102,6 +102,12 @@ impl Nic {
             let open = may_open && !generation.listener_gated(addr);
             self.maps
                 .set_gate(&key, self.mode(listener.tls.is_some()), open)?;
+            // Only a limit the configuration names is written: one set with
+            // `portcullis listener syn-limit` stays until the configuration names one.
+            if let Some((rate, burst)) = listener.syn_limit {
+                self.maps
+                    .set_syn_limit(&key, crate::xdp::SynLimit { rate, burst })?;
+            }
             now.insert(key);
         }
         let gone: Vec<ListenerAddr> = self.ours.difference(&now).copied().collect();

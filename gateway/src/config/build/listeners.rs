@@ -29,6 +29,8 @@ pub(super) struct ListenerDraft {
     h2c: Option<(bool, Origin)>,
     /// Its own PROXY protocol setting (over the Configuration's), and where it was first said.
     proxy_protocol: Option<(Option<Vec<ipnet::IpNet>>, Origin)>,
+    /// Its SYN limit, and where it was first said.
+    syn_limit: Option<((u32, u32), Origin)>,
 }
 
 /// What the ApiInstances came to.
@@ -124,6 +126,32 @@ fn websocket(api: &ApiDoc<'_>, c: &mut Collector) -> WebSocketConfig {
     out
 }
 
+/// Highest SYN rate and burst XDP's buckets take (`SynLimit::MAX` in the program's ABI).
+const SYN_LIMIT_MAX: u32 = 1_000_000;
+
+/// An ApiInstance's `synLimit`: (rate, burst), the burst twice the rate by default.
+fn syn_limit(api: &ApiDoc<'_>, c: &mut Collector) -> Option<(u32, u32)> {
+    let spec = api.spec.syn_limit.as_ref()?;
+    let rate = spec.per_source_rate;
+    let burst = spec.burst.unwrap_or(rate.saturating_mul(2));
+    let mut ok = true;
+    if rate > SYN_LIMIT_MAX {
+        c.push(
+            &api.doc.at("spec.synLimit.perSourceRate"),
+            format!("must be at most {SYN_LIMIT_MAX} (0 turns the limit off)"),
+        );
+        ok = false;
+    }
+    if burst > SYN_LIMIT_MAX || (rate > 0 && burst == 0) {
+        c.push(
+            &api.doc.at("spec.synLimit.burst"),
+            format!("must be 1 to {SYN_LIMIT_MAX}"),
+        );
+        ok = false;
+    }
+    ok.then_some((rate, burst))
+}
+
 fn on_off(on: bool) -> &'static str {
     if on { "on" } else { "off" }
 }
@@ -188,6 +216,7 @@ pub(super) fn draft<'a>(
             network: None,
             h2c: None,
             proxy_protocol: None,
+            syn_limit: None,
         });
         entry.add(api, listen, &url, route, name_at, bindings, c);
     }
@@ -195,35 +224,8 @@ pub(super) fn draft<'a>(
 }
 
 impl ListenerDraft {
-    /// Adds `api`'s route, checking it against what the listener already has.
-    #[expect(clippy::too_many_arguments, reason = "one route's whole context")]
-    fn add(
-        &mut self,
-        api: &ApiDoc<'_>,
-        listen: SocketAddr,
-        url: &Url,
-        route: RouteConfig,
-        name_at: Origin,
-        bindings: &mut Bindings<'_>,
-        c: &mut Collector,
-    ) {
-        let addr_at = api.doc.at("spec.address");
-        let ip = listen.ip();
-        let external = network(&api.doc, "spec.network", api.spec.network.as_deref(), &[ip], c);
-        match &self.network {
-            Some((other, at)) if *other != external => c.push(
-                &api.doc.at("spec.network"),
-                format!(
-                    "{listen} is {} here but {} at {}:{}; one port is one network",
-                    side(external),
-                    side(*other),
-                    at.file,
-                    at.line
-                ),
-            ),
-            Some(_) => {}
-            None => self.network = Some((external, api.doc.at("spec.address"))),
-        }
+    /// The settings every ApiInstance on a port must agree on: h2c, PROXY protocol, the SYN limit.
+    fn port_settings(&mut self, api: &ApiDoc<'_>, listen: SocketAddr, url: &Url, c: &mut Collector) {
         if let Some(cleartext) = api.spec.http2.as_ref().and_then(|h| h.cleartext) {
             let at = api.doc.at("spec.http2.cleartext");
             match &self.h2c {
@@ -260,6 +262,52 @@ impl ListenerDraft {
                 None => self.proxy_protocol = Some((setting, at)),
             }
         }
+        if let Some(limit) = syn_limit(api, c) {
+            let at = api.doc.at("spec.synLimit");
+            match &self.syn_limit {
+                Some((other, prev)) if *other != limit => c.push(
+                    &at,
+                    format!(
+                        "{listen} has another SYN limit at {}:{}; it is per port",
+                        prev.file, prev.line
+                    ),
+                ),
+                Some(_) => {}
+                None => self.syn_limit = Some((limit, at)),
+            }
+        }
+    }
+
+    /// Adds `api`'s route, checking it against what the listener already has.
+    #[expect(clippy::too_many_arguments, reason = "one route's whole context")]
+    fn add(
+        &mut self,
+        api: &ApiDoc<'_>,
+        listen: SocketAddr,
+        url: &Url,
+        route: RouteConfig,
+        name_at: Origin,
+        bindings: &mut Bindings<'_>,
+        c: &mut Collector,
+    ) {
+        let addr_at = api.doc.at("spec.address");
+        let ip = listen.ip();
+        let external = network(&api.doc, "spec.network", api.spec.network.as_deref(), &[ip], c);
+        match &self.network {
+            Some((other, at)) if *other != external => c.push(
+                &api.doc.at("spec.network"),
+                format!(
+                    "{listen} is {} here but {} at {}:{}; one port is one network",
+                    side(external),
+                    side(*other),
+                    at.file,
+                    at.line
+                ),
+            ),
+            Some(_) => {}
+            None => self.network = Some((external, api.doc.at("spec.address"))),
+        }
+        self.port_settings(api, listen, url, c);
         if self.https != url.tls {
             c.push(
                 &addr_at,
@@ -334,6 +382,7 @@ pub(super) fn finish(
             external: draft.network.is_some_and(|(e, _)| e),
             tls: draft.tls,
             h2c: draft.h2c.is_some_and(|(on, _)| on),
+            syn_limit: draft.syn_limit.map(|(limit, _)| limit),
             proxy_protocol: match draft.proxy_protocol {
                 Some((setting, _)) => setting,
                 None => out.proxy.proxy_protocol.clone(),
