@@ -235,6 +235,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a connection refused on a PROXY-protocol listener for `reason`.
+    pub fn refuse_proxy_protocol(&self, reason: &str) {
+        let labels = ProxyProtocolLabels {
+            reason: reason.to_owned(),
+        };
+        self.proxy_protocol_refused.get_or_create(&labels).inc();
+    }
+
     /// Prometheus text exposition of every metric, the scrape-time families included.
     pub fn encode(&self) -> String {
         let mut out = String::new();

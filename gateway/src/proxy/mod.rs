@@ -143,15 +143,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                 {
                     // Refused at accept: only the load balancers may speak PROXY here.
                     tracing::debug!(%peer, listener = %addr, "not a trusted PROXY protocol source; closing");
-                    let labels = crate::telemetry::ProxyProtocolLabels {
-                        reason: "untrusted_source".into(),
-                    };
-                    worker
-                        .shared
-                        .metrics
-                        .proxy_protocol_refused
-                        .get_or_create(&labels)
-                        .inc();
+                    worker.shared.metrics.refuse_proxy_protocol("untrusted_source");
                     drop(tcp);
                     continue;
                 }

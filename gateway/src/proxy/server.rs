@@ -75,15 +75,7 @@ pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, stream: Stream
             Ok(None) => {}
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "PROXY protocol header refused; closing");
-                let labels = crate::telemetry::ProxyProtocolLabels {
-                    reason: "bad_header".into(),
-                };
-                worker
-                    .shared
-                    .metrics
-                    .proxy_protocol_refused
-                    .get_or_create(&labels)
-                    .inc();
+                worker.shared.metrics.refuse_proxy_protocol("bad_header");
                 return;
             }
         }
