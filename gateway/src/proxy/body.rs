@@ -36,6 +36,13 @@ fn upstream_io(e: io::Error) -> ProxyError {
     }
 }
 
+/// Writes `bytes` to the upstream within `wait`, for a request body; the emptied buffer back.
+pub(super) async fn to_upstream(up: &mut Conn, bytes: Vec<u8>, wait: Duration) -> Result<Vec<u8>, CopyError> {
+    write_to(up, bytes, wait)
+        .await
+        .map_err(|e| CopyError::Sink(upstream_io(e)))
+}
+
 async fn write_to(conn: &mut Conn, bytes: Vec<u8>, wait: Duration) -> io::Result<Vec<u8>> {
     match timeout(wait, conn.write_all(bytes)).await {
         Ok((Ok(()), buf)) => Ok(buf),
@@ -71,9 +78,7 @@ pub(super) async fn copy_request(
                     client.buf.drain(..cut);
                     part
                 };
-                let mut out = write_to(up, out, up_wait)
-                    .await
-                    .map_err(|e| CopyError::Sink(upstream_io(e)))?;
+                let mut out = to_upstream(up, out, up_wait).await?;
                 if client.buf.is_empty() {
                     out.clear();
                     client.buf = out;
@@ -94,9 +99,7 @@ pub(super) async fn copy_request(
                     return Err(CopyError::Source(ProxyError::BodyTooLarge { limit: max }));
                 }
                 if !out.is_empty() {
-                    out = write_to(up, out, up_wait)
-                        .await
-                        .map_err(|e| CopyError::Sink(upstream_io(e)))?;
+                    out = to_upstream(up, out, up_wait).await?;
                     out.clear();
                 }
             }

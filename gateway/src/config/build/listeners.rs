@@ -228,53 +228,51 @@ impl ListenerDraft {
     fn port_settings(&mut self, api: &ApiDoc<'_>, listen: SocketAddr, url: &Url, c: &mut Collector) {
         if let Some(cleartext) = api.spec.http2.as_ref().and_then(|h| h.cleartext) {
             let at = api.doc.at("spec.http2.cleartext");
-            match &self.h2c {
-                _ if cleartext && url.tls => c.push(
+            if cleartext && url.tls {
+                c.push(
                     &at,
                     "h2c is for http:// listeners; over TLS HTTP/2 is negotiated by ALPN (the tls binding's `alpn`)",
-                ),
-                Some((other, prev)) if *other != cleartext => c.push(
-                    &at,
+                );
+            } else {
+                agree(&mut self.h2c, cleartext, at, c, |other, prev| {
                     format!(
                         "{listen} has h2c {} here but {} at {}:{}; HTTP/2 is per port",
                         on_off(cleartext),
                         on_off(*other),
                         prev.file,
                         prev.line
-                    ),
-                ),
-                Some(_) => {}
-                None => self.h2c = Some((cleartext, at)),
+                    )
+                });
             }
         }
         if let Some(pp) = &api.spec.proxy_protocol {
-            let at = api.doc.at("spec.proxyProtocol");
             let setting = super::settings::proxy_protocol(&api.doc, "spec.proxyProtocol", pp, c);
-            match &self.proxy_protocol {
-                Some((other, prev)) if *other != setting => c.push(
-                    &at,
+            agree(
+                &mut self.proxy_protocol,
+                setting,
+                api.doc.at("spec.proxyProtocol"),
+                c,
+                |_, prev| {
                     format!(
                         "{listen} has another PROXY protocol setting at {}:{}; it is per port",
                         prev.file, prev.line
-                    ),
-                ),
-                Some(_) => {}
-                None => self.proxy_protocol = Some((setting, at)),
-            }
+                    )
+                },
+            );
         }
         if let Some(limit) = syn_limit(api, c) {
-            let at = api.doc.at("spec.synLimit");
-            match &self.syn_limit {
-                Some((other, prev)) if *other != limit => c.push(
-                    &at,
+            agree(
+                &mut self.syn_limit,
+                limit,
+                api.doc.at("spec.synLimit"),
+                c,
+                |_, prev| {
                     format!(
                         "{listen} has another SYN limit at {}:{}; it is per port",
                         prev.file, prev.line
-                    ),
-                ),
-                Some(_) => {}
-                None => self.syn_limit = Some((limit, at)),
-            }
+                    )
+                },
+            );
         }
     }
 
@@ -305,7 +303,8 @@ impl ListenerDraft {
                 ),
             ),
             Some(_) => {}
-            None => self.network = Some((external, api.doc.at("spec.address"))),
+            // Kept at the address: the first ApiInstance may leave its network to the default.
+            None => self.network = Some((external, addr_at.clone())),
         }
         self.port_settings(api, listen, url, c);
         if self.https != url.tls {
@@ -389,5 +388,21 @@ pub(super) fn finish(
             },
             routes,
         });
+    }
+}
+
+/// Keeps the first `value` a port was given and reports, at `at`, any later
+/// one that differs: the settings every ApiInstance on one port must share.
+fn agree<T: PartialEq>(
+    slot: &mut Option<(T, Origin)>,
+    value: T,
+    at: Origin,
+    c: &mut Collector,
+    conflict: impl FnOnce(&T, &Origin) -> String,
+) {
+    match slot {
+        Some((other, prev)) if *other != value => c.push(&at, conflict(other, prev)),
+        Some(_) => {}
+        None => *slot = Some((value, at)),
     }
 }

@@ -465,7 +465,7 @@ impl Downstream for H2Stream {
             } else {
                 data.to_vec()
             };
-            write_upstream(up, out, waits.upstream).await?;
+            body::to_upstream(up, out, waits.upstream).await?;
         }
         if let Framing::Length(n) = framing
             && payload != n
@@ -474,7 +474,7 @@ impl Downstream for H2Stream {
             return Err(CopyError::Source(ProxyError::Client(e)));
         }
         if chunked {
-            write_upstream(up, b"0\r\n\r\n".to_vec(), waits.upstream).await?;
+            body::to_upstream(up, b"0\r\n\r\n".to_vec(), waits.upstream).await?;
         }
         Ok(payload)
     }
@@ -823,23 +823,6 @@ async fn relay_response(
         grpc_status,
         keep_alive: true,
     })
-}
-
-async fn write_upstream(up: &mut Conn, bytes: Vec<u8>, wait: Duration) -> Result<(), CopyError> {
-    let io_error = |source| {
-        CopyError::Sink(ProxyError::UpstreamIo {
-            endpoint: "upstream".into(),
-            source,
-        })
-    };
-    match timeout(wait, up.write_all(bytes)).await {
-        Ok((Ok(()), _)) => Ok(()),
-        Ok((Err(e), _)) => Err(io_error(e)),
-        Err(_) => Err(io_error(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "upstream write timed out",
-        ))),
-    }
 }
 
 /// Reads the start of a cleartext connection on an h2c listener: whether it
