@@ -7,6 +7,7 @@ mod build;
 mod locate;
 mod model;
 pub mod raw;
+mod rules;
 pub mod secret;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 pub use locate::LineIndex;
 pub use model::*;
+pub use rules::{Destination, Facts, Pattern, Rule, UpstreamRoute, any_matches, catches_all};
 
 /// One problem in the configuration, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -217,7 +217,7 @@ pub struct ListenerConfig {
     pub routes: Vec<RouteConfig>,
 }
 
-/// A (host, base path) → API instance → service match.
+/// A (host, base path) → API instance match, with the API's routes to its services.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// API instance name.
@@ -226,10 +226,8 @@ pub struct RouteConfig {
     pub hosts: Vec<String>,
     /// Base path, always starting with `/` and without a trailing `/` (except `/`).
     pub base_path: String,
-    /// Index into [`Config::services`].
-    pub service: usize,
-    /// Path prefix the base path is replaced with upstream.
-    pub upstream_path: String,
+    /// Where its requests go: the first route whose rules take a request.
+    pub upstreams: Vec<super::UpstreamRoute>,
     /// Largest request body accepted.
     pub max_body: u64,
     /// Policies in the order they run: inline ones, then bound ones by `order`.
@@ -279,6 +277,8 @@ pub struct PolicySpec {
     pub origin: Origin,
     /// Where its name is written.
     pub name_at: Origin,
+    /// The requests it applies to (empty: all).
+    pub rules: Vec<super::Rule>,
 }
 
 /// Load-balancing choice among a service's endpoints.
@@ -646,14 +646,61 @@ spec:
         let cfg = load_str(API).unwrap();
         assert_eq!(cfg.listeners.len(), 1);
         let route = &cfg.listeners[0].routes[0];
+        let [upstream] = &route.upstreams[..] else {
+            panic!("one route: {:?}", route.upstreams)
+        };
+        let [to] = &upstream.destinations[..] else {
+            panic!("one destination: {upstream:?}")
+        };
+        assert_eq!((route.base_path.as_str(), to.path.as_str()), ("/orders", "/api"));
         assert_eq!(
-            (route.base_path.as_str(), route.upstream_path.as_str()),
-            ("/orders", "/api")
-        );
-        assert_eq!(
-            cfg.services[route.service].endpoints[0].addr,
+            cfg.services[to.service].endpoints[0].addr,
             "127.0.0.1:9000".parse().unwrap()
         );
+    }
+
+    /// A destination as (service name, path, weight).
+    type Shares = (String, String, u32);
+
+    #[test]
+    fn services_routes_come_in_file_order_then_route_bindings_by_order() {
+        let cfg = load_str(include_str!("../../tests/config/valid/08-routing.yaml")).unwrap();
+        let route = &cfg.listeners[0].routes[0];
+        let service = |d: &crate::config::Destination| cfg.services[d.service].name.clone();
+        let seen: Vec<(usize, Vec<Shares>)> = route
+            .upstreams
+            .iter()
+            .map(|u| {
+                let to = u
+                    .destinations
+                    .iter()
+                    .map(|d| (service(d), d.path.clone(), d.weight));
+                (u.rules.len(), to.collect())
+            })
+            .collect();
+        let one = |name: &str, path: &str| vec![(name.to_string(), path.to_string(), 100)];
+        assert_eq!(
+            seen,
+            vec![
+                (1, one("shop/catalog", "/v1/items")),
+                (1, one("shop/catalog", "/catalog")),
+                (2, one("shop/orders", "/")),
+                (
+                    1,
+                    vec![
+                        ("shop/orders".into(), "/cart".into(), 90),
+                        ("cart-v2".into(), "/".into(), 10)
+                    ]
+                ),
+                (0, one("cart-v2", "/")),
+            ]
+        );
+        let rules = &route.policies[0].rules;
+        assert_eq!(
+            rules[0].methods.as_ref().map(crate::config::Pattern::source),
+            Some("POST|PUT")
+        );
+        assert_eq!(route.upstreams[1].rules[0].headers[0].0, "x-beta");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use indexmap::IndexMap;
 use serde::Deserialize;
 
 /// The envelope every resource shares; `spec` is read again by kind.
@@ -49,9 +50,9 @@ pub struct ApiInstanceSpec {
     /// Portcullis extension: host names this API answers for (exact or `*.suffix`).
     #[serde(default)]
     pub hosts: Vec<String>,
-    /// Upstream services keyed by name; an entry without `address` names a `Service` resource.
+    /// Upstream services keyed by name, in file order; an entry without `address` names a `Service` resource.
     #[serde(default)]
-    pub services: BTreeMap<String, InlineService>,
+    pub services: IndexMap<String, InlineService>,
     /// Policies, applied in order before any bound with a PolicyBinding.
     #[serde(default)]
     pub policies: Vec<InlinePolicy>,
@@ -107,9 +108,30 @@ pub struct InlinePolicy {
     pub policy_ref: PolicyRef,
     #[serde(default)]
     pub config: serde_yaml_ng::Value,
-    /// Request-matching rules of the source gateway: refused.
+    /// The requests it applies to (absent: all).
     #[serde(default)]
-    pub rules: Option<serde_yaml_ng::Value>,
+    pub rules: Option<Vec<RuleSpec>>,
+}
+
+/// One request-matching rule: every field it sets must match.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleSpec {
+    /// The path below the base path: a regular expression matching all of it.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Portcullis extension: a path prefix of whole segments.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The method: a regular expression (`GET|POST`).
+    #[serde(default)]
+    pub methods: Option<String>,
+    /// The host without port: a regular expression.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Header name → a regular expression one of its values must match.
+    #[serde(default)]
+    pub headers: IndexMap<String, String>,
 }
 
 /// Per-API limits.
@@ -147,7 +169,7 @@ pub struct ServiceRoute {
     #[serde(default)]
     pub config: Option<RouteConfig>,
     #[serde(default)]
-    pub rules: Vec<serde_yaml_ng::Value>,
+    pub rules: Vec<RuleSpec>,
 }
 
 /// Route configuration of an inline service.
@@ -199,7 +221,7 @@ pub struct ServiceTimeouts {
     pub response: Option<String>,
 }
 
-/// `kind: PolicyBinding` (only the TLS policies are handled in this build).
+/// `kind: PolicyBinding`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyBindingSpec {
@@ -209,6 +231,47 @@ pub struct PolicyBindingSpec {
     pub config: serde_yaml_ng::Value,
     #[serde(default)]
     pub order: Option<u32>,
+    /// The requests it applies to (absent: all); a `route` binding's are its route's.
+    #[serde(default)]
+    pub rules: Option<Vec<RuleSpec>>,
+}
+
+/// Config of the `route` policy: where the requests its rules take go.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutePolicyConfig {
+    #[serde(default)]
+    pub destination_path: Option<String>,
+    pub destination_ref: DestinationRef,
+}
+
+/// Config of the `route-weighted` policy: a split of the requests its rules take.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedRouteConfig {
+    pub routes: Vec<WeightedDestination>,
+}
+
+/// One share of a weighted route.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedDestination {
+    /// 1 to 100; the share is this over the sum of the route's weights.
+    pub weight: u32,
+    #[serde(default)]
+    pub destination_path: Option<String>,
+    pub destination_ref: DestinationRef,
+}
+
+/// A Service resource, or an inline service of the bound ApiInstance, by name.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRef {
+    pub name: String,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 /// What a binding applies to.

@@ -253,15 +253,16 @@ impl Gates {
     }
 }
 
-/// The policies of a route as a comparable set: name and configuration, order ignored.
-fn policy_set(route: &RouteConfig) -> Vec<(String, String)> {
-    let mut set: Vec<(String, String)> = route
+/// The policies of a route as a comparable set: name, configuration and rules, order ignored.
+fn policy_set(route: &RouteConfig) -> Vec<(String, String, String)> {
+    let mut set: Vec<(String, String, String)> = route
         .policies
         .iter()
         .map(|p| {
             (
                 p.name.clone(),
                 serde_yaml_ng::to_string(&p.config).unwrap_or_default(),
+                format!("{:?}", p.rules),
             )
         })
         .collect();
@@ -275,14 +276,19 @@ fn deployment<'a>(
     addr: std::net::SocketAddr,
     route: &'a RouteConfig,
 ) -> impl PartialEq + 'a {
-    (
-        addr,
-        &route.hosts,
-        &route.base_path,
-        &route.upstream_path,
-        route.max_body,
-        config.services.get(route.service),
-    )
+    let upstreams: Vec<_> = route
+        .upstreams
+        .iter()
+        .map(|u| {
+            let to: Vec<_> = u
+                .destinations
+                .iter()
+                .map(|d| (&d.path, d.weight, config.services.get(d.service)))
+                .collect();
+            (&u.rules, to)
+        })
+        .collect();
+    (addr, &route.hosts, &route.base_path, route.max_body, upstreams)
 }
 
 /// API instances present in both configurations that a change engages the

@@ -778,7 +778,8 @@ fn check_trailer(line: &[u8]) -> Result<(), HttpError> {
     Ok(())
 }
 
-fn is_tchar(b: u8) -> bool {
+/// Whether `b` may appear in a token such as a header name (RFC 9110 `tchar`).
+pub fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 

@@ -36,6 +36,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::config::{Facts, Rule, any_matches};
 use crate::http::Head;
 
 /// What a request phase decides.
@@ -157,6 +158,10 @@ pub struct RequestView<'a> {
     pub client: IpAddr,
     /// The request head.
     pub head: &'a Head,
+    /// Its path below the API instance's base path (what policy rules match).
+    pub api_path: &'a str,
+    /// Its host, lowercase and without port.
+    pub host: &'a str,
     /// Edits for the head sent upstream.
     pub edits: HeaderEdits,
     /// Headers to add to the response the client gets (e.g. rate-limit state).
@@ -213,29 +218,58 @@ pub struct NicAcl {
     pub deny: Vec<ipnet::IpNet>,
 }
 
-/// The policies of one API instance, in order.
+/// The policies of one API instance, in order, each with the rules that say
+/// which requests it applies to (no rules: every request).
 #[derive(Debug, Default, Clone)]
 pub struct Chain {
-    policies: Vec<Arc<dyn Policy>>,
+    steps: Vec<(Arc<dyn Policy>, Vec<Rule>)>,
+}
+
+impl RequestView<'_> {
+    /// What policy rules look at.
+    fn facts(&self) -> Facts<'_> {
+        Facts {
+            head: self.head,
+            path: self.api_path,
+            host: self.host,
+        }
+    }
 }
 
 impl Chain {
     /// A chain with no policies.
-    pub const EMPTY: Self = Self { policies: Vec::new() };
+    pub const EMPTY: Self = Self { steps: Vec::new() };
 
-    /// A chain of `policies`, run in this order.
+    /// A chain of `policies`, run in this order on every request.
     pub fn new(policies: Vec<Arc<dyn Policy>>) -> Self {
-        Self { policies }
+        Self::scoped(policies.into_iter().map(|p| (p, Vec::new())).collect())
+    }
+
+    /// A chain of policies run in this order, each on the requests its rules take.
+    pub fn scoped(steps: Vec<(Arc<dyn Policy>, Vec<Rule>)>) -> Self {
+        Self { steps }
     }
 
     /// Whether there is nothing to run.
     pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
+        self.steps.is_empty()
     }
 
-    /// Runs every request phase until one does not continue.
+    /// The policies that apply to `request`.
+    fn applying<'s>(&'s self, request: &RequestView<'_>) -> impl Iterator<Item = &'s Arc<dyn Policy>> {
+        let facts = request.facts();
+        self.steps
+            .iter()
+            .filter(move |(_, rules)| any_matches(rules, &facts))
+            .map(|(p, _)| p)
+    }
+
+    /// Runs every request phase that applies until one does not continue.
     pub async fn on_request(&self, request: &mut RequestView<'_>) -> Verdict {
-        for policy in &self.policies {
+        for (policy, rules) in &self.steps {
+            if !any_matches(rules, &request.facts()) {
+                continue;
+            }
             let mut verdict = policy.on_request(request);
             while let Verdict::Later(deferred) = verdict {
                 verdict = deferred.0.await;
@@ -247,10 +281,10 @@ impl Chain {
         Verdict::Continue
     }
 
-    /// Runs every response phase.
+    /// Runs every response phase that applies.
     pub fn on_response(&self, request: &RequestView<'_>, response: &Head) -> HeaderEdits {
         let mut edits = HeaderEdits::default();
-        for policy in &self.policies {
+        for policy in self.applying(request) {
             policy.on_response(request, response, &mut edits);
         }
         edits
@@ -258,16 +292,18 @@ impl Chain {
 
     /// Whether any policy of the chain needs contracts.
     pub fn needs_contracts(&self) -> bool {
-        self.policies.iter().any(|p| p.needs_contracts())
+        self.steps.iter().any(|(p, _)| p.needs_contracts())
     }
 
-    /// The chain's IP lists that the NIC can enforce as well. Several allow
+    /// The chain's IP lists that the NIC can enforce as well: only those of
+    /// policies without rules, since the NIC sees no request. Several allow
     /// lists must all pass in the chain, which one list at the NIC cannot
     /// say: then none is pushed and the proxy alone enforces them.
     pub fn nic_acl(&self) -> NicAcl {
         let mut acl = NicAcl::default();
         let mut allow_lists = 0;
-        for (allow, nets) in self.policies.iter().filter_map(|p| p.nic_acl()) {
+        let unscoped = self.steps.iter().filter(|(_, rules)| rules.is_empty());
+        for (allow, nets) in unscoped.filter_map(|(p, _)| p.nic_acl()) {
             if allow {
                 allow_lists += 1;
                 acl.allow = nets.to_vec();
@@ -283,12 +319,12 @@ impl Chain {
 
     /// Whether every policy can decide right now.
     pub fn ready(&self) -> bool {
-        self.policies.iter().all(|p| p.ready())
+        self.steps.iter().all(|(p, _)| p.ready())
     }
 
-    /// The tightest response timeout any policy sets.
-    pub fn response_timeout(&self) -> Option<std::time::Duration> {
-        self.policies.iter().filter_map(|p| p.response_timeout()).min()
+    /// The tightest response timeout any policy that applies to `request` sets.
+    pub fn response_timeout(&self, request: &RequestView<'_>) -> Option<std::time::Duration> {
+        self.applying(request).filter_map(|p| p.response_timeout()).min()
     }
 }
 

@@ -4,9 +4,9 @@
 //! kept on the connection.
 //!
 //! ```text
-//! head ─► route ─► Gatekeeper admits ─► request policies ─► body limit ─► forward
-//!           │              │                    │               │
-//!           └──────────────┴────────────────────┴───────────────┴─► one answer path
+//! head ─► route ─► Gatekeeper admits ─► destination ─► request policies ─► body limit ─► forward
+//!           │              │                 │                │               │
+//!           └──────────────┴─────────────────┴────────────────┴───────────────┴─► one answer path
 //! ```
 
 use std::net::SocketAddr;
@@ -18,11 +18,11 @@ use super::answer::Answer;
 use super::downstream::Downstream;
 use super::error::{Blame, ProxyError};
 use super::forward;
-use crate::config::RouteConfig;
+use crate::config::{Destination, Facts, RouteConfig};
 use crate::http::{Framing, Head, Version};
 use crate::policy::{Chain, HeaderEdits, RequestView, Verdict};
 use crate::runtime::Generation;
-use crate::runtime::route::normalize_host;
+use crate::runtime::route::{normalize_host, upstream_target};
 use crate::telemetry::{AccessRecord, GateLabels, UpstreamLabels};
 
 /// Longest the gateway waits for a client to take one of its own answers.
@@ -48,6 +48,8 @@ pub(super) struct Exchange<'a> {
     pub generation: &'a Generation,
     /// The API instance it is routed to.
     pub route: Option<&'a RouteConfig>,
+    /// The service (and path) the API's routes chose for it.
+    pub destination: Option<&'a Destination>,
     /// That API instance's policies.
     pub chain: &'a Chain,
     /// The head and what the request phase left for the upstream and the response.
@@ -65,16 +67,19 @@ impl<'a> Exchange<'a> {
     fn new(
         generation: &'a Generation,
         (peer, listener): (SocketAddr, SocketAddr),
-        head: &'a Head,
+        (head, host): (&'a Head, &'a str),
         started: Instant,
     ) -> Self {
         Self {
             generation,
             route: None,
+            destination: None,
             chain: &NO_POLICIES,
             request: RequestView {
                 client: peer.ip(),
                 head,
+                api_path: head.path(),
+                host,
                 edits: HeaderEdits::default(),
                 response_add: Vec::new(),
                 client_id: None,
@@ -99,8 +104,17 @@ impl<'a> Exchange<'a> {
     /// The service's response timeout, tightened by a policy if one sets less.
     pub fn response_timeout(&self, service_timeout: Duration) -> Duration {
         self.chain
-            .response_timeout()
+            .response_timeout(&self.request)
             .map_or(service_timeout, |t| t.min(service_timeout))
+    }
+
+    /// The request target sent upstream: the base path replaced by the destination's path.
+    pub fn upstream_target(&self) -> String {
+        let target = self.head().target();
+        match (self.route, self.destination) {
+            (Some(route), Some(to)) => upstream_target(&route.base_path, &to.path, target),
+            _ => upstream_target("/", "/", target),
+        }
     }
 
     /// Sends `answer` in place of the upstream's response and ends the
@@ -147,8 +161,8 @@ impl<'a> Exchange<'a> {
         match e.blame() {
             Blame::Upstream => {
                 let service = self
-                    .route
-                    .map_or("-", |r| self.generation.upstreams[r.service].cfg.name.as_str());
+                    .destination
+                    .map_or("-", |d| self.generation.upstreams[d.service].cfg.name.as_str());
                 let labels = UpstreamLabels {
                     service: service.to_owned(),
                     kind: e.kind().into(),
@@ -199,22 +213,34 @@ pub(super) async fn handle(
 ) -> bool {
     // The request runs to its end on the configuration in force now.
     let generation = worker.current();
-    let mut ex = Exchange::new(&generation, (client.peer(), listener), &head, started);
+    let host = head.host().map(normalize_host).unwrap_or_default();
+    let mut ex = Exchange::new(&generation, (client.peer(), listener), (&head, &host), started);
     let Some(rt) = generation.listeners.get(&listener) else {
         return ex.answer(client, worker, Answer::ListenerGone).await;
     };
-    let host = head.host().map(normalize_host).unwrap_or_default();
-    let Some(route) = rt.router.find(&host, head.path()) else {
+    let Some(api) = rt.router.find(&host, head.path()) else {
         // Untracked traffic: 404, not policed, not counted per API.
         return ex.answer(client, worker, Answer::NoRoute).await;
     };
+    let route = &api.cfg;
     ex.route = Some(route);
+    ex.request.api_path = api.api_path(head.path());
     if let Some(chain) = generation.chains.get(&route.api) {
         ex.chain = chain;
     }
     if let Err(reason) = generation.gates.admit(&route.api, ex.chain) {
         return ex.answer(client, worker, Answer::Gated(reason)).await;
     }
+    let facts = Facts {
+        head: &head,
+        path: ex.request.api_path,
+        host: &host,
+    };
+    // Counted for the API: its routes' rules take none of it.
+    let Some(destination) = api.destination(&facts) else {
+        return ex.answer(client, worker, Answer::NoRoute).await;
+    };
+    ex.destination = Some(destination);
     match ex.chain.on_request(&mut ex.request).await {
         Verdict::Continue | Verdict::Later(_) => {}
         Verdict::Respond(response) => return ex.answer(client, worker, Answer::Policy(response)).await,
@@ -239,7 +265,7 @@ pub(super) async fn handle(
         };
         return ex.answer(client, worker, Answer::Failed(too_large)).await;
     }
-    let keep = forward::forward(client, worker, &mut ex, route).await;
+    let keep = forward::forward(client, worker, &mut ex, route, destination).await;
     drop(tunnel_slot);
     keep
 }

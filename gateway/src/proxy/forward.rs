@@ -21,7 +21,7 @@ use super::error::ProxyError;
 use super::exchange::Exchange;
 use super::heads;
 use super::io::Transport as _;
-use crate::config::RouteConfig;
+use crate::config::{Destination, RouteConfig};
 use crate::http::{Framing, Head, HttpError};
 use crate::runtime::service::Upstream;
 
@@ -107,14 +107,15 @@ enum Attempt {
     Retry { error: Option<ProxyError>, stale: bool },
 }
 
-/// Forwards the exchange to its route's service; whether the client connection may carry another request.
+/// Forwards the exchange to the service its routes chose; whether the client connection may carry another request.
 pub(super) async fn forward(
     client: &mut impl Downstream,
     worker: &Rc<Worker>,
     ex: &mut Exchange<'_>,
     route: &RouteConfig,
+    destination: &Destination,
 ) -> bool {
-    let upstream = ex.generation.upstreams[route.service].clone();
+    let upstream = ex.generation.upstreams[destination.service].clone();
     if upstream.cfg.http2 {
         return super::h2::upstream::forward(client, worker, ex, route, &upstream).await;
     }
@@ -208,8 +209,7 @@ impl Attempt {
         let endpoint_name = upstream.cfg.endpoints[endpoint].addr.to_string();
         let settings = &ex.generation.settings;
         let head = ex.head();
-        let request_head =
-            heads::upstream_request(ex, route, upstream, endpoint, client.peer().ip(), client.tls());
+        let request_head = heads::upstream_request(ex, upstream, endpoint, client.peer().ip(), client.tls());
         let (res, _) = up.write_all(request_head).await;
         if let Err(e) = res {
             let error = (!reused).then_some(ProxyError::UpstreamIo {

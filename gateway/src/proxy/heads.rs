@@ -5,10 +5,9 @@
 use std::net::IpAddr;
 
 use super::exchange::Exchange;
-use crate::config::{HostHeader, RouteConfig, XffMode};
+use crate::config::{HostHeader, XffMode};
 use crate::http::{self, Framing, Head, Version};
 use crate::policy::HeaderEdits;
-use crate::runtime::route::upstream_target;
 use crate::runtime::service::Upstream;
 
 /// `Via` with this hop appended to what an earlier hop wrote.
@@ -47,7 +46,6 @@ pub(super) fn upstream_host<'a>(ex: &'a Exchange<'_>, upstream: &'a Upstream, en
 /// client at `client` (over TLS when `tls`).
 pub(super) fn upstream_request(
     ex: &Exchange<'_>,
-    route: &RouteConfig,
     upstream: &Upstream,
     endpoint: usize,
     client: IpAddr,
@@ -57,7 +55,7 @@ pub(super) fn upstream_request(
     let mut out = Vec::with_capacity(head.wire_len() + 128);
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(upstream_target(route, head.target()).as_bytes());
+    out.extend_from_slice(ex.upstream_target().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     http::put_header(
         &mut out,

@@ -203,7 +203,7 @@ fn build_chains(
                 cluster: &config.gateway.cluster,
             };
             match crate::policy::build(&spec.name, &spec.config, ctx) {
-                Ok(p) => policies.push(p),
+                Ok(p) => policies.push((p, spec.rules.clone())),
                 Err(e) => {
                     failures.push(format!("{}: {e}", spec.name));
                     let at = match e {
@@ -214,7 +214,7 @@ fn build_chains(
                 }
             }
         }
-        let chain = crate::policy::Chain::new(policies);
+        let chain = crate::policy::Chain::scoped(policies);
         let built = gatekeeper::Built {
             failures: &failures,
             needs_contracts: chain.needs_contracts(),

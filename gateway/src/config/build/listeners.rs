@@ -7,9 +7,7 @@ use super::services::Named;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
-use super::{
-    ApiDoc, Collector, api_service, check_host_pattern, check_namespace, network, normalize_base, side,
-};
+use super::{ApiDoc, Collector, check_host_pattern, check_namespace, network, normalize_base, side};
 use crate::config::{
     Config, InboundTls, ListenerConfig, Origin, PolicySpec, RouteConfig, Url, WebSocketConfig,
     parse_duration, parse_url,
@@ -51,18 +49,16 @@ fn own_policies(api: &ApiDoc<'_>, c: &mut Collector) -> Vec<PolicySpec> {
             p.policy_ref.namespace.as_ref(),
             c,
         );
-        if p.rules.is_some() {
-            c.push(
-                &api.doc.at(&format!("{field}.rules")),
-                "policy rules are not supported; apply the policy to an ApiInstance of its own path",
-            );
+        let written = p.rules.as_deref().unwrap_or_default();
+        let Some(rules) = super::routes::rules(&api.doc, &format!("{field}.rules"), written, c) else {
             continue;
-        }
+        };
         policies.push(PolicySpec {
             name: p.policy_ref.name.clone(),
             config: p.config.clone(),
             origin: api.doc.at(&format!("{field}.config")),
             name_at: api.doc.at(&format!("{field}.policyRef.name")),
+            rules,
         });
     }
     policies
@@ -190,7 +186,8 @@ pub(super) fn draft<'a>(
         }
         let mut policies = own_policies(api, c);
         policies.extend(bindings.take(&api.name));
-        let Some((service, upstream_path)) = api_service(api, out, named, c) else {
+        let bound_routes = bindings.take_routes(&api.name);
+        let Some(upstreams) = super::routes::api_routes(api, bound_routes, named, out, c) else {
             continue;
         };
         let max_body = api
@@ -203,8 +200,7 @@ pub(super) fn draft<'a>(
             api: api.name.clone(),
             hosts: api.spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
             base_path: normalize_base(&url.path),
-            service,
-            upstream_path,
+            upstreams,
             max_body,
             policies,
             websocket: websocket(api, c),

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! documents ─► settings ─► services ─► bindings ─► listeners ─► contracts ─► Config
-//!  (by kind)   (Configuration) (named)   (TLS, policies) (ApiInstances → routes)
+//!  (by kind)   (Configuration) (named)   (TLS, policies,  (ApiInstances → routes
+//!                                         routes)          to their upstreams)
 //! ```
 //!
 //! Each pass reports every problem it finds, located, and goes on; the
@@ -12,11 +13,12 @@ mod bindings;
 mod contracts;
 mod documents;
 mod listeners;
+mod routes;
 mod services;
 mod settings;
 mod tls;
 
-use services::{api_service, network, side};
+use services::{network, side};
 use settings::from_config;
 use tls::{inbound_tls, outbound_tls, pem, secret_value};
 

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use super::{ApiDoc, Collector, Doc, ServiceDoc, check_host_pattern, normalize_base};
+use super::{Collector, Doc, ServiceDoc, check_host_pattern};
 use crate::config::{
     Balance, Config, EndpointConfig, HostHeader, OutboundTls, ProxySettings, ServiceConfig, TlsVersion,
     parse_duration, parse_url, raw,
@@ -59,7 +59,9 @@ pub(super) fn warn_unused(
     let used: HashSet<usize> = out
         .listeners
         .iter()
-        .flat_map(|l| l.routes.iter().map(|r| r.service))
+        .flat_map(|l| &l.routes)
+        .flat_map(|r| &r.upstreams)
+        .flat_map(|u| u.destinations.iter().map(|d| d.service))
         .collect();
     for (name, sd) in services {
         if matches!(named.get(name), Some(Slot::Built(i)) if !used.contains(i)) {
@@ -68,76 +70,6 @@ pub(super) fn warn_unused(
                     .at("metadata.name")
                     .error(format!("Service `{name}` is not used by any ApiInstance")),
             );
-        }
-    }
-}
-
-/// The service an API routes to: its index and the upstream path prefix.
-pub(super) fn api_service(
-    api: &ApiDoc,
-    out: &mut Config,
-    named: &Named,
-    c: &mut Collector,
-) -> Option<(usize, String)> {
-    let services_at = api.doc.at("spec.services");
-    let mut entries = api.spec.services.iter();
-    let Some((svc_name, inline)) = entries.next() else {
-        c.push(&services_at, "an ApiInstance needs one upstream in spec.services");
-        return None;
-    };
-    if entries.next().is_some() {
-        c.push(
-            &services_at,
-            "one upstream service per ApiInstance is supported; split the API into several ApiInstances",
-        );
-        return None;
-    }
-    let field = format!("spec.services.{svc_name}");
-    let destination = inline
-        .routes
-        .iter()
-        .find_map(|r| r.config.as_ref().and_then(|c| c.destination_path.clone()));
-    for (i, r) in inline.routes.iter().enumerate() {
-        if !r.rules.is_empty() {
-            c.push(
-                &api.doc.at(&format!("{field}.routes[{i}].rules")),
-                "route rules are not supported; use one ApiInstance per path",
-            );
-        }
-    }
-    if let Some(d) = &destination
-        && !d.starts_with('/')
-    {
-        c.push(
-            &api.doc.at(&format!("{field}.routes")),
-            format!("destinationPath `{d}` must start with /"),
-        );
-    }
-    match &inline.address {
-        Some(address) => {
-            let spec = raw::ServiceSpec {
-                address: Some(address.clone()),
-                ..raw::ServiceSpec::default()
-            };
-            let name = format!("{}/{svc_name}", api.name);
-            let svc = service(&name, &api.doc, &field, &spec, &out.proxy, c)?;
-            let path = destination.unwrap_or_else(|| parse_url(address).map(|u| u.path).unwrap_or_default());
-            out.services.push(svc);
-            Some((out.services.len() - 1, normalize_base(&path)))
-        }
-        None => {
-            if let Some(slot) = named.get(svc_name) {
-                match slot {
-                    Slot::Built(i) => Some((*i, normalize_base(&destination.unwrap_or_else(|| "/".into())))),
-                    Slot::Broken => None,
-                }
-            } else {
-                c.push(
-                    &api.doc.at(&field),
-                    format!("no Service named `{svc_name}`; define it, or give this entry an address"),
-                );
-                None
-            }
         }
     }
 }

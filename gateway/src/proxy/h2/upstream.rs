@@ -27,7 +27,6 @@ use crate::proxy::downstream::{Downstream, Waits};
 use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::Exchange;
 use crate::proxy::{forward, grpc, heads};
-use crate::runtime::route::upstream_target;
 use crate::runtime::service::Upstream;
 
 /// Each worker's HTTP/2 upstream connections, by service and endpoint.
@@ -170,7 +169,7 @@ pub(in crate::proxy) async fn forward(
             }
         };
         let _in_flight = upstream.begin(endpoint);
-        let request = match request(ex, route, upstream, endpoint, client) {
+        let request = match request(ex, upstream, endpoint, client) {
             Ok(r) => r,
             Err(e) => return ex.answer(client, worker, Answer::Failed(e)).await,
         };
@@ -239,7 +238,6 @@ fn malformed<E>(_: E) -> ProxyError {
 /// trailers` when the client said it takes them (gRPC servers require it).
 fn request(
     ex: &Exchange<'_>,
-    route: &RouteConfig,
     upstream: &Upstream,
     endpoint: usize,
     client: &impl Downstream,
@@ -249,7 +247,7 @@ fn request(
     let uri = ::http::Uri::builder()
         .scheme(scheme)
         .authority(heads::upstream_host(ex, upstream, endpoint))
-        .path_and_query(upstream_target(route, head.target()))
+        .path_and_query(ex.upstream_target())
         .build()
         .map_err(malformed)?;
     let method = ::http::Method::from_bytes(head.method().as_bytes()).map_err(malformed)?;
