@@ -2,7 +2,8 @@
 //! allowed and one dropped at the NIC, a route gated until its contracts are
 //! loaded and then opened, XDP answering while the proxy is down, and a
 //! replica in connected mode following a control plane through an outage,
-//! and a WebSocket carried after its handshake was policed.
+//! a canary split by a weighted route, and a WebSocket carried after its
+//! handshake was policed.
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -65,6 +66,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     let pki = Pki::new(&dir.0, "portcullis-demo")?;
     let cert = pki.issue("api.demo", &["api.demo"], false)?;
     let upstream = Upstream::start(&topo.gw, "127.0.0.1:9000".parse()?)?;
+    let canary = Upstream::start(&topo.gw, "127.0.0.1:9001".parse()?)?;
     let mut echo = Py::start(&topo.gw, &dir.0, &["serve", "9100"])?;
     ensure!(echo.line()? == "ready", "the WebSocket echo server did not start");
     let _grpc_server = grpc::serve(&topo.gw, &dir.0, 9200, None)?;
@@ -115,6 +117,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         "   requests the upstream answered: {} (gated and denied ones never reached it)",
         upstream.requests()
     );
+    routing_steps(&topo, good, &plain, (&upstream, &canary))?;
     websocket_steps(&topo, &plain, &dir.0)?;
     grpc_steps(&topo, &plain, &dir.0)?;
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -200,6 +203,41 @@ fn http2_steps(topo: &Topology, good: std::net::IpAddr, tls: &[&str], url: &str)
         text.replace('\n', "\n   ")
     );
     ensure!(ok && text.contains("HTTP/2 200"), "HTTP/2 failed: {text}");
+    Ok(())
+}
+
+/// A 90/10 canary by a `route-weighted` binding, counted at the two upstreams.
+fn routing_steps(
+    topo: &Topology,
+    good: std::net::IpAddr,
+    plain: &str,
+    (stable, canary): (&Upstream, &Upstream),
+) -> anyhow::Result<()> {
+    let requests = 100;
+    let before = (stable.requests(), canary.requests());
+    let url = format!("http://{plain}/shop/cart/1");
+    let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}\n"];
+    for _ in 1..requests {
+        args.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let (ok, codes) = curl(topo, good, &args, &url)?;
+    let to = (stable.requests() - before.0, canary.requests() - before.1);
+    println!(
+        "\n== routing: {requests} requests to {url}, a route-weighted binding 90/10 (rules: pathPrefix /cart)\n   stable upstream: {}, canary upstream: {}",
+        to.0, to.1
+    );
+    ensure!(
+        ok && codes.lines().all(|c| c == "200") && to == (90, 10),
+        "the canary split was {to:?}: {codes}"
+    );
+    let (ok, text) = curl(
+        topo,
+        good,
+        &["-o", "/dev/null", "-w", "%{http_code}"],
+        &format!("http://{plain}/shop/account"),
+    )?;
+    println!("   /shop/account (the `route` binding, no rules): {text} from the stable upstream");
+    ensure!(ok && text == "200", "the catch-all route: {text}");
     Ok(())
 }
 
@@ -634,7 +672,7 @@ spec:
     idleTimeout: 1m
     maxConnections: 100
 ---
-apiVersion: gateway.mulesoft.com/v1alpha1
+{shop}apiVersion: gateway.mulesoft.com/v1alpha1
 kind: ApiInstance
 metadata:
   name: echo-grpc
@@ -656,6 +694,61 @@ spec:
     admin: 127.0.0.1:9901
 ",
         cert.crt.display(),
-        cert.key.display()
+        cert.key.display(),
+        shop = shop_config(plain),
+    )
+}
+
+/// The `shop` API: a 90/10 canary on `/cart`, everything else to the stable upstream.
+fn shop_config(plain: &str) -> String {
+    format!(
+        "apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: shop
+spec:
+  address: http://{plain}/shop
+  services:
+    stable:
+      address: http://127.0.0.1:9000/
+    canary:
+      address: http://127.0.0.1:9001/
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: PolicyBinding
+metadata:
+  name: shop-cart-canary
+spec:
+  targetRef:
+    name: shop
+  policyRef:
+    name: route-weighted
+  order: 1
+  rules:
+    - pathPrefix: /cart
+  config:
+    routes:
+      - weight: 90
+        destinationRef:
+          name: stable
+      - weight: 10
+        destinationRef:
+          name: canary
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: PolicyBinding
+metadata:
+  name: shop-rest
+spec:
+  targetRef:
+    name: shop
+  policyRef:
+    name: route
+  order: 2
+  config:
+    destinationRef:
+      name: stable
+---
+"
     )
 }
