@@ -801,6 +801,33 @@ fn print_gates(out: &mut impl std::io::Write, report: &Value) -> anyhow::Result<
             writeln!(out, "      {detail}")?;
         }
     }
+    print_endpoints(out, report)
+}
+
+fn print_endpoints(out: &mut impl std::io::Write, report: &Value) -> anyhow::Result<()> {
+    let Some(endpoints) = report["endpoints"].as_array().filter(|e| !e.is_empty()) else {
+        return Ok(());
+    };
+    writeln!(out, "Upstream endpoints:")?;
+    writeln!(
+        out,
+        "  {:<32} {:<24} {:<10} checks",
+        "service", "endpoint", "health"
+    )?;
+    for ep in endpoints {
+        writeln!(
+            out,
+            "  {:<32} {:<24} {:<10} {}",
+            ep["service"].as_str().unwrap_or("?"),
+            ep["endpoint"].as_str().unwrap_or("?"),
+            ep["health"].as_str().unwrap_or("?"),
+            if ep["checked"] == true {
+                "active"
+            } else {
+                "passive"
+            }
+        )?;
+    }
     Ok(())
 }
 

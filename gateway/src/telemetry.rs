@@ -35,6 +35,17 @@ pub struct UpstreamLabels {
     pub kind: String,
 }
 
+/// Labels of an upstream endpoint's health event.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Service name.
+    pub service: String,
+    /// The endpoint's address.
+    pub endpoint: String,
+    /// `consecutive_5xx` or `connect_failures` for an ejection; `pass` or `fail` for a check.
+    pub result: String,
+}
+
 /// Labels of a TLS handshake.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -105,6 +116,10 @@ pub struct Metrics {
     pub latency: HistogramFamily<ApiLabels>,
     /// Upstream failures by service and kind.
     pub upstream_errors: Family<UpstreamLabels, Counter>,
+    /// Outlier ejections by service, endpoint and reason.
+    pub ejections: Family<EndpointLabels, Counter>,
+    /// Active health checks by service, endpoint and result.
+    pub health_checks: Family<EndpointLabels, Counter>,
     /// Client connections open now.
     pub open_connections: Gauge,
     /// Inbound TLS handshakes by result.
@@ -180,6 +195,16 @@ impl Default for Metrics {
                 "upstream_errors",
                 "Failed upstream exchanges, by service and kind",
             ),
+            ejections: registered(
+                r,
+                "upstream_ejections",
+                "Endpoints ejected by outlier detection, by service, endpoint and reason (result)",
+            ),
+            health_checks: registered(
+                r,
+                "upstream_health_checks",
+                "Active health checks, by service, endpoint and result (pass or fail)",
+            ),
             open_connections: registered(r, "open_connections", "Client connections open now"),
             tls_handshakes: registered(r, "tls_handshakes", "Inbound TLS handshakes, by result"),
             gate_rejections: registered(
@@ -234,7 +259,33 @@ impl Default for Metrics {
     }
 }
 
+/// Counts one event of `endpoint` of `service` in `family`.
+fn endpoint_event(
+    family: &Family<EndpointLabels, Counter>,
+    service: &str,
+    endpoint: SocketAddr,
+    result: &str,
+) {
+    let labels = EndpointLabels {
+        service: service.to_owned(),
+        endpoint: endpoint.to_string(),
+        result: result.to_owned(),
+    };
+    family.get_or_create(&labels).inc();
+}
+
 impl Metrics {
+    /// Counts an ejection of `endpoint` of `service` for `reason`.
+    pub fn ejection(&self, service: &str, endpoint: SocketAddr, reason: &str) {
+        endpoint_event(&self.ejections, service, endpoint, reason);
+    }
+
+    /// Counts an active health check of `endpoint` of `service`.
+    pub fn health_check(&self, service: &str, endpoint: SocketAddr, passed: bool) {
+        let result = if passed { "pass" } else { "fail" };
+        endpoint_event(&self.health_checks, service, endpoint, result);
+    }
+
     /// Counts a connection refused on a PROXY-protocol listener for `reason`.
     pub fn refuse_proxy_protocol(&self, reason: &str) {
         let labels = ProxyProtocolLabels {
@@ -245,15 +296,21 @@ impl Metrics {
 
     /// Prometheus text exposition of every metric, the scrape-time families included.
     pub fn encode(&self) -> String {
+        self.encode_with(&|_| {})
+    }
+
+    /// [`Metrics::encode`] with `more` families written at scrape time by the caller.
+    pub fn encode_with(&self, more: &dyn Fn(&mut String)) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        // OpenMetrics ends with `# EOF`: the extra families go before it.
+        let eof = out.rfind("# EOF").unwrap_or(out.len());
+        let tail = out.split_off(eof);
         if let Some(hook) = self.scrape.0.get() {
-            // OpenMetrics ends with `# EOF`: the extra families go before it.
-            let eof = out.rfind("# EOF").unwrap_or(out.len());
-            let tail = out.split_off(eof);
             hook(&mut out);
-            out.push_str(&tail);
         }
+        more(&mut out);
+        out.push_str(&tail);
         out
     }
 }

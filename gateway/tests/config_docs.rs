@@ -75,6 +75,12 @@ fn sections() -> Vec<(&'static str, Vec<&'static str>)> {
         ("ApiInstance.spec.limits", fields::<raw::ApiLimits>()),
         ("Service.spec", fields::<raw::ServiceSpec>()),
         ("Service.spec.timeouts", fields::<raw::ServiceTimeouts>()),
+        ("Service.spec.healthCheck", fields::<raw::HealthCheckSpec>()),
+        (
+            "Service.spec.outlierDetection",
+            fields::<raw::OutlierDetectionSpec>(),
+        ),
+        ("Service.spec.circuitBreaker", fields::<raw::CircuitBreakerSpec>()),
         ("PolicyBinding.spec", fields::<raw::PolicyBindingSpec>()),
         ("PolicyBinding.spec.targetRef", fields::<raw::TargetRef>()),
         ("PolicyBinding.spec.policyRef", fields::<raw::PolicyRef>()),

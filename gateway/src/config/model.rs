@@ -325,10 +325,76 @@ pub struct ServiceConfig {
     pub response_timeout: Duration,
     /// Extra attempts on another endpoint, where safe.
     pub retries: u32,
-    /// How long an endpoint that refused a connection is skipped.
-    pub eject_for: Duration,
+    /// Active health checks of its endpoints, if configured.
+    pub health: Option<HealthCheck>,
+    /// When failing endpoints are ejected, and for how long.
+    pub outlier: OutlierDetection,
+    /// Limits beyond which its requests are answered 503.
+    pub breaker: CircuitBreaker,
     /// Outside the private network (its client certificate must never face internal peers).
     pub external: bool,
+}
+
+/// Active HTTP health checks: `GET path` on every endpoint each `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The request target checked.
+    pub path: String,
+    /// Time between checks of one endpoint.
+    pub interval: Duration,
+    /// Longest a check may take (connect to response head).
+    pub timeout: Duration,
+    /// Consecutive passes that make an unhealthy endpoint healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Inclusive status ranges that pass.
+    pub expected: Vec<(u16, u16)>,
+}
+
+impl HealthCheck {
+    /// Whether `status` passes.
+    pub fn expects(&self, status: u16) -> bool {
+        self.expected.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status))
+    }
+}
+
+/// Passive outlier detection: failures in a row eject an endpoint for a
+/// time that grows with each ejection, never more than a share of the
+/// endpoints at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// 5xx responses in a row that eject (0: never).
+    pub consecutive_5xx: u32,
+    /// Failed connections in a row that eject (0: never).
+    pub consecutive_connect_failures: u32,
+    /// The first ejection's length; the n-th lasts n times this.
+    pub base_ejection: Duration,
+    /// The longest an ejection lasts.
+    pub max_ejection: Duration,
+    /// The largest share of the endpoints ejected at once, in percent (at least one).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            consecutive_connect_failures: 1,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_mins(5),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+/// A service's circuit breaker (`None`: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    /// Upstream connections carrying requests at once (idle pooled ones not counted).
+    pub max_connections: Option<u32>,
+    /// Requests waiting for or being answered by the service at once.
+    pub max_pending_requests: Option<u32>,
 }
 
 /// One upstream endpoint.

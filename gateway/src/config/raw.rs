@@ -202,15 +202,58 @@ pub struct ServiceSpec {
     /// Portcullis extension: extra attempts on another endpoint when safe.
     #[serde(default)]
     pub retries: Option<u32>,
-    /// Portcullis extension: how long an endpoint that refused a connection is skipped.
+    /// Portcullis extension: how long an endpoint that refused a connection is skipped
+    /// (`outlierDetection.baseEjectionTime` by its older name).
     #[serde(default)]
     pub eject_for: Option<String>,
+    /// Portcullis extension: active HTTP health checks of every endpoint.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSpec>,
+    /// Portcullis extension: endpoints ejected for consecutive failures.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Portcullis extension: limits beyond which requests to the service get 503.
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
     /// Portcullis extension: `external` or `internal` (default: by endpoint addresses).
     #[serde(default)]
     pub network: Option<String>,
     /// Portcullis extension: a PROXY protocol header (`v1` or `v2`) on each upstream connection.
     #[serde(default)]
     pub proxy_protocol: Option<String>,
+}
+
+/// Active health checks of a service's endpoints.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    pub path: String,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+    /// Status codes (`200`) and ranges (`"200-399"`) that count as healthy.
+    pub expected_statuses: Option<Vec<serde_yaml_ng::Value>>,
+}
+
+/// Passive outlier detection.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    #[serde(rename = "consecutive5xx")]
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_connect_failures: Option<u32>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// A service's circuit breaker.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: Option<u32>,
 }
 
 /// Service timeouts.

@@ -60,7 +60,10 @@ async fn serve(tcp: TcpConn, shared: Arc<Shared>, workers: usize) {
             ("GET" | "HEAD", "/metrics") => (
                 200,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                shared.metrics.encode().into_bytes(),
+                shared
+                    .metrics
+                    .encode_with(&|out| crate::runtime::health::write_metrics(&shared.current(), out))
+                    .into_bytes(),
             ),
             ("GET" | "HEAD", _) => (404, "text/plain", b"not found\n".to_vec()),
             _ => (405, "text/plain", b"method not allowed\n".to_vec()),

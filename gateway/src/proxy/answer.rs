@@ -92,11 +92,17 @@ impl Answer {
             Self::Policy(r) => r.headers.clone(),
             _ => Vec::new(),
         };
-        if matches!(self, Self::Gated(_) | Self::TunnelsFull) {
+        if matches!(
+            self,
+            Self::Gated(_) | Self::TunnelsFull | Self::Unreachable(ProxyError::CircuitOpen { .. })
+        ) {
             headers.push(("retry-after".into(), GATED_RETRY_AFTER.into()));
         }
         let body = match self {
             Self::Policy(r) => r.body.clone(),
+            Self::Unreachable(e @ ProxyError::CircuitOpen { .. }) => {
+                format!("{status} {}: {e}\n", http::reason(status))
+            }
             _ => format!("{status} {}\n", http::reason(status)),
         };
         (headers, body)

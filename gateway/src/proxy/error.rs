@@ -2,6 +2,8 @@
 
 use std::io;
 
+use crate::runtime::service::Limit;
+
 use crate::http::HttpError;
 
 /// Who caused a failed exchange; decides the status and the log level.
@@ -56,6 +58,9 @@ pub enum ProxyError {
         #[source]
         source: HttpError,
     },
+    /// The service's circuit breaker refused: it is at one of its limits.
+    #[error("service {service} is at its circuitBreaker.{}; try again shortly", limit.field())]
+    CircuitOpen { service: String, limit: Limit },
     /// TLS with the upstream failed.
     #[error("TLS with upstream {endpoint}: {source}")]
     UpstreamTls {
@@ -77,7 +82,8 @@ impl ProxyError {
             | Self::UpstreamTimeout { .. }
             | Self::UpstreamIo { .. }
             | Self::UpstreamProtocol { .. }
-            | Self::UpstreamTls { .. } => Blame::Upstream,
+            | Self::UpstreamTls { .. }
+            | Self::CircuitOpen { .. } => Blame::Upstream,
         }
     }
 
@@ -89,6 +95,7 @@ impl ProxyError {
             Self::ClientIo(_) => 400,
             Self::BodyTooLarge { .. } => 413,
             Self::ConnectTimeout { .. } | Self::UpstreamTimeout { .. } => 504,
+            Self::CircuitOpen { .. } => 503,
             Self::Connect { .. }
             | Self::UpstreamIo { .. }
             | Self::UpstreamProtocol { .. }
@@ -109,6 +116,7 @@ impl ProxyError {
             Self::UpstreamIo { .. } => "io",
             Self::UpstreamProtocol { .. } => "protocol",
             Self::UpstreamTls { .. } => "tls",
+            Self::CircuitOpen { .. } => "circuit_open",
         }
     }
 }

@@ -23,26 +23,69 @@ use super::heads;
 use super::io::Transport as _;
 use crate::config::{Destination, RouteConfig};
 use crate::http::{Framing, Head, HttpError};
-use crate::runtime::service::Upstream;
+use crate::runtime::service::{Outcome, Slot, Upstream};
 
 /// Read buffer of a new upstream connection; it stays with the connection in the pool.
 const UPSTREAM_BUF: usize = 32 * 1024;
 
+/// An upstream connection in use, with its place under the service's `maxConnections`.
+type UpConn = (Conn, Slot);
+
 /// Connects (or reuses a pooled connection) to an endpoint: the connection,
-/// whether it was reused, and its read buffer.
+/// whether it was reused, and its read buffer. An idle pooled connection
+/// holds no place under `maxConnections`; it takes one again when reused.
 async fn connect(
     worker: &Worker,
-    upstream: &Upstream,
+    upstream: &Arc<Upstream>,
     endpoint: usize,
     proxy_header: Option<Vec<u8>>,
-) -> Result<(Conn, bool, Vec<u8>), ProxyError> {
+) -> Result<(UpConn, bool, Vec<u8>), ProxyError> {
+    let slot = connection_slot(upstream)?;
     if proxy_header.is_none()
         && let Some((conn, buf)) = worker.pool.take(upstream.id, endpoint)
     {
-        return Ok((conn, true, buf));
+        return Ok(((conn, slot), true, buf));
     }
     let conn = fresh(worker, upstream, endpoint, proxy_header).await?;
-    Ok((conn, false, Vec::with_capacity(UPSTREAM_BUF)))
+    Ok(((conn, slot), false, Vec::with_capacity(UPSTREAM_BUF)))
+}
+
+/// A place for one more connection to `upstream`, or the circuit breaker's refusal.
+pub(super) fn connection_slot(upstream: &Arc<Upstream>) -> Result<Slot, ProxyError> {
+    upstream
+        .open_connection()
+        .map_err(|limit| ProxyError::CircuitOpen {
+            service: upstream.cfg.name.clone(),
+            limit,
+        })
+}
+
+/// Counts a failed connection to `endpoint` for outlier detection.
+pub(super) fn connect_failed(worker: &Worker, upstream: &Upstream, endpoint: usize, e: &ProxyError) {
+    if matches!(
+        e,
+        ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::UpstreamTls { .. }
+    ) {
+        observed(worker, upstream, endpoint, Outcome::ConnectFailed);
+    }
+}
+
+/// Counts what `endpoint` answered for outlier detection, and an ejection it causes.
+pub(super) fn observed(worker: &Worker, upstream: &Upstream, endpoint: usize, outcome: Outcome) {
+    if let Some(length) = upstream.observe(endpoint, outcome) {
+        let addr = upstream.cfg.endpoints[endpoint].addr;
+        worker
+            .shared
+            .metrics
+            .ejection(&upstream.cfg.name, addr, outcome.label());
+        tracing::warn!(
+            service = %upstream.cfg.name,
+            endpoint = %addr,
+            reason = outcome.label(),
+            seconds = length.as_secs(),
+            "endpoint ejected by outlier detection"
+        );
+    }
 }
 
 /// A new connection to an endpoint, opening with `proxy_header` if given,
@@ -116,6 +159,16 @@ pub(super) async fn forward(
     destination: &Destination,
 ) -> bool {
     let upstream = ex.generation.upstreams[destination.service].clone();
+    let _pending = match upstream.admit() {
+        Ok(slot) => slot,
+        Err(limit) => {
+            let refused = ProxyError::CircuitOpen {
+                service: upstream.cfg.name.clone(),
+                limit,
+            };
+            return ex.answer(client, worker, Answer::Unreachable(refused)).await;
+        }
+    };
     if upstream.cfg.http2 {
         return super::h2::upstream::forward(client, worker, ex, route, &upstream).await;
     }
@@ -137,11 +190,12 @@ pub(super) async fn forward(
             .map(|version| super::proxy_protocol::encode(version, client.peer(), ex.listener));
         let (up, reused, up_buf) = match connect(worker, &upstream, endpoint, proxy_header).await {
             Ok(c) => c,
+            Err(e @ ProxyError::CircuitOpen { .. }) => {
+                return ex.answer(client, worker, Answer::Unreachable(e)).await;
+            }
             Err(e) => {
                 attempts += 1;
-                if matches!(e, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) {
-                    upstream.eject(endpoint);
-                }
+                connect_failed(worker, &upstream, endpoint, &e);
                 tried.push(endpoint);
                 // Nothing reached the upstream, so another endpoint is safe for any method.
                 last_error = Some(e);
@@ -202,7 +256,7 @@ impl Attempt {
         route: &RouteConfig,
         upstream: &Arc<Upstream>,
         endpoint: usize,
-        (mut up, reused, mut up_buf): (Conn, bool, Vec<u8>),
+        ((mut up, _slot), reused, mut up_buf): (UpConn, bool, Vec<u8>),
         started: Instant,
     ) -> Self {
         let _in_flight = upstream.begin(endpoint);
@@ -261,10 +315,14 @@ impl Attempt {
             }
             Err(e) => {
                 ex.record.upstream_time = Some(started.elapsed());
+                if e.blame() == super::error::Blame::Upstream {
+                    observed(worker, upstream, endpoint, Outcome::Status(e.status()));
+                }
                 return Self::Done(ex.answer(client, worker, Answer::Failed(e)).await);
             }
         };
         ex.record.status = response.status;
+        observed(worker, upstream, endpoint, Outcome::Status(response.status));
         if response.status == 101 {
             ex.record.upstream_time = Some(started.elapsed());
             client.tunnel(worker, ex, &response, up, up_buf).await;

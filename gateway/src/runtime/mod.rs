@@ -7,6 +7,7 @@
 //! the generation current when its head arrives and keeps it to the end, so no
 //! request ever sees half a change.
 
+pub mod health;
 pub mod route;
 pub mod service;
 

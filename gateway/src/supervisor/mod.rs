@@ -142,14 +142,26 @@ fn write_report(path: &std::path::Path, generation: &Generation, remote: Option<
     }
 }
 
-/// Rewrites the report every second in connected mode, so `status` shows the link as it is.
-fn refresh_report(path: PathBuf, shared: Arc<Shared>, remote: Arc<Remote>) -> Result<(), SupervisorError> {
+/// Looks at the report every second and rewrites it when what it says
+/// changed (endpoint health moves between reloads), and always in connected
+/// mode, so `status` shows the control-plane link as it is.
+fn refresh_report(
+    path: PathBuf,
+    shared: Arc<Shared>,
+    remote: Option<Arc<Remote>>,
+) -> Result<(), SupervisorError> {
     std::thread::Builder::new()
         .name("report".into())
         .spawn(move || {
+            let mut last = None;
             loop {
                 std::thread::sleep(Duration::from_secs(1));
-                write_report(&path, &shared.current(), Some(&remote));
+                let generation = shared.current();
+                let endpoints = GateReport::endpoints_of(&generation);
+                if remote.is_some() || last.as_ref() != Some(&endpoints) {
+                    write_report(&path, &generation, remote.as_deref());
+                    last = Some(endpoints);
+                }
             }
         })
         .map_err(|source| SupervisorError::Spawn {
@@ -178,6 +190,7 @@ impl Supervisor {
     fn publish(&mut self, generation: Generation) {
         self.shared.publish(generation);
         let current = self.shared.current();
+        crate::runtime::health::start(&current, &self.shared.metrics);
         self.mirror.sync_nic(&current);
         self.mirror.report(&current);
     }
@@ -253,12 +266,11 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
     }
     let shared = Arc::new(Shared::new(generation, Arc::new(Metrics::default())));
     mirror.export_counters(&shared.metrics);
+    crate::runtime::health::start(&shared.current(), &shared.metrics);
     let signals = stop_signals();
     signals.thread_block().map_err(SupervisorError::Signals)?;
     start_workers(&shared, per_worker)?;
-    if let Some(remote) = &remote {
-        refresh_report(options.state_dir.join(GATES_FILE), shared.clone(), remote.clone())?;
-    }
+    refresh_report(options.state_dir.join(GATES_FILE), shared.clone(), remote.clone())?;
     if let Some(socket) = admin_socket {
         start_admin(&shared, socket, workers)?;
     }

@@ -29,6 +29,22 @@ pub struct GateReport {
     /// The control plane this replica follows (connected mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane: Option<ControlStatus>,
+    /// Every upstream endpoint's health.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointHealth>,
+}
+
+/// One upstream endpoint's health in a [`GateReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointHealth {
+    /// Service name.
+    pub service: String,
+    /// The endpoint's address.
+    pub endpoint: String,
+    /// `healthy`, `unhealthy` (its health check fails) or `ejected` (outlier detection).
+    pub health: String,
+    /// Whether an active health check watches it.
+    pub checked: bool,
 }
 
 /// A replica's link to its control plane, as `portcullis status` shows it.
@@ -101,7 +117,24 @@ impl GateReport {
             level: generation.config.gateway.gate_level.label().to_owned(),
             apis,
             control_plane: None,
+            endpoints: Self::endpoints_of(generation),
         }
+    }
+
+    /// Every upstream endpoint's health in `generation`.
+    pub fn endpoints_of(generation: &Generation) -> Vec<EndpointHealth> {
+        generation
+            .upstreams
+            .iter()
+            .flat_map(|u| {
+                u.cfg.endpoints.iter().enumerate().map(|(i, ep)| EndpointHealth {
+                    service: u.cfg.name.clone(),
+                    endpoint: ep.addr.to_string(),
+                    health: u.health(i).label().to_owned(),
+                    checked: u.cfg.health.is_some(),
+                })
+            })
+            .collect()
     }
 
     /// Writes the report to `path` through a rename (mode 0640).
@@ -166,6 +199,12 @@ mod tests {
                 snapshot_published_unix: 5,
                 certificate_expires_unix: 6,
             }),
+            endpoints: vec![EndpointHealth {
+                service: "orders".into(),
+                endpoint: "127.0.0.1:9000".into(),
+                health: "ejected".into(),
+                checked: true,
+            }],
         };
         report.write(&dir.join(GATES_FILE)).expect("written");
         let (path, back) = GateReport::read(&dir).expect("read back");

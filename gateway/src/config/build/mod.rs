@@ -12,6 +12,7 @@
 mod bindings;
 mod contracts;
 mod documents;
+mod health;
 mod listeners;
 mod routes;
 mod services;

@@ -191,7 +191,8 @@ pub(super) fn service(
         "timeouts.response",
         proxy.timeouts.upstream_response,
     );
-    let eject_for = duration(spec.eject_for.as_ref(), "ejectFor", Duration::from_secs(10));
+    let outlier = super::health::outlier_detection(doc, prefix, spec, c);
+    let breaker = super::health::circuit_breaker(doc, prefix, spec.circuit_breaker.as_ref(), c);
     let proxy_protocol = match spec.proxy_protocol.as_deref() {
         None => None,
         Some(_) if scheme.is_some_and(|(_, http2)| http2) => {
@@ -212,6 +213,7 @@ pub(super) fn service(
         }
     };
     let (tls, http2) = scheme.unwrap_or_default();
+    let health = super::health::health_check(doc, prefix, spec.health_check.as_ref(), http2, c);
     let tls = if tls {
         Some(OutboundTls {
             ca: None,
@@ -239,7 +241,9 @@ pub(super) fn service(
         connect_timeout,
         response_timeout,
         retries: spec.retries.unwrap_or(1),
-        eject_for,
+        health,
+        outlier,
+        breaker,
         external,
     })
 }

@@ -27,7 +27,7 @@ use crate::proxy::downstream::{Downstream, Waits};
 use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::Exchange;
 use crate::proxy::{forward, grpc, heads};
-use crate::runtime::service::Upstream;
+use crate::runtime::service::{Outcome, Upstream};
 
 /// Each worker's HTTP/2 upstream connections, by service and endpoint.
 #[derive(Debug, Default)]
@@ -41,7 +41,7 @@ impl H2Pool {
     async fn get(
         &self,
         worker: &Worker,
-        upstream: &Upstream,
+        upstream: &Arc<Upstream>,
         endpoint: usize,
     ) -> Result<SendRequest<Bytes>, ProxyError> {
         let key = (upstream.id, endpoint);
@@ -73,9 +73,10 @@ fn h2_error(upstream: &Upstream, endpoint: usize, e: &h2::Error) -> ProxyError {
 /// A new HTTP/2 connection, its driver running on the worker until it ends.
 async fn connect(
     worker: &Worker,
-    upstream: &Upstream,
+    upstream: &Arc<Upstream>,
     endpoint: usize,
 ) -> Result<SendRequest<Bytes>, ProxyError> {
+    let slot = forward::connection_slot(upstream)?;
     let conn = forward::fresh(worker, upstream, endpoint, None).await?;
     let addr = upstream.cfg.endpoints[endpoint].addr.to_string();
     if conn.is_tls() && conn.alpn() != Some(b"h2") {
@@ -97,6 +98,8 @@ async fn connect(
         })?
         .map_err(|e| h2_error(upstream, endpoint, &e))?;
     crate::proxy::io::spawn(async move {
+        // The connection counts under `maxConnections` while its driver runs.
+        let _slot = slot;
         if let Err(e) = connection.await {
             tracing::debug!(endpoint = %addr, error = %e, "HTTP/2 upstream connection ended");
         }
@@ -159,10 +162,11 @@ pub(in crate::proxy) async fn forward(
         ex.record.upstream = Some(upstream.cfg.endpoints[endpoint].addr);
         let mut sender = match worker.h2_pool.get(worker, upstream, endpoint).await {
             Ok(sender) => sender,
+            Err(e @ ProxyError::CircuitOpen { .. }) => {
+                return ex.answer(client, worker, Answer::Unreachable(e)).await;
+            }
             Err(e) => {
-                if matches!(e, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }) {
-                    upstream.eject(endpoint);
-                }
+                forward::connect_failed(worker, upstream, endpoint, &e);
                 // Nothing reached the upstream: another endpoint is safe for any method.
                 last_error = Some(e);
                 continue;
@@ -202,6 +206,7 @@ pub(in crate::proxy) async fn forward(
         return match result {
             Ok(done) => {
                 ex.record.status = done.status;
+                forward::observed(worker, upstream, endpoint, Outcome::Status(done.status));
                 ex.record.bytes_in = done.bytes_in;
                 ex.record.bytes_out = done.bytes_out;
                 if let Some(code) = done.grpc_status {
