@@ -352,6 +352,7 @@ fn main() -> ExitCode {
                     .with_writer(writer)
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
             )
+            .with(portcullis::telemetry::logs::layer())
             .init();
     }
     // RUST_LOG, when set, wins over the Configuration's logLevel.

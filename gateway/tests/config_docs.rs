@@ -105,6 +105,34 @@ fn sections() -> Vec<(&'static str, Vec<&'static str>)> {
             fields::<raw::RuntimeLogsSpec>(),
         ),
         (
+            "Configuration.spec.logging.accessLogs",
+            fields::<raw::AccessLogOutputs>(),
+        ),
+        (
+            "Configuration.spec.logging.outputs[]",
+            fields::<raw::LogOutputSpec>(),
+        ),
+        ("Configuration.spec.tracing", fields::<raw::TracingSpec>()),
+        (
+            "Configuration.spec.tracing.provider",
+            fields::<raw::TracingProviderSpec>(),
+        ),
+        (
+            "Configuration.spec.tracing.provider.properties",
+            fields::<raw::TracingPropertiesSpec>(),
+        ),
+        (
+            "Configuration.spec.tracing.sampling",
+            fields::<raw::TracingSamplingSpec>(),
+        ),
+        (
+            "Configuration.spec.tracing.labels[]",
+            fields::<raw::TracingLabelSpec>(),
+        ),
+        ("file parameters", fields::<raw::FileOutputParams>()),
+        ("stdout parameters", fields::<raw::StdoutOutputParams>()),
+        ("syslog parameters", fields::<raw::SyslogOutputParams>()),
+        (
             "Configuration.spec.sharedStorage",
             fields::<raw::SharedStorageSpec>(),
         ),

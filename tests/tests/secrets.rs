@@ -82,6 +82,21 @@ spec:
   proxy:
     workers: 1
     admin: 127.0.0.1:9901
+  logging:
+    outputs:
+      - name: file
+        type: file
+        parameters:
+          file: {out}/outputs.log
+      - name: json
+        type: file
+        parameters:
+          file: {out}/outputs.json
+          format: json
+      - name: syslog
+        type: syslog
+        parameters:
+          path: {out}/syslog.sock
 ---
 apiVersion: gateway.mulesoft.com/v1alpha1
 kind: ApiInstance
@@ -101,7 +116,8 @@ spec:
   clientId: mobile
   clientSecret: ${{credential:mobile-secret}}
   apis: [orders]
-"
+",
+            out = dir.0.display()
         ),
     )?;
     Ok(())
@@ -145,6 +161,8 @@ fn secrets_never_reach_logs_metrics_or_errors() -> anyhow::Result<()> {
     let dir = TempDir::new("scc")?;
     let credentials = dir.0.join("credentials");
     config(&dir, &credentials)?;
+    let syslog = std::os::unix::net::UnixDatagram::bind(dir.0.join("syslog.sock"))?;
+    syslog.set_nonblocking(true)?;
     let _up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
     let gw = GatewayProcess::start_env(
         &ns,
@@ -178,8 +196,24 @@ fn secrets_never_reach_logs_metrics_or_errors() -> anyhow::Result<()> {
         .arg(&dir.0)
         .env("CREDENTIALS_DIRECTORY", &credentials)
         .output()?;
+    // Every log output, the syslog datagrams included.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut outputs = String::new();
+    for file in ["outputs.log", "outputs.json"] {
+        outputs
+            .push_str(&std::fs::read_to_string(dir.0.join(file)).with_context(|| format!("{file} written"))?);
+    }
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n) = syslog.recv(&mut buf) {
+        outputs.push_str(&String::from_utf8_lossy(&buf[..n]));
+        outputs.push('\n');
+    }
+    ensure!(
+        outputs.contains("reload rejected") && outputs.contains("path=/orders/hello"),
+        "runtime and access lines in the outputs: {outputs}"
+    );
     let everything = format!(
-        "{}\n{}\n{}\n{}",
+        "{outputs}\n{}\n{}\n{}\n{}",
         gw.log_text(),
         String::from_utf8_lossy(&metrics),
         String::from_utf8_lossy(&out.stdout),

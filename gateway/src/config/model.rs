@@ -97,12 +97,16 @@ impl GateLevel {
 }
 
 /// Gateway-wide settings beyond the proxy's.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GatewaySettings {
     /// Runtime log level (`error` … `trace`).
     pub log_level: String,
     /// One access line per request.
     pub access_logs: bool,
+    /// Where logs go besides stderr.
+    pub log_outputs: Vec<crate::telemetry::logs::Output>,
+    /// Distributed tracing, if configured.
+    pub tracing: Option<crate::telemetry::trace::Settings>,
     /// Redis shared storage, if configured.
     pub redis: Option<RedisConfig>,
     /// Gatekeeper level.
@@ -120,6 +124,8 @@ impl Default for GatewaySettings {
         Self {
             log_level: "info".into(),
             access_logs: true,
+            log_outputs: Vec::new(),
+            tracing: None,
             redis: None,
             gate_level: GateLevel::Flexible,
             block_edit: true,

@@ -467,6 +467,66 @@ pub struct ConfigurationSpec {
     /// PROXY protocol on every listener (the source gateway's shape, with `trustedSources`).
     #[serde(default)]
     pub proxy_protocol: Option<ProxyProtocolSpec>,
+    /// Distributed tracing, in the source gateway's shape.
+    #[serde(default)]
+    pub tracing: Option<TracingSpec>,
+}
+
+/// `spec.tracing`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingSpec {
+    pub provider: TracingProviderSpec,
+    #[serde(default)]
+    pub sampling: Option<TracingSamplingSpec>,
+    #[serde(default)]
+    pub labels: Vec<TracingLabelSpec>,
+}
+
+/// `spec.tracing.provider`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingProviderSpec {
+    /// Only `opentelemetry`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub properties: Option<TracingPropertiesSpec>,
+}
+
+/// `spec.tracing.provider.properties`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingPropertiesSpec {
+    /// `http://host:port[/path]` of the collector's OTLP/HTTP receiver.
+    pub address: Option<String>,
+    /// Only `http`.
+    pub service_type: Option<String>,
+    pub service_name: Option<String>,
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub resource_attributes: IndexMap<String, String>,
+}
+
+/// `spec.tracing.sampling`, in percent.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingSamplingSpec {
+    pub client: Option<f64>,
+    pub random: Option<f64>,
+    pub overall: Option<f64>,
+}
+
+/// One of `spec.tracing.labels`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingLabelSpec {
+    pub name: String,
+    /// `literal`, `requestHeader` or `environment`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub key_name: Option<String>,
+    pub default_value: Option<String>,
 }
 
 /// Logging.
@@ -475,12 +535,82 @@ pub struct ConfigurationSpec {
 pub struct LoggingSpec {
     #[serde(default)]
     pub runtime_logs: Option<RuntimeLogsSpec>,
-    /// Portcullis extension: one line per request (default true).
+    /// One line per request: `true`/`false` (Portcullis extension), or the
+    /// source gateway's `{outputs: [...]}` naming where they go.
     #[serde(default)]
-    pub access_logs: Option<bool>,
-    /// Fluent Bit outputs of the source gateway: refused (logs go to stderr / journald).
+    pub access_logs: Option<AccessLogsSpec>,
+    /// Where logs go besides stderr, in the source gateway's Fluent Bit shape.
     #[serde(default)]
-    pub outputs: Option<serde_yaml_ng::Value>,
+    pub outputs: Option<Vec<LogOutputSpec>>,
+}
+
+/// `logging.accessLogs`: on/off, or the outputs that carry them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum AccessLogsSpec {
+    /// Portcullis extension: on or off.
+    Enabled(bool),
+    /// The outputs that carry access lines.
+    Routed(AccessLogOutputs),
+}
+
+/// `logging.accessLogs` with outputs.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLogOutputs {
+    pub outputs: Vec<String>,
+}
+
+/// One log output.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogOutputSpec {
+    pub name: String,
+    /// `file`, `stdout` or `syslog`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub parameters: serde_yaml_ng::Value,
+}
+
+/// Parameters of a `file` output (Fluent Bit's names).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOutputParams {
+    /// The directory.
+    pub path: Option<String>,
+    /// The file name, or an absolute path.
+    pub file: Option<String>,
+    /// `plain` (default) or `json`.
+    pub format: Option<String>,
+}
+
+/// Parameters of a `stdout` output.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutOutputParams {
+    /// `plain` (default) or `json` / `json_lines`.
+    pub format: Option<String>,
+}
+
+/// Parameters of a `syslog` output (Fluent Bit's names where they map).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogOutputParams {
+    /// Portcullis extension: the Unix datagram socket (default `/dev/log`).
+    pub path: Option<String>,
+    /// Only `unix`.
+    pub mode: Option<String>,
+    /// Refused: syslog goes to a local socket.
+    pub host: Option<String>,
+    /// Refused: syslog goes to a local socket.
+    pub port: Option<u16>,
+    /// Only `rfc5424`.
+    pub syslog_format: Option<String>,
+    /// Portcullis extension: `daemon` (default), `user`, `auth`, `local0`..`local7`.
+    pub facility: Option<String>,
+    /// Portcullis extension: the APP-NAME (default `portcullis`).
+    pub app_name: Option<String>,
 }
 
 /// Runtime log settings.
@@ -488,6 +618,8 @@ pub struct LoggingSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuntimeLogsSpec {
     pub log_level: Option<String>,
+    /// The outputs that carry runtime lines.
+    pub outputs: Option<Vec<String>>,
 }
 
 /// Shared storage.

@@ -62,7 +62,10 @@ async fn serve(tcp: TcpConn, shared: Arc<Shared>, workers: usize) {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 shared
                     .metrics
-                    .encode_with(&|out| crate::runtime::health::write_metrics(&shared.current(), out))
+                    .encode_with(&|out| {
+                        crate::runtime::health::write_metrics(&shared.current(), out);
+                        crate::telemetry::trace::write_metrics(out);
+                    })
                     .into_bytes(),
             ),
             ("GET" | "HEAD", _) => (404, "text/plain", b"not found\n".to_vec()),

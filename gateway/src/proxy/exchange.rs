@@ -23,6 +23,7 @@ use crate::http::{Framing, Head, Version};
 use crate::policy::{Chain, HeaderEdits, RequestView, Verdict};
 use crate::runtime::Generation;
 use crate::runtime::route::{normalize_host, upstream_target};
+use crate::telemetry::trace;
 use crate::telemetry::{AccessRecord, GateLabels, UpstreamLabels};
 
 /// Longest the gateway waits for a client to take one of its own answers.
@@ -57,6 +58,8 @@ pub(super) struct Exchange<'a> {
     pub record: Record,
     /// Whether the request opens a WebSocket the route carries.
     pub websocket: bool,
+    /// Its trace context, when tracing is configured.
+    pub trace: Option<trace::Context>,
     /// The listener the request came in on.
     pub listener: SocketAddr,
     peer: SocketAddr,
@@ -86,6 +89,11 @@ impl<'a> Exchange<'a> {
             },
             record: Record::default(),
             websocket: false,
+            trace: generation.config.gateway.tracing.as_ref().map(|settings| {
+                let text = |name| head.header(name).and_then(|v| std::str::from_utf8(v).ok());
+                let client_trace = head.header("x-client-trace-id").is_some();
+                trace::Context::from_request(settings, text("traceparent"), text("tracestate"), client_trace)
+            }),
             listener,
             peer,
             started,
@@ -174,10 +182,77 @@ impl<'a> Exchange<'a> {
         }
     }
 
+    /// The request's span, for the exporter.
+    fn span(&self, context: &trace::Context, settings: &trace::Settings) -> trace::Span {
+        use trace::Value::{Float, Int, Text};
+        let head = self.head();
+        let status = self.record.status;
+        let text = |v: &str| Text(v.to_owned());
+        let mut attributes = vec![
+            ("http.request.method", text(head.method())),
+            ("url.path", text(head.path())),
+            ("server.address", text(self.request.host)),
+            ("server.port", Int(i64::from(self.listener.port()))),
+            ("client.address", Text(self.peer.ip().to_string())),
+            ("http.response.status_code", Int(i64::from(status))),
+            ("portcullis.api", text(self.api())),
+            ("portcullis.outcome", text(self.record.error.unwrap_or("ok"))),
+            (
+                "http.request.body.size",
+                Int(i64::try_from(self.record.bytes_in).unwrap_or(i64::MAX)),
+            ),
+            (
+                "http.response.body.size",
+                Int(i64::try_from(self.record.bytes_out).unwrap_or(i64::MAX)),
+            ),
+        ];
+        if let Some(d) = self.destination {
+            attributes.push((
+                "portcullis.service",
+                text(&self.generation.upstreams[d.service].cfg.name),
+            ));
+        }
+        if let Some(up) = self.record.upstream {
+            attributes.push(("portcullis.upstream.address", Text(up.to_string())));
+        }
+        if let Some(t) = self.record.upstream_time {
+            attributes.push(("portcullis.upstream.duration_ms", Float(t.as_secs_f64() * 1000.0)));
+        }
+        let labels = settings.labels.iter().map(|l| {
+            let value = match &l.source {
+                trace::LabelSource::Literal(v) => v.clone(),
+                trace::LabelSource::Header { name, default } => match name.as_str() {
+                    ":method" => head.method().to_owned(),
+                    ":path" => head.path().to_owned(),
+                    ":authority" => self.request.host.to_owned(),
+                    _ => head
+                        .header(name)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .map_or_else(|| default.clone(), str::to_owned),
+                },
+            };
+            (l.name.as_str(), value)
+        });
+        trace::Span {
+            context: context.clone(),
+            name: format!("{} {}", head.method(), self.api()),
+            end_unix_nanos: context.start_unix_nanos
+                + u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX / 2),
+            attributes,
+            labels: labels.map(|(k, v)| (k.to_owned(), Text(v))).collect(),
+            error: (status >= 500).then(|| self.record.error.unwrap_or("upstream_5xx").to_owned()),
+        }
+    }
+
     /// Counts the request and writes its access line, as its generation says.
     pub fn finish(&self, worker: &Worker) {
         let head = self.head();
         let elapsed = self.started.elapsed();
+        if let (Some(context), Some(settings)) = (&self.trace, &self.generation.config.gateway.tracing)
+            && context.sampled
+        {
+            trace::record(self.span(context, settings));
+        }
         // A tunnel's lifetime is not a request latency.
         let latency = self
             .route

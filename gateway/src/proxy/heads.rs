@@ -125,7 +125,14 @@ pub(super) fn request_fields(
             earlier_via = Some(value.to_vec());
             continue;
         }
+        // Ours replaces the caller's: the upstream's parent is this request's span.
+        if ex.trace.is_some() && name.eq_ignore_ascii_case(b"traceparent") {
+            continue;
+        }
         put(name, value);
+    }
+    if let Some(trace) = &ex.trace {
+        put(b"traceparent", trace.traceparent().as_bytes());
     }
     if fwd.xff != XffMode::Off {
         let mut x = xff.unwrap_or_default();

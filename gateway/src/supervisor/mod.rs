@@ -87,14 +87,29 @@ pub struct RunOptions {
 /// Applies a log level (`error` … `trace`) unless `RUST_LOG` overrides it.
 pub type SetLevel = Box<dyn Fn(&str)>;
 
-/// SIGINT and SIGTERM stop the gateway, SIGHUP reloads it; `main` blocks
+/// SIGINT and SIGTERM stop the gateway, SIGHUP reloads it, SIGUSR1 reopens
+/// the log files (after logrotate moved them); `main` blocks
 /// them in every thread before the first one is spawned.
 pub fn stop_signals() -> SigSet {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGHUP);
+    signals.add(Signal::SIGUSR1);
     signals
+}
+
+/// Puts the log level, log outputs and trace exporter of `generation` in
+/// force; an output that cannot be opened leaves the ones in force as they
+/// were, said on stderr and in every output.
+fn apply_logging(generation: &Generation, set_level: &SetLevel) {
+    set_level(&generation.config.gateway.log_level);
+    if let Err(e) = crate::telemetry::logs::configure(&generation.config.gateway.log_outputs) {
+        tracing::error!(error = %e, "log outputs unchanged: the ones in force stay (stderr always)");
+    }
+    if let Err(e) = crate::telemetry::trace::configure(generation.config.gateway.tracing.clone()) {
+        tracing::error!(error = %e, "the trace exporter did not start: no spans are exported");
+    }
 }
 
 /// Where the gates in force are mirrored: the NIC (if XDP is loaded) and the report file.
@@ -242,7 +257,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
         remote: remote.clone(),
     };
     mirror.report(&generation);
-    set_level(&generation.config.gateway.log_level);
+    apply_logging(&generation, set_level);
     if let Some(redis) = &generation.config.gateway.redis {
         crate::store::start(redis)?;
     }
@@ -299,9 +314,13 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
     tracing::info!(workers, config = %dir.display(), "portcullis running");
     loop {
         match signals.wait().map_err(SupervisorError::Signals)? {
+            Signal::SIGUSR1 => {
+                crate::telemetry::logs::reopen();
+                tracing::info!("log files reopened (SIGUSR1)");
+            }
             Signal::SIGHUP => {
                 supervisor.reload();
-                set_level(&supervisor.shared.current().config.gateway.log_level);
+                apply_logging(&supervisor.shared.current(), set_level);
             }
             signal => {
                 notify::notify("STOPPING=1");

@@ -2,10 +2,12 @@
 
 use super::documents::Documents;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::telemetry::{logs, trace};
 
 use super::{Collector, Doc, pem, secret_value};
 use crate::config::{
@@ -52,12 +54,7 @@ pub(super) fn gateway_settings(
 ) -> GatewaySettings {
     let mut g = GatewaySettings::default();
     if let Some(logging) = &spec.logging {
-        if logging.outputs.is_some() {
-            c.push(
-                &doc.at("spec.logging.outputs"),
-                "Fluent Bit outputs are not supported: logs go to stderr (journald under systemd); remove `outputs`",
-            );
-        }
+        g.log_outputs = log_outputs(doc, logging, c);
         if let Some(level) = logging.runtime_logs.as_ref().and_then(|r| r.log_level.as_ref()) {
             if ["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
                 g.log_level.clone_from(level);
@@ -68,7 +65,7 @@ pub(super) fn gateway_settings(
                 );
             }
         }
-        g.access_logs = logging.access_logs.unwrap_or(true);
+        g.access_logs = !matches!(logging.access_logs, Some(raw::AccessLogsSpec::Enabled(false)));
     }
     if let Some(redis) = spec.shared_storage.as_ref().and_then(|s| s.redis.as_ref()) {
         let at = doc.at("spec.sharedStorage.redis.address");
@@ -130,7 +127,161 @@ pub(super) fn gateway_settings(
             ),
         }
     }
+    g.tracing = spec.tracing.as_ref().and_then(|t| tracing_settings(doc, t, c));
     g
+}
+
+/// `spec.tracing`: the OTLP/HTTP collector, sampling and labels.
+fn tracing_settings(doc: &Doc, spec: &raw::TracingSpec, c: &mut Collector) -> Option<trace::Settings> {
+    let at = |field: &str| doc.at(&format!("spec.tracing.{field}"));
+    if spec.provider.kind != "opentelemetry" {
+        c.push(
+            &at("provider.type"),
+            format!(
+                "provider `{}` is not offered: `opentelemetry` exports to a collector of your own",
+                spec.provider.kind
+            ),
+        );
+        return None;
+    }
+    let Some(p) = &spec.provider.properties else {
+        c.push(
+            &at("provider"),
+            "needs properties.address: the collector's OTLP/HTTP receiver (http://HOST:4318)",
+        );
+        return None;
+    };
+    if let Some(t) = p.service_type.as_deref().filter(|t| *t != "http") {
+        c.push(
+            &at("provider.properties.serviceType"),
+            format!("serviceType `{t}` is not offered: spans go over OTLP/HTTP (protobuf); give the collector's HTTP receiver (port 4318) and `http`"),
+        );
+    }
+    let collector = collector(&at("provider.properties.address"), p.address.as_deref(), c);
+    let timeout = match p.timeout.as_deref().map(parse_duration) {
+        None => Duration::from_secs(10),
+        Some(Ok(d)) if !d.is_zero() => d,
+        Some(Ok(_)) => {
+            c.push(&at("provider.properties.timeout"), "must be longer than 0s");
+            Duration::from_secs(10)
+        }
+        Some(Err(e)) => {
+            c.push(&at("provider.properties.timeout"), e);
+            Duration::from_secs(10)
+        }
+    };
+    let sampling = spec.sampling.as_ref();
+    let mut percent = |field: &str, value: Option<f64>| -> f64 {
+        match value {
+            None => 1.0,
+            Some(v) if (0.0..=100.0).contains(&v) => v / 100.0,
+            Some(v) => {
+                c.push(
+                    &at(&format!("sampling.{field}")),
+                    format!("{v} is not a percentage (0 to 100)"),
+                );
+                1.0
+            }
+        }
+    };
+    let overall = percent("overall", sampling.and_then(|s| s.overall));
+    let random = percent("random", sampling.and_then(|s| s.random));
+    let client = percent("client", sampling.and_then(|s| s.client));
+    let labels = spec
+        .labels
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| tracing_label(&at(&format!("labels[{i}]")), l, c))
+        .collect();
+    Some(trace::Settings {
+        collector: collector?,
+        service_name: p.service_name.clone().unwrap_or_else(|| "portcullis".into()),
+        resource: p
+            .resource_attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        timeout,
+        ratio: overall * random,
+        client_ratio: overall * client,
+        labels,
+    })
+}
+
+/// The collector at `address` (`http://HOST[:PORT][/PATH]`, path `/v1/traces` by default).
+fn collector(
+    at: &crate::config::Origin,
+    address: Option<&str>,
+    c: &mut Collector,
+) -> Option<trace::Collector> {
+    let Some(address) = address else {
+        c.push(
+            at,
+            "the collector's OTLP/HTTP receiver is required (http://HOST:4318)",
+        );
+        return None;
+    };
+    let Some(rest) = address.strip_prefix("http://") else {
+        c.push(
+            at,
+            format!("`{address}`: spans go over plain OTLP/HTTP (http://HOST:4318); keep the collector on loopback or a private network (h2:// and https:// are not offered yet)"),
+        );
+        return None;
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    if authority.is_empty() || authority.contains('@') {
+        c.push(at, format!("`{address}` has no host"));
+        return None;
+    }
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:4318")
+    };
+    let path = if path.trim_matches('/').is_empty() {
+        "/v1/traces".to_owned()
+    } else {
+        format!("/{path}")
+    };
+    Some(trace::Collector { authority, path })
+}
+
+/// One span label: a literal, a request header, or an environment variable read now.
+fn tracing_label(
+    at: &crate::config::Origin,
+    spec: &raw::TracingLabelSpec,
+    c: &mut Collector,
+) -> Option<trace::Label> {
+    let default = spec.default_value.clone().unwrap_or_default();
+    let mut key = || {
+        let key = spec.key_name.clone();
+        if key.is_none() {
+            c.push(at, format!("a `{}` label needs keyName", spec.kind));
+        }
+        key
+    };
+    let source = match spec.kind.as_str() {
+        "literal" => trace::LabelSource::Literal(default),
+        "environment" => trace::LabelSource::Literal(std::env::var(key()?).unwrap_or(default)),
+        "requestHeader" => trace::LabelSource::Header {
+            name: key()?.to_ascii_lowercase(),
+            default,
+        },
+        other => {
+            c.push(
+                at,
+                format!("label type `{other}` is not literal, requestHeader or environment"),
+            );
+            return None;
+        }
+    };
+    Some(trace::Label {
+        name: spec.name.clone(),
+        source,
+    })
 }
 
 #[expect(
@@ -434,4 +585,168 @@ pub(super) fn registration(
         ca_bundle: resolve(&spec.ca_bundle),
         origin: doc.at("metadata"),
     })
+}
+
+/// `spec.logging.outputs`, routed by `runtimeLogs.outputs` and `accessLogs.outputs`.
+fn log_outputs(doc: &Doc, logging: &raw::LoggingSpec, c: &mut Collector) -> Vec<logs::Output> {
+    let runtime_names = logging.runtime_logs.as_ref().and_then(|r| r.outputs.as_ref());
+    let access_names = match &logging.access_logs {
+        Some(raw::AccessLogsSpec::Routed(r)) => Some(&r.outputs),
+        _ => None,
+    };
+    let routed = runtime_names.is_some() || access_names.is_some();
+    let mut out: Vec<logs::Output> = Vec::new();
+    for (i, spec) in logging.outputs.iter().flatten().enumerate() {
+        let field = format!("spec.logging.outputs[{i}]");
+        if out.iter().any(|o| o.name == spec.name) {
+            c.push(
+                &doc.at(&format!("{field}.name")),
+                format!("a second output named `{}`", spec.name),
+            );
+            continue;
+        }
+        let Some(sink) = log_sink(doc, &field, spec, c) else {
+            continue;
+        };
+        let named = |list: Option<&Vec<String>>| list.is_some_and(|l| l.contains(&spec.name));
+        let output = logs::Output {
+            name: spec.name.clone(),
+            sink,
+            runtime: !routed || named(runtime_names),
+            access: !routed || named(access_names),
+        };
+        if !output.runtime && !output.access {
+            c.warnings.push(doc.at(&field).error(format!(
+                "output `{}` carries nothing: name it in runtimeLogs.outputs or accessLogs.outputs",
+                spec.name
+            )));
+        }
+        out.push(output);
+    }
+    let lists = [("runtimeLogs", runtime_names), ("accessLogs", access_names)];
+    for (key, names) in lists {
+        for (i, name) in names.into_iter().flatten().enumerate() {
+            if !logging.outputs.iter().flatten().any(|o| &o.name == name) {
+                c.push(
+                    &doc.at(&format!("spec.logging.{key}.outputs[{i}]")),
+                    format!("no output named `{name}` in spec.logging.outputs"),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Where one output writes, from its `type` and `parameters`.
+fn log_sink(doc: &Doc, field: &str, spec: &raw::LogOutputSpec, c: &mut Collector) -> Option<logs::Sink> {
+    let params = &spec.parameters;
+    match spec.kind.as_str() {
+        "file" => {
+            let p: raw::FileOutputParams = typed_params(doc, field, params, c)?;
+            let path = match (&p.path, &p.file) {
+                (_, Some(file)) if Path::new(file).is_absolute() => PathBuf::from(file),
+                (Some(dir), Some(file)) => Path::new(dir).join(file),
+                (Some(dir), None) => Path::new(dir).join("portcullis.log"),
+                (None, _) => {
+                    c.push(
+                        &doc.at(&format!("{field}.parameters")),
+                        "a file output needs an absolute `file`, or `path` (a directory) with an optional `file` name",
+                    );
+                    return None;
+                }
+            };
+            if !path.is_absolute() {
+                c.push(
+                    &doc.at(&format!("{field}.parameters.path")),
+                    format!("{} is not an absolute path", path.display()),
+                );
+                return None;
+            }
+            let format = log_format(doc, field, p.format.as_deref(), c)?;
+            Some(logs::Sink::File { path, format })
+        }
+        "stdout" => {
+            let p: raw::StdoutOutputParams = typed_params(doc, field, params, c)?;
+            Some(logs::Sink::Stdout {
+                format: log_format(doc, field, p.format.as_deref(), c)?,
+            })
+        }
+        "syslog" => {
+            let p: raw::SyslogOutputParams = typed_params(doc, field, params, c)?;
+            let at = |name: &str| doc.at(&format!("{field}.parameters.{name}"));
+            if p.host.is_some() || p.port.is_some() || p.mode.as_deref().is_some_and(|m| m != "unix") {
+                c.push(
+                    &at(if p.mode.is_some() { "mode" } else { "host" }),
+                    "syslog goes to a Unix socket here (`path`, default /dev/log): journald and rsyslog forward it on",
+                );
+                return None;
+            }
+            if p.syslog_format.as_deref().is_some_and(|f| f != "rfc5424") {
+                c.push(&at("syslog_format"), "only rfc5424 is written");
+                return None;
+            }
+            let Some(facility) = facility(p.facility.as_deref().unwrap_or("daemon")) else {
+                c.push(&at("facility"), "user, daemon, auth or local0 to local7");
+                return None;
+            };
+            Some(logs::Sink::Syslog {
+                socket: PathBuf::from(p.path.as_deref().unwrap_or("/dev/log")),
+                facility,
+                app_name: p.app_name.unwrap_or_else(|| "portcullis".into()),
+            })
+        }
+        other => {
+            c.push(
+                &doc.at(&format!("{field}.type")),
+                format!(
+                    "output type `{other}` is not offered: Portcullis writes file, stdout and syslog outputs (and stderr always); ship those on with your log agent"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn typed_params<T: for<'de> Deserialize<'de>>(
+    doc: &Doc,
+    field: &str,
+    value: &serde_yaml_ng::Value,
+    c: &mut Collector,
+) -> Option<T> {
+    let value = if value.is_null() {
+        serde_yaml_ng::Value::Mapping(serde_yaml_ng::Mapping::new())
+    } else {
+        value.clone()
+    };
+    serde_yaml_ng::from_value(value)
+        .map_err(|e| c.push(&doc.at(&format!("{field}.parameters")), e.to_string()))
+        .ok()
+}
+
+fn log_format(doc: &Doc, field: &str, written: Option<&str>, c: &mut Collector) -> Option<logs::Format> {
+    match written {
+        None | Some("plain") => Some(logs::Format::Plain),
+        Some("json" | "json_lines") => Some(logs::Format::Json),
+        Some(other) => {
+            c.push(
+                &doc.at(&format!("{field}.parameters.format")),
+                format!("format `{other}` is not offered: plain or json (JSON lines)"),
+            );
+            None
+        }
+    }
+}
+
+/// A syslog facility's number.
+fn facility(name: &str) -> Option<u8> {
+    match name {
+        "user" => Some(1),
+        "daemon" => Some(3),
+        "auth" => Some(4),
+        _ => name
+            .strip_prefix("local")
+            .and_then(|n| n.parse::<u8>().ok())
+            .filter(|n| *n <= 7)
+            .map(|n| 16 + n),
+    }
 }

@@ -1,4 +1,8 @@
-//! Logs and metrics: the access log line, and the Prometheus registry behind `/metrics`.
+//! Logs and metrics: the access log line, the log outputs beside stderr, and
+//! the Prometheus registry behind `/metrics`.
+
+pub mod logs;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::time::Duration;
