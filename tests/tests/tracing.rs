@@ -231,6 +231,7 @@ fn spans_reach_the_collector_with_the_callers_trace_and_sampling_spares_new_trac
     for (key, want) in [
         ("http.response.status_code", "200"),
         ("portcullis.api", "orders"),
+        ("http.route", "/orders"),
         ("portcullis.service", "orders/up"),
         ("portcullis.outcome", "ok"),
         ("url.path", "/orders/headers"),

@@ -72,7 +72,11 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     let _grpc_server = grpc::serve(&topo.gw, &dir.0, 9200, None)?;
     let conf = dir.0.join("conf.d");
     std::fs::create_dir_all(&conf)?;
-    std::fs::write(conf.join("orders.yaml"), demo_config(&listener, &plain, &cert))?;
+    let json_log = dir.0.join("access.json");
+    std::fs::write(
+        conf.join("orders.yaml"),
+        demo_config(&listener, &plain, &cert, &json_log),
+    )?;
 
     println!();
     println!(
@@ -120,11 +124,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     routing_steps(&topo, good, &plain, (&upstream, &canary))?;
     websocket_steps(&topo, &plain, &dir.0)?;
     grpc_steps(&topo, &plain, &dir.0)?;
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    println!("\n== access log");
-    for line in proxy.log_text().lines().filter(|l| l.contains("access")) {
-        println!("   {line}");
-    }
+    access_log_steps(&proxy, &json_log)?;
 
     stopped_steps(&topo, good, (&creds, &inventory), (&tls, &url), proxy)?;
     connected_steps(&topo, good, &bin, &dir.0)?;
@@ -203,6 +203,27 @@ fn http2_steps(topo: &Topology, good: std::net::IpAddr, tls: &[&str], url: &str)
         text.replace('\n', "\n   ")
     );
     ensure!(ok && text.contains("HTTP/2 200"), "HTTP/2 failed: {text}");
+    Ok(())
+}
+
+/// The access log on stderr, and as a `logging.outputs` file output wrote it in JSON lines.
+fn access_log_steps(proxy: &GatewayProcess, json_log: &std::path::Path) -> anyhow::Result<()> {
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    println!("\n== access log");
+    for line in proxy.log_text().lines().filter(|l| l.contains("access")) {
+        println!("   {line}");
+    }
+    let json = std::fs::read_to_string(json_log).unwrap_or_default();
+    println!(
+        "\n== the same access lines as JSON (logging.outputs: a file output, format json), {} lines; the last:\n   {}",
+        json.lines().count(),
+        json.lines().last().unwrap_or("NONE")
+    );
+    ensure!(
+        json.lines().count() > 0,
+        "no JSON access lines in {}",
+        json_log.display()
+    );
     Ok(())
 }
 
@@ -616,7 +637,7 @@ fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or("")
 }
 
-fn demo_config(listener: &str, plain: &str, cert: &Issued) -> String {
+fn demo_config(listener: &str, plain: &str, cert: &Issued, json_log: &std::path::Path) -> String {
     format!(
         "apiVersion: gateway.mulesoft.com/v1alpha1
 kind: ApiInstance
@@ -692,10 +713,20 @@ spec:
   proxy:
     workers: 2
     admin: 127.0.0.1:9901
+  logging:
+    outputs:
+      - name: access-json
+        type: file
+        parameters:
+          file: {json_log}
+          format: json
+    accessLogs:
+      outputs: [access-json]
 ",
         cert.crt.display(),
         cert.key.display(),
         shop = shop_config(plain),
+        json_log = json_log.display(),
     )
 }
 

@@ -206,6 +206,9 @@ impl<'a> Exchange<'a> {
                 Int(i64::try_from(self.record.bytes_out).unwrap_or(i64::MAX)),
             ),
         ];
+        if let Some(route) = self.route {
+            attributes.push(("http.route", text(&route.base_path)));
+        }
         if let Some(d) = self.destination {
             attributes.push((
                 "portcullis.service",

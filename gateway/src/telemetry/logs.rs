@@ -374,7 +374,9 @@ fn json(r: &Record) -> String {
     map.insert("timestamp".into(), rfc3339(r.unix_micros).into());
     map.insert("level".into(), r.level.as_str().into());
     map.insert("target".into(), r.target.clone().into());
-    map.insert("message".into(), r.message.clone().into());
+    if !r.message.is_empty() {
+        map.insert("message".into(), r.message.clone().into());
+    }
     for (k, v) in &r.fields {
         map.insert((*k).to_owned(), v.clone().into());
     }
