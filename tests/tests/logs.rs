@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, curl};
+use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, curl};
 use portcullis_tests::{NetNs, wait_for};
 
 const CREDENTIAL: &str = "Basic bW9iaWxlOnMzY3JldC1pbi1hLWhlYWRlcg==";
@@ -46,16 +46,13 @@ spec:
     accessLogs:
       outputs: [everything, access-json, journal]
 ---
-apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: orders
-spec:
-  address: http://127.0.0.1:8080/orders
-  services:
-    up:
-      address: http://127.0.0.1:9000/
-"
+{}",
+        api_instance(
+            "orders",
+            "http://127.0.0.1:8080/orders",
+            "http://127.0.0.1:9000/",
+            ""
+        )
     )
 }
 

@@ -13,7 +13,7 @@ use anyhow::{Context, ensure};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
-use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, curl};
+use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, curl};
 use portcullis_tests::{NetNs, wait_for};
 use prost::Message as _;
 
@@ -52,26 +52,19 @@ spec:
         type: literal
         defaultValue: lab
 ---
-apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: orders
-spec:
-  address: http://127.0.0.1:8080/orders
-  services:
-    up:
-      address: http://127.0.0.1:9000/
----
-apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: broken
-spec:
-  address: http://127.0.0.1:8080/broken
-  services:
-    down:
-      address: http://127.0.0.1:9009/
-"
+{}{}",
+        api_instance(
+            "orders",
+            "http://127.0.0.1:8080/orders",
+            "http://127.0.0.1:9000/",
+            ""
+        ),
+        api_instance(
+            "broken",
+            "http://127.0.0.1:8080/broken",
+            "http://127.0.0.1:9009/",
+            ""
+        ),
     )
 }
 

@@ -14,7 +14,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -184,13 +184,7 @@ pub fn configure(outputs: &[Output]) -> Result<(), LogError> {
     }
     let opened = outputs.iter().map(Opened::open).collect::<Result<Vec<_>, _>>()?;
     let writer = WRITER
-        .get_or_init(|| {
-            let (tx, rx) = sync_channel(QUEUE);
-            let spawned = std::thread::Builder::new()
-                .name("log-outputs".into())
-                .spawn(move || write_loop(&rx));
-            spawned.map(|_| Writer { tx }).map_err(|e| e.to_string())
-        })
+        .get_or_init(|| super::spawn_queue("log-outputs", QUEUE, write_loop).map(|tx| Writer { tx }))
         .as_ref()
         .map_err(|e| LogError::Thread(io::Error::other(e.clone())))?;
     ACTIVE.store(!opened.is_empty(), Ordering::Relaxed);

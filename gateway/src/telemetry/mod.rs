@@ -4,6 +4,21 @@
 pub mod logs;
 pub mod trace;
 
+/// A bounded queue of `capacity` drained by `drain` on a thread named `name`,
+/// or why the thread could not start.
+fn spawn_queue<M: Send + 'static>(
+    name: &str,
+    capacity: usize,
+    drain: fn(&std::sync::mpsc::Receiver<M>),
+) -> Result<std::sync::mpsc::SyncSender<M>, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || drain(&rx))
+        .map(|_| tx)
+        .map_err(|e| e.to_string())
+}
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

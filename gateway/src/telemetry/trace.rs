@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -281,13 +281,7 @@ pub fn configure(settings: Option<Settings>) -> io::Result<()> {
         return Ok(());
     }
     let sender = EXPORTER
-        .get_or_init(|| {
-            let (tx, rx) = sync_channel(QUEUE);
-            let spawned = std::thread::Builder::new()
-                .name("otlp-export".into())
-                .spawn(move || export_loop(&rx));
-            spawned.map(|_| tx).map_err(|e| e.to_string())
-        })
+        .get_or_init(|| super::spawn_queue("otlp-export", QUEUE, export_loop))
         .as_ref()
         .map_err(|e| io::Error::other(e.clone()))?;
     let _ = sender.send(Msg::Settings(settings));

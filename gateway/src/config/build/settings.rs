@@ -481,8 +481,19 @@ fn http2_settings(doc: &Doc, h: &raw::Http2Spec, out: &mut Http2Settings, c: &mu
     );
 }
 
+/// A policy's `spec.config` as `T`, the error located at the field serde names.
 pub(super) fn from_config<T: for<'de> Deserialize<'de>>(
     doc: &Doc,
+    value: &serde_yaml_ng::Value,
+    c: &mut Collector,
+) -> Option<T> {
+    from_mapping(doc, "spec.config", value, c)
+}
+
+/// The mapping at `field` (absent: empty) as `T`, the error located at the field serde names.
+fn from_mapping<T: for<'de> Deserialize<'de>>(
+    doc: &Doc,
+    field: &str,
     value: &serde_yaml_ng::Value,
     c: &mut Collector,
 ) -> Option<T> {
@@ -495,12 +506,11 @@ pub(super) fn from_config<T: for<'de> Deserialize<'de>>(
         Ok(v) => Some(v),
         Err(e) => {
             let message = e.to_string();
-            let field = message
+            let at = message
                 .split_once(": ")
                 .filter(|(p, _)| !p.contains(' '))
-                .map(|(p, _)| format!("spec.config.{p}"));
-            let field = field.unwrap_or_else(|| "spec.config".into());
-            c.push(&doc.at(&field), message);
+                .map_or_else(|| field.to_owned(), |(p, _)| format!("{field}.{p}"));
+            c.push(&doc.at(&at), message);
             None
         }
     }
@@ -642,7 +652,7 @@ fn log_sink(doc: &Doc, field: &str, spec: &raw::LogOutputSpec, c: &mut Collector
     let params = &spec.parameters;
     match spec.kind.as_str() {
         "file" => {
-            let p: raw::FileOutputParams = typed_params(doc, field, params, c)?;
+            let p: raw::FileOutputParams = from_mapping(doc, &format!("{field}.parameters"), params, c)?;
             let path = match (&p.path, &p.file) {
                 (_, Some(file)) if Path::new(file).is_absolute() => PathBuf::from(file),
                 (Some(dir), Some(file)) => Path::new(dir).join(file),
@@ -666,13 +676,13 @@ fn log_sink(doc: &Doc, field: &str, spec: &raw::LogOutputSpec, c: &mut Collector
             Some(logs::Sink::File { path, format })
         }
         "stdout" => {
-            let p: raw::StdoutOutputParams = typed_params(doc, field, params, c)?;
+            let p: raw::StdoutOutputParams = from_mapping(doc, &format!("{field}.parameters"), params, c)?;
             Some(logs::Sink::Stdout {
                 format: log_format(doc, field, p.format.as_deref(), c)?,
             })
         }
         "syslog" => {
-            let p: raw::SyslogOutputParams = typed_params(doc, field, params, c)?;
+            let p: raw::SyslogOutputParams = from_mapping(doc, &format!("{field}.parameters"), params, c)?;
             let at = |name: &str| doc.at(&format!("{field}.parameters.{name}"));
             if p.host.is_some() || p.port.is_some() || p.mode.as_deref().is_some_and(|m| m != "unix") {
                 c.push(
@@ -705,22 +715,6 @@ fn log_sink(doc: &Doc, field: &str, spec: &raw::LogOutputSpec, c: &mut Collector
             None
         }
     }
-}
-
-fn typed_params<T: for<'de> Deserialize<'de>>(
-    doc: &Doc,
-    field: &str,
-    value: &serde_yaml_ng::Value,
-    c: &mut Collector,
-) -> Option<T> {
-    let value = if value.is_null() {
-        serde_yaml_ng::Value::Mapping(serde_yaml_ng::Mapping::new())
-    } else {
-        value.clone()
-    };
-    serde_yaml_ng::from_value(value)
-        .map_err(|e| c.push(&doc.at(&format!("{field}.parameters")), e.to_string()))
-        .ok()
 }
 
 fn log_format(doc: &Doc, field: &str, written: Option<&str>, c: &mut Collector) -> Option<logs::Format> {
