@@ -6,6 +6,7 @@ mod bench;
 mod bench_control;
 mod deb;
 mod demo;
+mod fuzz;
 mod image;
 mod setup;
 
@@ -61,6 +62,17 @@ enum Task {
         #[arg(value_enum)]
         which: Bench,
     },
+    /// Run a libFuzzer target (or `all`) for a time or a number of executions.
+    Fuzz {
+        /// One of the targets in fuzz/, or `all`.
+        target: String,
+        /// Seconds to run each target.
+        #[arg(long, default_value_t = 600, conflicts_with = "runs")]
+        seconds: u64,
+        /// Executions to run each target, instead of a time.
+        #[arg(long)]
+        runs: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -89,6 +101,19 @@ fn main() -> anyhow::Result<()> {
         Task::Bench {
             which: Bench::Control,
         } => bench_control::control(),
+        Task::Fuzz {
+            target,
+            seconds,
+            runs,
+        } => {
+            let targets: Vec<&str> = if target == "all" {
+                fuzz::TARGETS.to_vec()
+            } else {
+                vec![target.as_str()]
+            };
+            let budget = runs.map_or(fuzz::Budget::Seconds(seconds), fuzz::Budget::Runs);
+            fuzz::fuzz(&targets, budget)
+        }
     }
 }
 
@@ -144,6 +169,9 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SMOKE_SECONDS: u64 = 15;
+
 fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
     setup::test_packages()?;
@@ -158,11 +186,20 @@ fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
             "--check",
             "ebpf/portcullis-xdp/src/main.rs",
         ]))?;
+        // So is the fuzz crate.
+        run(Command::new("rustfmt")
+            .current_dir(root())
+            .args(["--edition", "2024", "--check"])
+            .args(fuzz::TARGETS.map(|t| format!("fuzz/fuzz_targets/{t}.rs"))))?;
         run(cargo()
             .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
             .envs(env))?;
     }
     run(cargo().args(["build", "--workspace", "--bins"]).envs(env))?;
+    // Every parser under libFuzzer for a short while; `cargo xtask fuzz` runs longer.
+    if filter.is_none() {
+        fuzz::fuzz(&fuzz::TARGETS, fuzz::Budget::Seconds(FUZZ_SMOKE_SECONDS))?;
+    }
     let appliance = appliance()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"]).envs(env);

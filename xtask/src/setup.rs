@@ -107,7 +107,7 @@ fn tool_path() -> OsString {
 
 /// A command with the variables an outer cargo sets removed, so an inner
 /// build picks its own toolchain and target.
-fn clean(mut cmd: Command) -> Command {
+pub(crate) fn clean(mut cmd: Command) -> Command {
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTC",

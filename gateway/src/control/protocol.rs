@@ -85,7 +85,12 @@ impl Token {
         else {
             return Err(bad());
         };
-        if fp.len() != 64 || secret.len() < 32 || !secret.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        // Hex digits only before slicing by byte: a multi-byte character would split.
+        if fp.len() != 64
+            || !fp.bytes().all(|b| b.is_ascii_hexdigit())
+            || secret.len() < 32
+            || !secret.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
             return Err(bad());
         }
         let mut ca_fingerprint = [0u8; 32];
@@ -123,6 +128,8 @@ mod tests {
             &format!("pct1.{}.{}", "zz".repeat(32), "A".repeat(43)),
             &format!("pct1.{}.short", "ab".repeat(32)),
             &format!("pct1.{}.{}.x", "ab".repeat(32), "A".repeat(43)),
+            // 64 bytes, but a three-byte character across a digit pair: refused, never a panic.
+            &format!("pct1.a€{}.{}", "ab".repeat(30), "A".repeat(43)),
         ] {
             assert!(Token::parse(bad).is_err(), "{bad}");
         }

@@ -80,8 +80,14 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
+/// Where `part` lies in `base`. An empty part may not point into `base` at
+/// all (httparse gives a static `""` for a reason phrase that is not UTF-8):
+/// it is the empty span at the start.
 fn span(base: &[u8], part: &[u8]) -> Span {
-    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+    if part.is_empty() || start.checked_add(part.len()).is_none_or(|end| end > base.len()) {
+        return 0..0;
+    }
     u32::try_from(start).unwrap_or(u32::MAX)..u32::try_from(start + part.len()).unwrap_or(u32::MAX)
 }
 
@@ -341,6 +347,11 @@ pub fn h2_request<'a>(
     has_body: bool,
     limits: &HeadLimits,
 ) -> Result<Head, HttpError> {
+    // RFC 9113 §8.3.1: `:path` is origin-form, or `*` for OPTIONS; an
+    // absolute-form one would name a host beside `:authority`.
+    if !(target.starts_with('/') || (target == "*" && method == "OPTIONS")) {
+        return Err(HttpError::BadTarget);
+    }
     let mut raw = Vec::with_capacity(256);
     raw.extend_from_slice(method.as_bytes());
     raw.push(b' ');
@@ -424,6 +435,10 @@ pub fn parse_response(buf: &[u8], max_headers: usize) -> Result<Head, HttpError>
         Err(e) => return Err(HttpError::Parse(e)),
     }
     let status = res.code.ok_or(HttpError::Malformed("no status code"))?;
+    // RFC 9110 §15: every valid status code is within 100 to 599.
+    if !(100..=599).contains(&status) {
+        return Err(HttpError::Malformed("status code outside 100-599"));
+    }
     let reason = res.reason.unwrap_or("");
     let version = if res.version == Some(0) {
         Version::Http10
@@ -789,6 +804,42 @@ mod tests {
 
     fn req(text: &str) -> Result<Head, HttpError> {
         parse_request(text.as_bytes(), &HeadLimits::default())
+    }
+
+    #[test]
+    fn a_reason_phrase_that_is_not_utf8_reads_as_empty() {
+        // Found by the http_response fuzz target: the span of httparse's static "" underflowed.
+        let head = parse_response(b"HTTP/1.1 101 \xd3witching\r\nConnection: Upgrade\r\n\r\n", 100).unwrap();
+        assert_eq!((head.status, head.method()), (101, ""));
+        let bare = parse_response(b"HTTP/1.1 204\r\n\r\n", 100).unwrap();
+        assert_eq!((bare.status, bare.method()), (204, ""));
+        // Also found by it: httparse reads `041` as status 41.
+        for status in ["041", "099", "600", "999"] {
+            let raw = format!("HTTP/1.1 {status} X\r\n\r\n");
+            assert!(parse_response(raw.as_bytes(), 100).is_err(), "{status}");
+        }
+    }
+
+    #[test]
+    fn an_h2_path_is_origin_form_never_absolute() {
+        let h2 = |method, target| {
+            h2_request(
+                method,
+                target,
+                Some("a.example"),
+                std::iter::empty(),
+                false,
+                &HeadLimits::default(),
+            )
+        };
+        assert_eq!(h2("GET", "/orders?x=1").unwrap().host(), Some("a.example"));
+        assert!(h2("OPTIONS", "*").is_ok());
+        // Found by the h2_request fuzz target: the host came from an absolute-form path, not `:authority`.
+        assert!(matches!(
+            h2("GET", "http://evil.example/"),
+            Err(HttpError::BadTarget)
+        ));
+        assert!(matches!(h2("GET", "*"), Err(HttpError::BadTarget)));
     }
 
     #[test]
