@@ -37,8 +37,8 @@ thread_local! {
 }
 
 /// (source, destination, protocol, destination port) of an IPv4 frame (up
-/// to two VLAN tags), as we read it; fragments have no port, as the
-/// program's lists see them.
+/// to two VLAN tags), as we read it; fragments and malformed transport
+/// headers have no port, as the program's lists see them.
 fn ipv4(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u8, Option<u16>)> {
     let mut at = 12;
     for _ in 0..2 {
@@ -57,13 +57,24 @@ fn ipv4(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u8, Option<u16>)> {
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0;
-    let port = (!fragment)
-        .then(|| ip.get(ihl + 2..ihl + 4).map(|p| u16::from_be_bytes([p[0], p[1]])))
-        .flatten();
+    // A TCP header shorter than 20 bytes or cut off is passed as malformed:
+    // the kernel drops it before any socket sees it.
+    let l4 = ip.get(ihl..).unwrap_or_default();
+    let whole = match ip[9] {
+        6 => l4.len() >= 20 && usize::from(l4[12] >> 4) >= 5 && usize::from(l4[12] >> 4) * 4 <= l4.len(),
+        _ => l4.len() >= 8,
+    };
+    let port = (!fragment && whole).then(|| u16::from_be_bytes([l4[2], l4[3]]));
     Some((src, dst, ip[9], port))
 }
 
+/// Frames `BPF_PROG_TEST_RUN` takes: an Ethernet header, and within one page with room around it.
+const FRAME_LEN: std::ops::RangeInclusive<usize> = 14..=3000;
+
 fuzz_target!(|frame: &[u8]| {
+    if !FRAME_LEN.contains(&frame.len()) {
+        return;
+    }
     let action = PROG.with(|p| p.borrow_mut().test_run_frame(frame).expect("test run").0);
     assert_ne!(action, XDP_ABORTED, "the program aborted");
     let seen = ipv4(frame);

@@ -352,6 +352,11 @@ pub fn h2_request<'a>(
     if !(target.starts_with('/') || (target == "*" && method == "OPTIONS")) {
         return Err(HttpError::BadTarget);
     }
+    // RFC 3986 §3.2: what an authority may hold; whitespace would be trimmed off a `Host`.
+    let authority_byte = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@[]".contains(&b);
+    if authority.is_some_and(|a| a.is_empty() || !a.bytes().all(authority_byte)) {
+        return Err(HttpError::BadHost);
+    }
     let mut raw = Vec::with_capacity(256);
     raw.extend_from_slice(method.as_bytes());
     raw.push(b' ');
@@ -840,6 +845,22 @@ mod tests {
             Err(HttpError::BadTarget)
         ));
         assert!(matches!(h2("GET", "*"), Err(HttpError::BadTarget)));
+        let with = |authority| {
+            h2_request(
+                "GET",
+                "/",
+                Some(authority),
+                std::iter::empty(),
+                false,
+                &HeadLimits::default(),
+            )
+        };
+        assert!(
+            matches!(with("\tevil.example"), Err(HttpError::BadHost)),
+            "whitespace in :authority"
+        );
+        assert!(matches!(with(""), Err(HttpError::BadHost)));
+        assert_eq!(with("[::1]:8443").unwrap().host(), Some("[::1]:8443"));
     }
 
     #[test]
