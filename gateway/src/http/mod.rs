@@ -512,7 +512,22 @@ fn body_framing(head: &Head) -> Result<Option<Framing>, HttpError> {
                 .split(|b| *b == b',')
                 .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
                 .count();
-            if !last.eq_ignore_ascii_case(b"chunked") || chunked_count != 1 {
+            // Only registered codings under the final `chunked`: an upstream
+            // that read `identity` (RFC 2616's, since removed) or an unknown
+            // name otherwise would frame the body differently.
+            let known = codings.split(|b| *b == b',').map(<[u8]>::trim_ascii).all(|c| {
+                [
+                    b"chunked".as_slice(),
+                    b"gzip",
+                    b"x-gzip",
+                    b"deflate",
+                    b"compress",
+                    b"x-compress",
+                ]
+                .iter()
+                .any(|k| c.eq_ignore_ascii_case(k))
+            });
+            if !last.eq_ignore_ascii_case(b"chunked") || chunked_count != 1 || !known {
                 return Err(HttpError::BadTransferEncoding);
             }
             Ok(Some(Framing::Chunked))
@@ -951,6 +966,15 @@ mod tests {
             ),
             (
                 "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+                HttpError::BadTransferEncoding,
+            ),
+            // Found by the differential framing test: forwarded, these framed otherwise upstream.
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
+                HttpError::BadTransferEncoding,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: foo, chunked\r\n\r\n",
                 HttpError::BadTransferEncoding,
             ),
             (

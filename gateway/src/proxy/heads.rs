@@ -73,11 +73,18 @@ pub(super) fn upstream_request(
         {
             append(te.get_or_insert_with(Vec::new), value);
         }
-        http::put_header(
-            &mut out,
-            b"transfer-encoding",
-            te.as_deref().unwrap_or(b"chunked"),
+        // Lowercase and one space apart: the codings as every upstream reads them.
+        let codings = te.map_or_else(
+            || b"chunked".to_vec(),
+            |t| {
+                let list: Vec<Vec<u8>> = t
+                    .split(|b| *b == b',')
+                    .map(|c| c.trim_ascii().to_ascii_lowercase())
+                    .collect();
+                list.join(&b", "[..])
+            },
         );
+        http::put_header(&mut out, b"transfer-encoding", &codings);
     }
     if ex.websocket {
         http::put_header(&mut out, b"connection", b"upgrade");
