@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 pub use locate::LineIndex;
 pub use model::*;
-pub use rules::{Destination, Facts, Pattern, Rule, UpstreamRoute, any_matches, catches_all};
+pub use rules::{Destination, Facts, Pattern, Rule, UpstreamRoute, any_matches, catches_all, segment_prefix};
 
 /// One problem in the configuration, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -123,7 +123,8 @@ pub fn catches_all(rules: &[Rule]) -> bool {
     rules.is_empty() || rules.iter().any(Rule::is_catch_all)
 }
 
-fn segment_prefix(prefix: &str, path: &str) -> bool {
+/// Whether `prefix` is a prefix of `path` in whole segments (`/users` takes `/users/7`, not `/usersx`).
+pub fn segment_prefix(prefix: &str, path: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
     prefix.is_empty()
         || path == prefix

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::{Destination, Facts, RouteConfig, any_matches};
+use crate::config::{Destination, Facts, RouteConfig, any_matches, segment_prefix};
 
 /// The routes of one listener.
 #[derive(Debug)]
@@ -68,10 +68,6 @@ fn host_rank(patterns: &[String], host: &str) -> Option<usize> {
         .min()
 }
 
-fn path_matches(base: &str, path: &str) -> bool {
-    base == "/" || path == base || (path.starts_with(base) && path.as_bytes().get(base.len()) == Some(&b'/'))
-}
-
 /// Lowercases a `Host` value and strips its port.
 pub fn normalize_host(host: &str) -> String {
     let host = if host.starts_with('[') {
@@ -107,7 +103,7 @@ impl Router {
     pub fn find(&self, host: &str, path: &str) -> Option<&Route> {
         self.routes
             .iter()
-            .filter(|r| path_matches(&r.cfg.base_path, path))
+            .filter(|r| segment_prefix(&r.cfg.base_path, path))
             .filter_map(|r| host_rank(&r.cfg.hosts, host).map(|rank| (rank, r)))
             .min_by_key(|(rank, r)| (*rank, usize::MAX - r.cfg.base_path.len()))
             .map(|(_, r)| r)
