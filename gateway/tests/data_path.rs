@@ -282,7 +282,7 @@ fn codec_edge_cases_get_their_status_and_close_when_framing_is_in_doubt() {
         let up = ok_upstream(&gw);
         let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(300));
         let many_headers = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X-A: 1\r\n".repeat(25));
-        let cases: [(&str, &str, u16, bool); 14] = [
+        let cases: [(&str, &str, u16, bool); 15] = [
             ("plain GET", "GET / HTTP/1.1\r\nHost: a\r\n\r\n", 200, false),
             (
                 "GET with a body",
@@ -326,6 +326,12 @@ fn codec_edge_cases_get_their_status_and_close_when_framing_is_in_doubt() {
             (
                 "TE gzip",
                 "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+                400,
+                true,
+            ),
+            (
+                "TE unknown under chunked",
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: br, chunked\r\n\r\n",
                 501,
                 true,
             ),

@@ -265,6 +265,10 @@ fn smuggling_shapes_get_400_and_a_close() -> anyhow::Result<()> {
         ),
         (
             "POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            "POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n",
             501,
         ),
         (
@@ -1066,6 +1070,17 @@ fn rust_tls_client_keeps_alive_over_tls() -> anyhow::Result<()> {
     ensure!(
         s.up.connections() - before <= 2,
         "five requests over one TLS connection reuse the upstream connection"
+    );
+    // RFC 9112 §9.8: the gateway ends a TLS connection with close_notify
+    // (rustls reads a bare TCP close as an unexpected end).
+    tls.write_all(b"GET /bytes/10 HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n")?;
+    let mut last = Vec::new();
+    tls.read_to_end(&mut last)
+        .context("the gateway closed without a close_notify")?;
+    ensure!(
+        status_of(&last) == Some(200),
+        "{}",
+        String::from_utf8_lossy(&last)
     );
     Ok(())
 }

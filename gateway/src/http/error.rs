@@ -46,9 +46,14 @@ pub enum HttpError {
     /// A Content-Length that is not a plain decimal number.
     #[error("invalid Content-Length")]
     BadContentLength,
-    /// Transfer-Encoding whose final coding is not exactly one `chunked`, or on HTTP/1.0.
+    /// Transfer-Encoding whose final coding is not exactly one `chunked`, or
+    /// on HTTP/1.0: the body's length cannot be known (RFC 9112 §6.3), 400.
     #[error("Transfer-Encoding other than a final chunked")]
     BadTransferEncoding,
+    /// A final `chunked` under a coding that is not registered (or is
+    /// `identity`): not understood (RFC 9112 §6.1), 501.
+    #[error("Transfer-Encoding with a coding the gateway does not know")]
+    UnknownTransferCoding,
     /// A malformed chunk in a chunked body.
     #[error("bad chunked encoding: {0}")]
     BadChunk(&'static str),
@@ -66,7 +71,7 @@ impl HttpError {
         match self {
             Self::RequestLineTooLong { .. } => 414,
             Self::HeadTooLarge { .. } | Self::TooManyHeaders { .. } => 431,
-            Self::BadTransferEncoding => 501,
+            Self::UnknownTransferCoding => 501,
             _ => 400,
         }
     }

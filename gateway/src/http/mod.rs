@@ -145,10 +145,12 @@ impl Head {
         )
     }
 
-    /// Whether the client sent `Expect: 100-continue`.
+    /// Whether the client sent `Expect: 100-continue`; ignored from HTTP/1.0 (RFC 9110 §10.1.1).
     pub fn expects_continue(&self) -> bool {
-        self.header("expect")
-            .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
+        self.version != Version::Http10
+            && self
+                .header("expect")
+                .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
     }
 
     /// Whether a comma-separated header `name` lists `token` (case-insensitive), in any of its fields.
@@ -168,6 +170,16 @@ impl Head {
             && matches!(self.framing, Framing::Empty | Framing::Length(0))
             && self.lists_token("upgrade", "websocket")
             && self.lists_token("connection", "upgrade")
+    }
+
+    /// `Max-Forwards` of an `OPTIONS` or `TRACE` (RFC 9110 §7.6.2), the only
+    /// methods it applies to; `None` without one or when it is not a number.
+    pub fn max_forwards(&self) -> Option<u32> {
+        if !matches!(self.method(), "OPTIONS" | "TRACE") {
+            return None;
+        }
+        let value = self.header("max-forwards")?;
+        std::str::from_utf8(value).ok()?.trim().parse().ok()
     }
 
     /// Whether `name` is hop-by-hop for this message (RFC 9110 §7.6.1).
@@ -527,8 +539,11 @@ fn body_framing(head: &Head) -> Result<Option<Framing>, HttpError> {
                 .iter()
                 .any(|k| c.eq_ignore_ascii_case(k))
             });
-            if !last.eq_ignore_ascii_case(b"chunked") || chunked_count != 1 || !known {
+            if !last.eq_ignore_ascii_case(b"chunked") || chunked_count != 1 {
                 return Err(HttpError::BadTransferEncoding);
+            }
+            if !known {
+                return Err(HttpError::UnknownTransferCoding);
             }
             Ok(Some(Framing::Chunked))
         }
@@ -602,6 +617,7 @@ pub fn simple_response(
     out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
     put_header(&mut out, b"content-type", content_type.as_bytes());
     put_header(&mut out, b"content-length", body.len().to_string().as_bytes());
+    put_header(&mut out, b"date", &date());
     for (name, value) in extra {
         put_header(&mut out, name.as_bytes(), value.as_bytes());
     }
@@ -609,6 +625,49 @@ pub fn simple_response(
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     out
+}
+
+/// The current time as an IMF-fixdate (RFC 9110 §5.6.7), for the `Date` an
+/// origin server or a forwarding recipient with a clock must send; made once a
+/// second per thread.
+pub fn date() -> [u8; 29] {
+    use std::cell::Cell;
+    thread_local! {
+        static MADE: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    MADE.with(|made| match made.get() {
+        (at, text) if at == now => text,
+        _ => {
+            let text = imf_fixdate(now);
+            made.set((now, text));
+            text
+        }
+    })
+}
+
+/// `secs` after the Unix epoch as an IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn imf_fixdate(secs: u64) -> [u8; 29] {
+    let t = i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let line = format!(
+        "{:.3}, {:02} {:.3} {:04} {:02}:{:02}:{:02} GMT",
+        t.weekday().to_string(),
+        t.day(),
+        t.month().to_string(),
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    let mut text = [b' '; 29];
+    let n = line.len().min(29);
+    text[..n].copy_from_slice(&line.as_bytes()[..n]);
+    text
 }
 
 /// Canonical reason phrase for the statuses the gateway itself produces.
@@ -841,6 +900,22 @@ mod tests {
     }
 
     #[test]
+    fn split_h2_cookies_are_joined_for_http11() {
+        let fields: [(&[u8], &[u8]); 3] = [(b"cookie", b"a=1"), (b"x-other", b"y"), (b"cookie", b"b=2")];
+        let head = h2_request(
+            "GET",
+            "/",
+            Some("a.example"),
+            fields.into_iter(),
+            false,
+            &HeadLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(head.header("cookie"), Some(&b"a=1; b=2"[..]));
+        assert_eq!(head.headers().filter(|(n, _)| n == b"cookie").count(), 1);
+    }
+
+    #[test]
     fn an_h2_path_is_origin_form_never_absolute() {
         let h2 = |method, target| {
             h2_request(
@@ -902,6 +977,13 @@ mod tests {
             !ws("GET /chat HTTP/1.0\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
             "HTTP/1.0"
         );
+    }
+
+    #[test]
+    fn dates_are_imf_fixdates() {
+        assert_eq!(&imf_fixdate(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&imf_fixdate(1_798_761_600), b"Fri, 01 Jan 2027 00:00:00 GMT");
+        assert_eq!(date().len(), 29);
     }
 
     #[test]
@@ -971,11 +1053,11 @@ mod tests {
             // Found by the differential framing test: forwarded, these framed otherwise upstream.
             (
                 "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
-                HttpError::BadTransferEncoding,
+                HttpError::UnknownTransferCoding,
             ),
             (
                 "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: foo, chunked\r\n\r\n",
-                HttpError::BadTransferEncoding,
+                HttpError::UnknownTransferCoding,
             ),
             (
                 "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",

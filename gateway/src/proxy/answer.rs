@@ -34,6 +34,12 @@ pub enum Answer {
     Unreachable(ProxyError),
     /// The request or the exchange failed; the connection closes after the answer.
     Failed(ProxyError),
+    /// `OPTIONS` or `TRACE` with `Max-Forwards: 0` (RFC 9110 §7.6.2): answered
+    /// here as the final recipient, 200 with no content.
+    LastHop,
+    /// `TRACE`, never forwarded (it would reflect the credentials and the
+    /// headers the policies added): 501.
+    TraceRefused,
 }
 
 impl Answer {
@@ -41,6 +47,8 @@ impl Answer {
     pub fn status(&self) -> u16 {
         match self {
             Self::NoRoute | Self::ListenerGone => 404,
+            Self::LastHop => 200,
+            Self::TraceRefused => 501,
             Self::Gated(_) | Self::TunnelsFull => 503,
             Self::Denied(d) => d.status(),
             Self::Policy(r) => r.status,
@@ -57,6 +65,8 @@ impl Answer {
             Self::Denied(d) => d.reason(),
             Self::Policy(_) => "policy_response",
             Self::TunnelsFull => "websocket_limit",
+            Self::LastHop => "max_forwards",
+            Self::TraceRefused => "trace_refused",
             Self::Unreachable(e) | Self::Failed(e) => e.kind(),
         }
     }
@@ -100,6 +110,7 @@ impl Answer {
         }
         let body = match self {
             Self::Policy(r) => r.body.clone(),
+            Self::LastHop => String::new(),
             Self::Unreachable(e @ ProxyError::CircuitOpen { .. }) => {
                 format!("{status} {}: {e}\n", http::reason(status))
             }

@@ -11,7 +11,6 @@ use tokio::time::timeout;
 
 use super::conn::Conn;
 use super::error::ProxyError;
-use super::io::Transport as _;
 use crate::config::ProxySettings;
 use crate::http::{self, Head, HttpError};
 use crate::runtime::Shared;
@@ -151,10 +150,8 @@ impl<'c> Client<'c> {
     /// Half-closes and discards what the client still sends, so it reads our
     /// response instead of a reset.
     pub(super) async fn linger(&mut self) {
-        if let Conn::Plain(stream) = &*self.conn {
-            stream.shutdown_write();
-        }
         let deadline = tokio::time::Instant::now() + LINGER_TIME;
+        let _ = tokio::time::timeout_at(deadline, self.conn.close_write()).await;
         let mut seen = 0;
         let mut buf = std::mem::take(&mut self.buf);
         while seen < LINGER_BYTES {

@@ -90,6 +90,19 @@ impl Conn {
         }
     }
 
+    /// Ends the sending direction, with TLS close_notify first (RFC 9112
+    /// §9.8); what the peer still sends can be read.
+    pub async fn close_write(&mut self) {
+        match self {
+            Self::Plain(stream) => stream.shutdown_write(),
+            Self::Tls(tls) => {
+                tls.tls.send_close_notify();
+                let _ = tls.flush().await;
+                tls.stream.shutdown_write();
+            }
+        }
+    }
+
     /// Sends TLS close_notify if this is TLS, then shuts down.
     pub async fn close(mut self) {
         if let Self::Tls(tls) = &mut self {

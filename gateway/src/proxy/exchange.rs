@@ -116,9 +116,13 @@ impl<'a> Exchange<'a> {
             .map_or(service_timeout, |t| t.min(service_timeout))
     }
 
-    /// The request target sent upstream: the base path replaced by the destination's path.
+    /// The request target sent upstream: the base path replaced by the
+    /// destination's path; `OPTIONS *` stays `*` (RFC 9112 §3.2.4).
     pub fn upstream_target(&self) -> String {
         let target = self.head().target();
+        if target == "*" {
+            return target.to_owned();
+        }
         match (self.route, self.destination) {
             (Some(route), Some(to)) => upstream_target(&route.base_path, &to.path, target),
             _ => upstream_target("/", "/", target),
@@ -323,6 +327,12 @@ pub(super) async fn handle(
         Verdict::Continue | Verdict::Later(_) => {}
         Verdict::Respond(response) => return ex.answer(client, worker, Answer::Policy(response)).await,
         Verdict::Deny(denial) => return ex.answer(client, worker, Answer::Denied(denial)).await,
+    }
+    if head.method() == "TRACE" {
+        return ex.answer(client, worker, Answer::TraceRefused).await;
+    }
+    if head.max_forwards() == Some(0) {
+        return ex.answer(client, worker, Answer::LastHop).await;
     }
     // Held until the tunnel closes; taken only once the policies let the handshake through.
     let tunnel_slot = if route.websocket.enabled && head.is_websocket_upgrade() {

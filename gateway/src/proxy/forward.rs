@@ -22,7 +22,7 @@ use super::exchange::Exchange;
 use super::heads;
 use super::io::Transport as _;
 use crate::config::{Destination, RouteConfig};
-use crate::http::{Framing, Head, HttpError};
+use crate::http::{Framing, Head, HttpError, Version};
 use crate::runtime::service::{Outcome, Slot, Upstream};
 
 /// Read buffer of a new upstream connection; it stays with the connection in the pool.
@@ -289,12 +289,14 @@ impl Attempt {
         }
         let max_headers = settings.limits.headers;
         let upgrade = ex.websocket;
+        // An HTTP/1.0 client is never sent a 1xx (RFC 9110 §15.2).
+        let interims = ex.head().version != Version::Http10;
         let response = final_response(
             client,
             &mut up,
             &mut up_buf,
             waits,
-            (max_headers, upgrade),
+            (max_headers, upgrade, interims),
             &endpoint_name,
         )
         .await;
@@ -354,7 +356,8 @@ impl Attempt {
 }
 
 /// Reads response heads until the final one, passing interim (1xx) ones on
-/// to the client (a 100 the gateway already sent itself is dropped). A `101`
+/// to the client when it `interims` (a 100 the gateway already sent itself
+/// is dropped). A `101`
 /// is final when the request asked for a WebSocket (`upgrade`) and the
 /// upstream switched to one; any other `101` is a protocol error.
 async fn final_response(
@@ -362,7 +365,7 @@ async fn final_response(
     up: &mut Conn,
     up_buf: &mut Vec<u8>,
     waits: Waits,
-    (max_headers, upgrade): (usize, bool),
+    (max_headers, upgrade, interims): (usize, bool, bool),
     endpoint: &str,
 ) -> Result<Head, ProxyError> {
     loop {
@@ -375,7 +378,8 @@ async fn final_response(
                     source: HttpError::Malformed("upgrade is not supported"),
                 });
             }
-            r if r.status < 200 => client.interim(&r, waits.client).await?,
+            r if r.status < 200 && interims => client.interim(&r, waits.client).await?,
+            r if r.status < 200 => {}
             r => return Ok(r),
         }
     }

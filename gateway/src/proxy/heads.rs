@@ -136,6 +136,12 @@ pub(super) fn request_fields(
         if ex.trace.is_some() && name.eq_ignore_ascii_case(b"traceparent") {
             continue;
         }
+        if name.eq_ignore_ascii_case(b"max-forwards")
+            && let Some(n) = head.max_forwards()
+        {
+            put(name, n.saturating_sub(1).to_string().as_bytes());
+            continue;
+        }
         put(name, value);
     }
     if let Some(trace) = &ex.trace {
@@ -212,10 +218,17 @@ pub(super) fn response_fields(
 ) {
     let fwd_via = ex.generation.settings.forwarded.via;
     let mut earlier_via: Option<Vec<u8>> = None;
+    let mut dated = false;
+    // No Content-Length on a 204 (RFC 9110 §8.6), whatever the upstream sent.
+    let no_length = response.status == 204;
     for (name, value) in response.headers() {
-        if response.is_hop_by_hop(name) || edits.removes(name) {
+        if response.is_hop_by_hop(name)
+            || edits.removes(name)
+            || (no_length && name.eq_ignore_ascii_case(b"content-length"))
+        {
             continue;
         }
+        dated |= name.eq_ignore_ascii_case(b"date");
         if name.eq_ignore_ascii_case(b"via") && fwd_via {
             earlier_via = Some(value.to_vec());
             continue;
@@ -224,6 +237,10 @@ pub(super) fn response_fields(
     }
     for (name, value) in edits.add.iter().chain(&ex.request.response_add) {
         put(name.as_bytes(), value.as_bytes());
+    }
+    // A recipient with a clock adds the Date a response came without (RFC 9110 §6.6.1).
+    if !dated && response.status >= 200 {
+        put(b"date", &http::date());
     }
     if fwd_via {
         put(b"via", &via(earlier_via, response.version));

@@ -404,9 +404,11 @@ impl Downstream for H2Stream {
             return 0;
         }
         let length = body.len().to_string();
+        let date = crate::http::date();
         let all = fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).chain([
             (&b"content-type"[..], CONTENT_TYPE.as_bytes()),
             (b"content-length", length.as_bytes()),
+            (b"date", &date[..]),
         ]);
         if self
             .send_head(response_head(answer.status(), all), false)
