@@ -52,7 +52,8 @@ async fn serve(tcp: TcpConn, shared: Arc<Shared>, workers: usize) {
                 .await;
             return;
         };
-        let ready = shared.ready_workers.load(Ordering::SeqCst) >= workers;
+        let ready =
+            shared.started.load(Ordering::Acquire) && shared.ready_workers.load(Ordering::SeqCst) >= workers;
         let (status, ctype, body) = match (head.method(), head.path()) {
             ("GET" | "HEAD", "/healthz") => (200, "text/plain", b"ok\n".to_vec()),
             ("GET" | "HEAD", "/readyz") if ready => (200, "text/plain", b"ready\n".to_vec()),
