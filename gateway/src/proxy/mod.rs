@@ -147,10 +147,14 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                     drop(tcp);
                     continue;
                 }
-                let limit = worker.shared.startup.max_connections;
+                let limit = worker.shared.max_connections;
                 if worker.open.get() >= limit {
-                    tracing::warn!(%peer, limit, "connection limit reached; closing");
                     drop(tcp);
+                    let metrics = &worker.shared.metrics;
+                    metrics.refuse_connection("connection_limit");
+                    if let Some(held) = metrics.refused_log.open() {
+                        tracing::warn!(%peer, limit, refused_since_last_line = held, "connection limit reached; closing new connections");
+                    }
                     continue;
                 }
                 io::spawn(server::serve(worker.clone(), rt, tcp.into(), peer));
@@ -162,7 +166,11 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                     return;
                 }
                 // EMFILE and friends: back off instead of spinning.
-                tracing::error!(listener = %addr, error = %e, "accept failed");
+                let metrics = &worker.shared.metrics;
+                metrics.refuse_connection("accept_error");
+                if let Some(held) = metrics.refused_log.open() {
+                    tracing::error!(listener = %addr, error = %e, refused_since_last_line = held, "accept failed; backing off");
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }

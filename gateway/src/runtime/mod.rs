@@ -241,6 +241,12 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Workers that have started accepting.
     pub ready_workers: AtomicUsize,
+    /// Client connections each worker holds at most: `maxConnections`, or
+    /// less when the descriptor limit cannot hold that many (see
+    /// [`Shared::fit_descriptors`]).
+    pub max_connections: usize,
+    /// Set once start is complete (the NIC synced, the source watched): `/readyz` waits for it.
+    pub started: std::sync::atomic::AtomicBool,
     /// Set when the gateway stops: no new requests on kept-alive connections.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Wakes connections idling between requests when a drain starts.
@@ -294,21 +300,43 @@ impl Drop for TunnelSlot<'_> {
     }
 }
 
+/// Client connections per worker that `open_files` descriptors hold when
+/// each may need an upstream connection too, a reserve kept for listeners,
+/// logs, maps, stores and the accept that refuses: so a full gateway closes
+/// new connections at accept, never fails an accept or a connect on EMFILE.
+pub fn descriptor_fit(open_files: u64, workers: usize) -> usize {
+    let reserve = 64 + open_files / 16;
+    let workers = u64::try_from(workers.max(1)).unwrap_or(u64::MAX);
+    let fit = open_files.saturating_sub(reserve) / (2 * workers);
+    usize::try_from(fit).unwrap_or(usize::MAX).max(1)
+}
+
 impl Shared {
     /// Shared state starting with `generation`.
     pub fn new(generation: Generation, metrics: Arc<Metrics>) -> Self {
         gauge_gates(&metrics, None, &generation.gates);
         Self {
             startup: generation.settings.clone(),
+            max_connections: generation.settings.max_connections,
             current: RwLock::new(Arc::new(generation)),
             version: AtomicU64::new(1),
             metrics,
             ready_workers: AtomicUsize::new(0),
+            started: std::sync::atomic::AtomicBool::new(false),
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             drain: tokio::sync::Notify::new(),
             new_listeners: Mutex::new(Vec::new()),
             tunnels: Tunnels::default(),
         }
+    }
+
+    /// Lowers [`Shared::max_connections`] to what `open_files` descriptors
+    /// hold (see [`descriptor_fit`]); the limit now in force.
+    pub fn fit_descriptors(&mut self, open_files: u64) -> usize {
+        self.max_connections = self
+            .max_connections
+            .min(descriptor_fit(open_files, self.startup.workers));
+        self.max_connections
     }
 
     /// Counts publications: a worker re-reads [`Shared::current`] only when it changes.
@@ -355,5 +383,19 @@ fn gauge_gates(metrics: &Metrics, previous: Option<&Gates>, gates: &Gates) {
             .gate_open
             .get_or_create(&labels)
             .set(i64::from(gate.is_open()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::descriptor_fit;
+
+    #[test]
+    fn the_descriptor_limit_caps_connections_with_a_reserve() {
+        // 1024 descriptors, 2 workers: 128 kept, 896 for client and upstream pairs.
+        assert_eq!(descriptor_fit(1024, 2), 224);
+        // The unit's LimitNOFILE leaves the default of 65,536 per worker alone.
+        assert!(descriptor_fit(1_048_576, 2) > 65_536);
+        assert_eq!(descriptor_fit(10, 4), 1, "never zero");
     }
 }

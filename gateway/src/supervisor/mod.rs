@@ -231,6 +231,14 @@ impl Supervisor {
     }
 }
 
+/// The admin listener, bound before the workers start so a busy port fails the start.
+fn bind_admin(addr: SocketAddr) -> Result<std::net::TcpListener, SupervisorError> {
+    io::bind_reuseport(addr, 128).map_err(|source| SupervisorError::Socket {
+        what: format!("cannot listen on admin address {addr}"),
+        source,
+    })
+}
+
 /// Runs the gateway until SIGINT or SIGTERM; SIGHUP or a change in the source reloads.
 pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorError> {
     io::probe().map_err(SupervisorError::IoUring)?;
@@ -261,25 +269,20 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
     if let Some(redis) = &generation.config.gateway.redis {
         crate::store::start(redis)?;
     }
-    raise_open_files();
+    let open_files = raise_open_files();
     let settings = generation.settings.clone();
     let workers = settings.workers;
     let addrs: Vec<SocketAddr> = generation.listeners.keys().copied().collect();
     let (per_worker, handles) = bind_workers(&addrs, workers)?;
-    let admin_socket = match settings.admin {
-        Some(addr) => Some(
-            io::bind_reuseport(addr, 128).map_err(|source| SupervisorError::Socket {
-                what: format!("cannot listen on admin address {addr}"),
-                source,
-            })?,
-        ),
-        None => None,
-    };
+    let admin_socket = settings.admin.map(bind_admin).transpose()?;
     for (addr, l) in &generation.listeners {
         let scheme = if l.tls.is_some() { "https" } else { "http" };
         tracing::info!(listener = %addr, scheme, "listening");
     }
-    let shared = Arc::new(Shared::new(generation, Arc::new(Metrics::default())));
+    let shared = Arc::new(fit_descriptors(
+        Shared::new(generation, Arc::new(Metrics::default())),
+        open_files,
+    ));
     mirror.export_counters(&shared.metrics);
     crate::runtime::health::start(&shared.current(), &shared.metrics);
     let signals = stop_signals();
@@ -308,8 +311,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
         }
     }
     watch::watch(dir, readable)?;
-    wait_ready(&supervisor.shared, workers);
-    notify::notify("READY=1\nSTATUS=gates held; policies applied or gated");
+    announce_ready(&supervisor.shared, workers);
     notify::watchdog(supervisor.shared.clone(), workers);
     tracing::info!(workers, config = %dir.display(), "portcullis running");
     loop {
@@ -484,6 +486,14 @@ fn start_workers(shared: &Arc<Shared>, per_worker: Vec<Vec<NewListener>>) -> Res
 }
 
 /// Waits (up to 5 s) until every worker accepts.
+/// Ready only once the source is watched, so an edit made after `/readyz`
+/// answers 200 is never missed.
+fn announce_ready(shared: &Shared, workers: usize) {
+    wait_ready(shared, workers);
+    shared.started.store(true, std::sync::atomic::Ordering::Release);
+    notify::notify("READY=1\nSTATUS=gates held; policies applied or gated");
+}
+
 fn wait_ready(shared: &Shared, workers: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while shared.ready_workers.load(std::sync::atomic::Ordering::Acquire) < workers
@@ -516,17 +526,33 @@ impl Handles {
     }
 }
 
-/// Lifts the soft open-file limit to the hard one: every connection is a descriptor.
-fn raise_open_files() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err()
-    {
+/// `shared` with its connection limit fitted to `open_files`, said when that lowers it.
+fn fit_descriptors(mut shared: Shared, open_files: u64) -> Shared {
+    let configured = shared.max_connections;
+    let limit = shared.fit_descriptors(open_files);
+    if limit < configured {
         tracing::warn!(
-            soft,
-            hard,
-            "could not raise the open-file limit; connections beyond {soft} will fail"
+            per_worker = limit,
+            configured,
+            open_files,
+            "the descriptor limit caps client connections; raise LimitNOFILE for more"
         );
     }
+    shared
+}
+
+/// Lifts the soft open-file limit to the hard one (every connection is a
+/// descriptor); the soft limit now in force.
+fn raise_open_files() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return u64::MAX;
+    };
+    if soft < hard {
+        if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            return hard;
+        }
+        tracing::warn!(soft, hard, "could not raise the open-file limit");
+    }
+    soft
 }

@@ -20,6 +20,7 @@ fn spawn_queue<M: Send + 'static>(
 }
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -97,6 +98,43 @@ pub struct ProxyProtocolLabels {
     pub reason: String,
 }
 
+/// Labels of a client connection refused at accept.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `connection_limit` (the worker holds its limit of connections) or
+    /// `accept_error` (the kernel refused the accept: descriptors or memory).
+    pub reason: String,
+}
+
+/// At most one log line a second for one kind of event under load: each
+/// [`LogGate::open`] that returns `Some(n)` lets a line through and says how
+/// many were held back since the last one.
+#[derive(Debug, Default)]
+pub struct LogGate {
+    last: AtomicU64,
+    held: AtomicU64,
+}
+
+impl LogGate {
+    /// `Some(held back)` when a line may be written now, else `None` (counted).
+    pub fn open(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.held.swap(0, Ordering::Relaxed));
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 /// Labels of a finished gRPC call.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
@@ -163,6 +201,10 @@ pub struct Metrics {
     pub grpc_calls: Family<GrpcLabels, Counter>,
     /// Connections refused on PROXY-protocol listeners, by reason.
     pub proxy_protocol_refused: Family<ProxyProtocolLabels, Counter>,
+    /// Client connections refused at accept, by reason.
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Gates the warnings of refused connections to one line a second.
+    pub refused_log: LogGate,
     /// Families written at scrape time by a layer above (set once, at start).
     pub scrape: Scrape,
 }
@@ -272,6 +314,12 @@ impl Default for Metrics {
                 "proxy_protocol_refused",
                 "Connections refused on PROXY-protocol listeners: from an untrusted source, or without a valid header",
             ),
+            connections_refused: registered(
+                r,
+                "connections_refused",
+                "Client connections closed at accept: the worker at its connection limit, or an accept the kernel refused",
+            ),
+            refused_log: LogGate::default(),
             scrape: Scrape::default(),
             registry,
         }
@@ -311,6 +359,14 @@ impl Metrics {
             reason: reason.to_owned(),
         };
         self.proxy_protocol_refused.get_or_create(&labels).inc();
+    }
+
+    /// Counts a client connection refused at accept for `reason`.
+    pub fn refuse_connection(&self, reason: &str) {
+        let labels = RefusedLabels {
+            reason: reason.to_owned(),
+        };
+        self.connections_refused.get_or_create(&labels).inc();
     }
 
     /// Prometheus text exposition of every metric, the scrape-time families included.
