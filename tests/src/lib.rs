@@ -3,6 +3,7 @@
 
 pub use portcullis_harness::*;
 
+pub mod control;
 pub mod load;
 pub mod vm;
 

@@ -5,30 +5,19 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
+use portcullis_tests::control::{CP_URL, ControlPlane, portcullis, register, register_at};
 use portcullis_tests::http::{
     GatewayProcess, RedisServer, TempDir, Upstream, api_instance, request, run_ok, status_of,
 };
 use portcullis_tests::{NetNs, portcullis_bin, wait_for};
 
-const CP: &str = "127.0.0.1:7443";
-const CP_URL: &str = "https://127.0.0.1:7443";
 const GW: &str = "127.0.0.1:8080";
 const ADMIN: &str = "127.0.0.1:9901";
-
-/// A control plane in a namespace; stopped on drop.
-struct ControlPlane {
-    child: Option<Child>,
-    dir: PathBuf,
-    log: PathBuf,
-    ns: PathBuf,
-    lifetime: String,
-}
 
 /// A namespace, a home directory, and a control plane there serving `orders` v1 for cluster `prod`.
 fn cluster(tag: &str) -> anyhow::Result<(NetNs, TempDir, PathBuf, ControlPlane)> {
@@ -39,139 +28,6 @@ fn cluster(tag: &str) -> anyhow::Result<(NetNs, TempDir, PathBuf, ControlPlane)>
     let cp = ControlPlane::start(&ns, &cp_dir)?;
     cp.publish("prod", "orders.yaml", &orders("v1"))?;
     Ok((ns, home, cp_dir, cp))
-}
-
-fn portcullis(args: &[&str]) -> Command {
-    let mut cmd = Command::new(portcullis_bin());
-    cmd.args(args);
-    cmd
-}
-
-impl ControlPlane {
-    /// A new control plane directory (CA created) with `cluster`'s files.
-    fn init(dir: &Path) -> anyhow::Result<()> {
-        run_ok(portcullis(&["control-plane", "init", "--dir"]).arg(dir))?;
-        Ok(())
-    }
-
-    fn start(ns: &NetNs, dir: &Path) -> anyhow::Result<Self> {
-        Self::start_for(ns, dir, "1h")
-    }
-
-    /// Like [`ControlPlane::start`], issuing certificates that live `lifetime`.
-    fn start_for(ns: &NetNs, dir: &Path, lifetime: &str) -> anyhow::Result<Self> {
-        let log = dir.join("control-plane.log");
-        let mut cp = Self {
-            child: None,
-            dir: dir.to_path_buf(),
-            log,
-            ns: ns.path(),
-            lifetime: lifetime.to_owned(),
-        };
-        cp.restart(ns)?;
-        Ok(cp)
-    }
-
-    fn restart(&mut self, ns: &NetNs) -> anyhow::Result<()> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = ns
-            .command(portcullis_bin())
-            .args([
-                "control-plane",
-                "serve",
-                "--listen",
-                "0.0.0.0:7443",
-                "--cert-lifetime",
-                &self.lifetime,
-                "--dir",
-            ])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .context("spawning the control plane")?;
-        self.child = Some(child);
-        let addr: SocketAddr = CP.parse()?;
-        wait_for("the control plane listening", || {
-            ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
-        })
-        .with_context(|| self.log_text())
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn token(&self, cluster: &str, ttl: &str) -> anyhow::Result<String> {
-        let out = run_ok(
-            portcullis(&[
-                "control-plane",
-                "token",
-                "create",
-                "--cluster",
-                cluster,
-                "--ttl",
-                ttl,
-                "--dir",
-            ])
-            .arg(&self.dir),
-        )?;
-        Ok(out.trim().to_owned())
-    }
-
-    fn publish(&self, cluster: &str, file: &str, text: &str) -> anyhow::Result<()> {
-        let dir = self.dir.join("clusters").join(cluster);
-        std::fs::create_dir_all(&dir)?;
-        // Written aside and renamed, as a deploy would: the scan never sees half a file.
-        let tmp = dir.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(tmp, dir.join(file))?;
-        Ok(())
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = &self.ns;
-    }
-}
-
-/// `portcullis register` inside `ns`; its stdout, or its stderr as the error.
-fn register(ns: &NetNs, token: &str, name: &str, out: &Path) -> anyhow::Result<String> {
-    register_at(ns, CP_URL, token, name, out)
-}
-
-/// Like [`register`], with the control plane at `url`.
-fn register_at(ns: &NetNs, url: &str, token: &str, name: &str, out: &Path) -> anyhow::Result<String> {
-    let output = ns
-        .command(portcullis_bin())
-        .args([
-            "register",
-            "--control-plane",
-            url,
-            "--token",
-            token,
-            "--name",
-            name,
-            "--out",
-        ])
-        .arg(out)
-        .output()?;
-    if !output.status.success() {
-        bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The names in `dir`, sorted, and whether each is a link.

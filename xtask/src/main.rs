@@ -8,6 +8,7 @@ mod deb;
 mod demo;
 mod fuzz;
 mod image;
+mod sanitize;
 mod setup;
 
 use std::{
@@ -73,6 +74,16 @@ enum Task {
         #[arg(long)]
         runs: Option<u64>,
     },
+    /// Run the code with `unsafe` under AddressSanitizer: unit, data-path and
+    /// XDP tests, and a sanitized gateway through the integration tests.
+    Sanitize,
+    /// Run the soak: mixed load under reloads, Redis, control-plane and
+    /// upstream faults and restarts; fails on a crash, a leak or an unpoliced request.
+    Soak {
+        /// How long, in minutes (`cargo xtask test` runs 2).
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -112,9 +123,33 @@ fn main() -> anyhow::Result<()> {
                 vec![target.as_str()]
             };
             let budget = runs.map_or(fuzz::Budget::Seconds(seconds), fuzz::Budget::Runs);
-            fuzz::fuzz(&targets, budget)
+            fuzz::fuzz(&targets, budget, fuzz::Build::Release)
         }
+        Task::Soak { minutes } => soak(minutes),
+        Task::Sanitize => sanitize::sanitize(),
     }
+}
+
+/// `cargo xtask soak`: the soak test for `minutes`, its totals printed.
+fn soak(minutes: f64) -> anyhow::Result<()> {
+    require_root("cargo xtask soak")?;
+    setup::test_packages()?;
+    let object = setup::build_ebpf()?;
+    let env = [("PORTCULLIS_XDP_OBJ", object.as_os_str())];
+    run(cargo().args(["build", "--workspace", "--bins"]).envs(env))?;
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "portcullis-tests",
+            "--test",
+            "soak",
+            "--",
+            "--nocapture",
+        ])
+        .envs(env)
+        .env("PORTCULLIS_BIN", root().join("target/debug/portcullis"))
+        .env("PORTCULLIS_SOAK_MINUTES", minutes.to_string()))
 }
 
 /// The workspace root.
@@ -170,12 +205,48 @@ fn nix_is_root() -> bool {
 }
 
 /// How long `cargo xtask test` runs each fuzz target.
-const FUZZ_SMOKE_SECONDS: u64 = 15;
+const FUZZ_SMOKE_SECONDS: u64 = 10;
+
+/// How long each phase of `cargo xtask test` took, printed when it ends
+/// (failed or not), so a CI log shows where its minutes went.
+struct Phases {
+    last: std::time::Instant,
+    took: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            took: Vec::new(),
+        }
+    }
+
+    /// Ends the phase called `name`.
+    fn done(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.took.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+impl Drop for Phases {
+    fn drop(&mut self) {
+        let total: std::time::Duration = self.took.iter().map(|(_, d)| *d).sum();
+        println!("xtask: test phases ({} s in all):", total.as_secs());
+        for (name, took) in &self.took {
+            println!("  {name:<22} {:>6} s", took.as_secs());
+        }
+    }
+}
 
 fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
+    let mut phases = Phases::new();
     setup::test_packages()?;
+    phases.done("packages");
     let object = setup::build_ebpf()?;
+    phases.done("eBPF build");
     let env = [("PORTCULLIS_XDP_OBJ", object.as_os_str())];
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -194,13 +265,21 @@ fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
         run(cargo()
             .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
             .envs(env))?;
+        phases.done("lint");
     }
     run(cargo().args(["build", "--workspace", "--bins"]).envs(env))?;
+    phases.done("build");
     // Every parser under libFuzzer for a short while; `cargo xtask fuzz` runs longer.
     if filter.is_none() {
-        fuzz::fuzz(&fuzz::TARGETS, fuzz::Budget::Seconds(FUZZ_SMOKE_SECONDS))?;
+        fuzz::fuzz(
+            &fuzz::TARGETS,
+            fuzz::Budget::Seconds(FUZZ_SMOKE_SECONDS),
+            fuzz::Build::Quick,
+        )?;
+        phases.done("fuzz (build and runs)");
     }
     let appliance = appliance()?;
+    phases.done("package and image");
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"]).envs(env);
     cmd.env("PORTCULLIS_BIN", root().join("target/debug/portcullis"));
@@ -210,7 +289,11 @@ fn test(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
     if let Some(filter) = filter {
         cmd.args(["--", filter]);
     }
-    run_counting(&mut cmd)
+    run(cargo().args(["test", "--workspace", "--no-run"]).envs(env))?;
+    phases.done("test build");
+    let result = run_counting(&mut cmd);
+    phases.done("tests");
+    result
 }
 
 /// What the appliance tests boot and install.

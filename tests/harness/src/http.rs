@@ -151,6 +151,9 @@ pub struct Upstream {
     /// What it has seen.
     pub stats: Arc<UpstreamStats>,
     stop: Arc<AtomicBool>,
+    /// The listening socket again, shut down on drop to wake the accept loop
+    /// in whatever namespace it listens.
+    waker: Option<TcpListener>,
 }
 
 enum Stream {
@@ -208,6 +211,7 @@ impl Upstream {
     /// Serves on a listener already bound (in whatever namespace or machine).
     pub fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
+        let waker = listener.try_clone().ok();
         let stats = Arc::new(UpstreamStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (stats.clone(), stop.clone());
@@ -235,7 +239,12 @@ impl Upstream {
                 });
             }
         });
-        Ok(Self { addr, stats, stop })
+        Ok(Self {
+            addr,
+            stats,
+            stop,
+            waker,
+        })
     }
 
     /// Connections accepted so far.
@@ -269,8 +278,12 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop; the namespace may already be gone, which is fine.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(100));
+        // A shut-down listener fails its blocked accept (EINVAL) and the loop
+        // sees `stop`: a connect from here would reach this namespace, not the
+        // listener's.
+        if let Some(waker) = &self.waker {
+            let _ = socket2::SockRef::from(waker).shutdown(Shutdown::Read);
+        }
     }
 }
 

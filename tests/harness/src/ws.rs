@@ -26,10 +26,18 @@ def context(ca):
 
 async def serve(port):
     count = 0
+    # With WS_TAG, quiet: a handshake without that header (one the policies
+    # did not tag) is closed with 4403, which the soak client counts.
+    tag = os.environ.get("WS_TAG")
     async def echo(ws, path=None):
         nonlocal count
         count += 1
-        print(f"connection {count} {ws.request_headers.get('x-forwarded-for', '-')}", flush=True)
+        if tag:
+            if ws.request_headers.get(tag) is None:
+                await ws.close(4403, "untagged")
+                return
+        else:
+            print(f"connection {count} {ws.request_headers.get('x-forwarded-for', '-')}", flush=True)
         try:
             async for message in ws:
                 await ws.send(message)
@@ -91,6 +99,31 @@ async def hold(uri, ca):
         except websockets.ConnectionClosed:
             print("closed", flush=True)
 
+async def soak(uri, seconds):
+    # Connect, echo three messages, close; again until SECONDS pass. Basic
+    # credentials from WS_AUTH. Prints `ok N failed N untagged N`.
+    ok = failed = untagged = 0
+    headers = {"Authorization": "Basic " + os.environ["WS_AUTH"]} if os.environ.get("WS_AUTH") else {}
+    end = time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        try:
+            async with websockets.connect(uri, extra_headers=headers, ping_interval=None, open_timeout=3, close_timeout=2) as ws:
+                for i in range(3):
+                    await ws.send(f"m{i}")
+                    if await asyncio.wait_for(ws.recv(), 3) != f"m{i}":
+                        raise ValueError("echoed wrong")
+            ok += 1
+        except websockets.ConnectionClosed as e:
+            if e.code == 4403:
+                untagged += 1
+            else:
+                failed += 1
+            await asyncio.sleep(0.05)
+        except Exception:
+            failed += 1
+            await asyncio.sleep(0.05)
+    print(f"ok {ok} failed {failed} untagged {untagged}", flush=True)
+
 part = sys.argv[1]
 args = sys.argv[2:] + [None] * 3
 HOST = args[2]
@@ -115,10 +148,21 @@ impl Py {
 
     /// Runs `script` with `args` in `ns`.
     pub fn start_script(ns: &NetNs, script: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_script_env(ns, script, args, &[])
+    }
+
+    /// Like [`Py::start_script`], with environment variables `env` set.
+    pub fn start_script_env(
+        ns: &NetNs,
+        script: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut child = ns
             .command("/usr/bin/python3")
             .arg(script)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
