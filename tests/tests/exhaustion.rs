@@ -2,7 +2,10 @@
 //! its clients open keeps a connection limit that fits, closes the
 //! connections beyond it at accept (counted, and logged at most once a
 //! second), serves the connections it holds, and takes new ones again once
-//! load drops. It never fails an accept on EMFILE. The upstream pool's limit
+//! load drops. It never fails an accept on EMFILE. Under a cgroup memory
+//! limit the gateway closes new connections, then sheds new requests (503),
+//! before the OOM killer would end it, and takes new work again once memory
+//! is back. The upstream pool's limit
 //! (the circuit breaker's 503) is `health.rs`'s.
 
 use std::io::{Read as _, Write as _};
@@ -135,5 +138,202 @@ fn at_the_descriptor_limit_new_connections_are_closed_and_the_held_ones_served()
         !log.contains("accept failed") && !log.contains("panicked"),
         "{log}"
     );
+    Ok(())
+}
+
+/// A memory cgroup of the test's own (v2 where the unified hierarchy has the
+/// controller, else v1), removed on drop once its processes are gone.
+struct TestCgroup {
+    dir: std::path::PathBuf,
+    v2: bool,
+}
+
+impl TestCgroup {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        let root = if v2 {
+            "/sys/fs/cgroup"
+        } else {
+            "/sys/fs/cgroup/memory"
+        };
+        let dir = std::path::Path::new(root).join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir, v2 })
+    }
+
+    /// Sets its limit (`None`: none).
+    fn limit(&self, bytes: Option<u64>) -> anyhow::Result<()> {
+        let (file, none) = if self.v2 {
+            ("memory.max", "max")
+        } else {
+            ("memory.limit_in_bytes", "-1")
+        };
+        let value = bytes.map_or_else(|| none.to_owned(), |b| b.to_string());
+        std::fs::write(self.dir.join(file), value).with_context(|| format!("setting {file}"))
+    }
+
+    /// Processes the kernel's OOM killer ended in it.
+    fn oom_kills(&self) -> u64 {
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The value of the metric line starting with `name` (labels included).
+fn metric(ns: &NetNs, name: &str) -> anyhow::Result<u64> {
+    let (_, m, _) = curl(ns, &["http://127.0.0.1:9901/metrics"])?;
+    Ok(m.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
+fn under_a_cgroup_memory_limit_new_work_is_refused_before_the_oom_killer_and_recovers() -> anyhow::Result<()>
+{
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
+    let cgroup = TestCgroup::new("portcullis-test-mem")?;
+    cgroup.limit(Some(GIB))?;
+    let ns = NetNs::new("mem")?;
+    let dir = TempDir::new("mem")?;
+    let _up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    dir.write(
+        "gateway.yaml",
+        &format!(
+            "{}{}",
+            strict_settings("mem"),
+            api_instance("any", "http://127.0.0.1:8080/", "http://127.0.0.1:9000/", "")
+        ),
+    )?;
+    // The gateway starts inside the cgroup, as systemd starts it in its unit's.
+    let wrapper = dir.0.join("in-cgroup.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho $$ > {}/cgroup.procs\nexec {} \"$@\"\n",
+            cgroup.dir.display(),
+            portcullis_bin().display()
+        ),
+    )?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    let mut gw = GatewayProcess::start_with(&ns, &wrapper, &dir.0, "127.0.0.1:9901".parse()?)?;
+    gw.wait_log("memory guard:", "the memory guard on")?;
+    wait_for("the guard reading the limit", || {
+        Ok(metric(&ns, "portcullis_memory_limit_bytes")? == GIB)
+    })?;
+    let idle = metric(&ns, "portcullis_memory_working_set_bytes")?;
+    ensure!(idle > 0, "the working set is read");
+
+    // Real load: idle connections until memory nears a limit 16 MiB above idle.
+    cgroup.limit(Some(idle + (16 << 20)))?;
+    let addr: std::net::SocketAddr = "127.0.0.1:8080".parse()?;
+    let refused = "portcullis_connections_refused_total{reason=\"memory\"}";
+    let mut held: Vec<TcpStream> = Vec::new();
+    while metric(&ns, refused)? == 0 {
+        ensure!(
+            held.len() < 8000,
+            "8000 connections held and memory never neared the limit"
+        );
+        let batch = ns.run(move || {
+            (0..250)
+                .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok())
+                .collect::<Vec<_>>()
+        })?;
+        held.extend(batch);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "idle working set {} KiB; {} connections held when memory neared {} KiB",
+        idle >> 10,
+        held.len(),
+        (idle >> 10) + (16 << 10)
+    );
+    ensure!(gw.alive(), "the gateway survived the load:\n{}", gw.log_text());
+    ensure!(cgroup.oom_kills() == 0, "the OOM killer ran");
+    ensure!(metric(&ns, "portcullis_memory_pressure")? >= 1, "pressure shown");
+    let mut fresh = connect(&ns, addr)?;
+    wait_for("a new connection closed at accept", || {
+        Ok(closed_by_peer(&mut fresh))
+    })?;
+    // The first batch was taken before memory neared the limit.
+    let mut buf = Vec::new();
+    for conn in held.iter_mut().take(10) {
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")?;
+        ensure!(
+            read_response(conn, &mut buf)? == 200,
+            "a held connection served under pressure"
+        );
+    }
+
+    // Closer still: new requests are answered 503 and their connections closed.
+    let used = metric(&ns, "portcullis_memory_working_set_bytes")?;
+    cgroup.limit(Some(used * 1000 / 960))?;
+    wait_for("requests shed", || {
+        Ok(metric(&ns, "portcullis_memory_pressure")? == 2)
+    })?;
+    let conn = held.get_mut(10).context("a held connection")?;
+    conn.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")?;
+    ensure!(read_response(conn, &mut buf)? == 503, "shed with 503");
+    let answer = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    ensure!(
+        answer.contains("retry-after:") && answer.contains("connection: close"),
+        "{answer}"
+    );
+    ensure!(cgroup.oom_kills() == 0, "the OOM killer ran");
+
+    // Load drops: the allocator gives back what the connections held, and new work is taken.
+    held.clear();
+    cgroup.limit(Some(GIB))?;
+    wait_for("pressure eased", || {
+        Ok(metric(&ns, "portcullis_memory_pressure")? == 0)
+    })?;
+    for _ in 0..20 {
+        let mut conn = connect(&ns, addr)?;
+        conn.write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")?;
+        ensure!(
+            read_response(&mut conn, &mut buf)? == 200,
+            "served after the drop"
+        );
+    }
+    ensure!(gw.alive(), "the gateway is still up");
+    let log = gw.log_text();
+    ensure!(
+        log.contains("memory near its limit") && log.contains("memory pressure eased"),
+        "{log}"
+    );
+    let lines = log.matches("closing new connections").count();
+    ensure!(
+        (1..=10).contains(&lines),
+        "{lines} refusal warnings: at most one a second\n{log}"
+    );
+    ensure!(!log.contains("panicked"), "{log}");
+    drop(gw);
     Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! The `unsafe` blocks are the mmap of the pinned BPF arrays and the bpf(2)
 //! call for arrays of maps (`xdp/mmap.rs`, `xdp/table.rs`) and the borrowed
-//! descriptor of an idle upstream connection (`proxy/io`). What exercises
+//! descriptor of an idle upstream connection (`proxy/io`), and the memory
+//! guard's `malloc_trim` (`runtime/memory.rs`). What exercises
 //! them, built with `-Zsanitizer=address` and a sanitized standard library
 //! (the eBPF build's pinned nightly, `-Zbuild-std`), runs here:
 //! - the gateway's unit tests and the in-process data path;
@@ -118,6 +119,7 @@ pub fn sanitize() -> anyhow::Result<()> {
         ])
         .env("PORTCULLIS_XDP_OBJ", &object)
         .env("PORTCULLIS_BIN", &bin)
+        .env("PORTCULLIS_SANITIZED", "address")
         .env("ASAN_OPTIONS", asan_options()))?;
     no_reports()?;
     println!(

@@ -40,6 +40,8 @@ pub enum Answer {
     /// `TRACE`, never forwarded (it would reflect the credentials and the
     /// headers the policies added): 501.
     TraceRefused,
+    /// Memory is near the cgroup limit: 503 with `Retry-After`, and the connection closes.
+    Overloaded,
 }
 
 impl Answer {
@@ -49,7 +51,7 @@ impl Answer {
             Self::NoRoute | Self::ListenerGone => 404,
             Self::LastHop => 200,
             Self::TraceRefused => 501,
-            Self::Gated(_) | Self::TunnelsFull => 503,
+            Self::Gated(_) | Self::TunnelsFull | Self::Overloaded => 503,
             Self::Denied(d) => d.status(),
             Self::Policy(r) => r.status,
             Self::Unreachable(e) | Self::Failed(e) => e.status(),
@@ -67,6 +69,7 @@ impl Answer {
             Self::TunnelsFull => "websocket_limit",
             Self::LastHop => "max_forwards",
             Self::TraceRefused => "trace_refused",
+            Self::Overloaded => "memory_pressure",
             Self::Unreachable(e) | Self::Failed(e) => e.kind(),
         }
     }
@@ -89,7 +92,7 @@ impl Answer {
     /// so a request with one closes; so does every failed exchange.
     pub fn keeps_alive(&self, request: &Head, draining: bool) -> bool {
         !draining
-            && !matches!(self, Self::ListenerGone | Self::Failed(_))
+            && !matches!(self, Self::ListenerGone | Self::Failed(_) | Self::Overloaded)
             && request.keep_alive
             && request.framing == Framing::Empty
     }
@@ -104,7 +107,10 @@ impl Answer {
         };
         if matches!(
             self,
-            Self::Gated(_) | Self::TunnelsFull | Self::Unreachable(ProxyError::CircuitOpen { .. })
+            Self::Gated(_)
+                | Self::TunnelsFull
+                | Self::Overloaded
+                | Self::Unreachable(ProxyError::CircuitOpen { .. })
         ) {
             headers.push(("retry-after".into(), GATED_RETRY_AFTER.into()));
         }

@@ -22,6 +22,7 @@ use crate::config::{Destination, Facts, RouteConfig};
 use crate::http::{Framing, Head, Version};
 use crate::policy::{Chain, HeaderEdits, RequestView, Verdict};
 use crate::runtime::Generation;
+use crate::runtime::memory::Pressure;
 use crate::runtime::route::{normalize_host, upstream_target};
 use crate::telemetry::trace;
 use crate::telemetry::{AccessRecord, GateLabels, UpstreamLabels};
@@ -306,6 +307,9 @@ pub(super) async fn handle(
     };
     let route = &api.cfg;
     ex.route = Some(route);
+    if worker.shared.memory.pressure() == Pressure::Shed {
+        return ex.answer(client, worker, Answer::Overloaded).await;
+    }
     ex.request.api_path = api.api_path(head.path());
     if let Some(chain) = generation.chains.get(&route.api) {
         ex.chain = chain;

@@ -32,6 +32,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::runtime::memory::Pressure;
 use crate::runtime::{Generation, NewListener, Shared};
 use crate::telemetry::LocalMetrics;
 use pool::Pool;
@@ -145,6 +146,15 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                     tracing::debug!(%peer, listener = %addr, "not a trusted PROXY protocol source; closing");
                     worker.shared.metrics.refuse_proxy_protocol("untrusted_source");
                     drop(tcp);
+                    continue;
+                }
+                if worker.shared.memory.pressure() >= Pressure::Refuse {
+                    drop(tcp);
+                    let metrics = &worker.shared.metrics;
+                    metrics.refuse_connection("memory");
+                    if let Some(held) = metrics.refused_log.open() {
+                        tracing::warn!(%peer, refused_since_last_line = held, "memory near the cgroup limit; closing new connections");
+                    }
                     continue;
                 }
                 let limit = worker.shared.max_connections;

@@ -8,6 +8,7 @@
 //! request ever sees half a change.
 
 pub mod health;
+pub mod memory;
 pub mod route;
 pub mod service;
 
@@ -255,6 +256,8 @@ pub struct Shared {
     pub new_listeners: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<NewListener>>>,
     /// WebSocket tunnels open per API instance.
     pub tunnels: Tunnels,
+    /// What the cgroup's memory lets the workers take on (see [`memory`]).
+    pub memory: memory::MemoryGuard,
 }
 
 /// WebSocket tunnels open per API instance, across workers and generations.
@@ -327,6 +330,7 @@ impl Shared {
             drain: tokio::sync::Notify::new(),
             new_listeners: Mutex::new(Vec::new()),
             tunnels: Tunnels::default(),
+            memory: memory::MemoryGuard::default(),
         }
     }
 

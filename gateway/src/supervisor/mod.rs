@@ -285,6 +285,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
     ));
     mirror.export_counters(&shared.metrics);
     crate::runtime::health::start(&shared.current(), &shared.metrics);
+    crate::runtime::memory::start(shared.clone(), shared.metrics.clone());
     let signals = stop_signals();
     signals.thread_block().map_err(SupervisorError::Signals)?;
     start_workers(&shared, per_worker)?;

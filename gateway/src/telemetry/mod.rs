@@ -205,6 +205,12 @@ pub struct Metrics {
     pub connections_refused: Family<RefusedLabels, Counter>,
     /// Gates the warnings of refused connections to one line a second.
     pub refused_log: LogGate,
+    /// The memory guard's state: 0 normal, 1 refusing connections, 2 shedding requests.
+    pub memory_pressure: Gauge,
+    /// The cgroup's working set (bytes), as the memory guard last read it.
+    pub memory_working_set: Gauge,
+    /// The cgroup's memory limit (bytes) the guard holds the working set against.
+    pub memory_limit: Gauge,
     /// Families written at scrape time by a layer above (set once, at start).
     pub scrape: Scrape,
 }
@@ -317,9 +323,24 @@ impl Default for Metrics {
             connections_refused: registered(
                 r,
                 "connections_refused",
-                "Client connections closed at accept: the worker at its connection limit, or an accept the kernel refused",
+                "Client connections closed at accept: the worker at its connection limit, memory near the cgroup limit, or an accept the kernel refused",
             ),
             refused_log: LogGate::default(),
+            memory_pressure: registered(
+                r,
+                "memory_pressure",
+                "The memory guard: 0 normal, 1 new connections refused (90% of the cgroup limit), 2 new requests shed (95%)",
+            ),
+            memory_working_set: registered(
+                r,
+                "memory_working_set_bytes",
+                "The cgroup's memory in use less its inactive page cache, read every 50 ms",
+            ),
+            memory_limit: registered(
+                r,
+                "memory_limit_bytes",
+                "The cgroup memory limit the guard holds to",
+            ),
             scrape: Scrape::default(),
             registry,
         }
