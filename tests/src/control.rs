@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::http::run_ok;
+use crate::http::{GatewayProcess, TempDir, run_ok};
 use crate::{NetNs, portcullis_bin, wait_for};
 
 /// Where the control plane listens.
 pub const CP: &str = "127.0.0.1:7443";
 /// Its URL, as replicas are given it.
 pub const CP_URL: &str = "https://127.0.0.1:7443";
+/// Where a replica's admin endpoints listen in its namespace.
+pub const ADMIN: &str = "127.0.0.1:9901";
 
 /// A control plane in a namespace; stopped on drop.
 #[derive(Debug)]
@@ -165,4 +167,36 @@ pub fn register_at(ns: &NetNs, url: &str, token: &str, name: &str, out: &Path) -
         bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A registered replica: its configuration directory and the key of its
+/// last-known-good cache. Each [`Replica::start`] is a new gateway process.
+#[derive(Debug)]
+pub struct Replica {
+    /// The configuration directory (registration files, settings).
+    pub dir: TempDir,
+    /// The cache key file.
+    pub key: PathBuf,
+}
+
+impl Replica {
+    /// A replica on `dir` with a new cache key next to it.
+    pub fn with_new_key(dir: TempDir) -> anyhow::Result<Self> {
+        let key = dir.0.with_extension("cache-key");
+        let _ = std::fs::remove_file(&key);
+        run_ok(portcullis(&["secret", "keygen", "--out"]).arg(&key))?;
+        Ok(Self { dir, key })
+    }
+
+    /// Starts the gateway in `ns`, its admin on [`ADMIN`], logging next to its directory.
+    pub fn start(&self, ns: &NetNs) -> anyhow::Result<GatewayProcess> {
+        GatewayProcess::start_log(
+            ns,
+            &portcullis_bin(),
+            &self.dir.0,
+            ADMIN.parse()?,
+            &[("PORTCULLIS_CACHE_KEY", &self.key)],
+            &self.dir.0.with_extension("log"),
+        )
+    }
 }

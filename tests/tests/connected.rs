@@ -10,14 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use portcullis_tests::control::{CP_URL, ControlPlane, portcullis, register, register_at};
-use portcullis_tests::http::{
-    GatewayProcess, RedisServer, TempDir, Upstream, api_instance, request, run_ok, status_of,
-};
-use portcullis_tests::{NetNs, portcullis_bin, wait_for};
+use portcullis_tests::control::{ADMIN, CP_URL, ControlPlane, Replica, portcullis, register, register_at};
+use portcullis_tests::http::{RedisServer, TempDir, Upstream, api_instance, request, run_ok, status_of};
+use portcullis_tests::{NetNs, wait_for};
 
 const GW: &str = "127.0.0.1:8080";
-const ADMIN: &str = "127.0.0.1:9901";
 
 /// A namespace, a home directory, and a control plane there serving `orders` v1 for cluster `prod`.
 fn cluster(tag: &str) -> anyhow::Result<(NetNs, TempDir, PathBuf, ControlPlane)> {
@@ -190,34 +187,11 @@ fn version_of(ns: &NetNs) -> (u16, String) {
     (status_of(&raw).unwrap_or(0), version)
 }
 
-/// A registered replica's directory with `settings`, its cache key beside it.
-struct Replica {
-    dir: TempDir,
-    key: PathBuf,
-}
-
 fn replica(ns: &NetNs, cp: &ControlPlane, level: &str) -> anyhow::Result<Replica> {
     let dir = TempDir::new("crg")?;
     dir.write("settings.yaml", &settings(level))?;
     register(ns, &cp.token("prod", "10m")?, "gw-a", &dir.0)?;
-    let key = dir.0.with_extension("cache-key");
-    let _ = std::fs::remove_file(&key);
-    run_ok(portcullis(&["secret", "keygen", "--out"]).arg(&key))?;
-    Ok(Replica { dir, key })
-}
-
-impl Replica {
-    fn start(&self, ns: &NetNs) -> anyhow::Result<GatewayProcess> {
-        let log = self.dir.0.with_extension("log");
-        GatewayProcess::start_log(
-            ns,
-            &portcullis_bin(),
-            &self.dir.0,
-            ADMIN.parse()?,
-            &[("PORTCULLIS_CACHE_KEY", &self.key)],
-            &log,
-        )
-    }
+    Replica::with_new_key(dir)
 }
 
 #[test]
@@ -699,10 +673,7 @@ fn two_replicas_follow_every_edit_and_no_request_skips_its_policies() -> anyhow:
         let dir = TempDir::new("c2r")?;
         dir.write("settings.yaml", &settings("flexible"))?;
         register_at(ns, url, &cp.token("prod", "10m")?, name, &dir.0)?;
-        let key = dir.0.with_extension("cache-key");
-        let _ = std::fs::remove_file(&key);
-        run_ok(portcullis(&["secret", "keygen", "--out"]).arg(&key))?;
-        let r = Replica { dir, key };
+        let r = Replica::with_new_key(dir)?;
         let gw = r.start(ns)?;
         replicas.push((ns, r, gw, up));
     }

@@ -48,20 +48,21 @@ fn refused_metric(ns: &NetNs) -> anyhow::Result<u64> {
         .unwrap_or(0))
 }
 
-#[test]
-fn at_the_descriptor_limit_new_connections_are_closed_and_the_held_ones_served() -> anyhow::Result<()> {
-    // This test holds more sockets than a default soft limit allows.
+/// A gateway in a new namespace with one API before an upstream on 9000,
+/// started by a shell that first runs `prelude` (a limit, a cgroup), as a
+/// service manager would; what it holds lives as long as the returned tuple.
+fn limited_gateway(name: &str, prelude: &str) -> anyhow::Result<(NetNs, TempDir, Upstream, GatewayProcess)> {
+    // The tests hold more sockets than a default soft limit allows.
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
-
-    let ns = NetNs::new("ex")?;
-    let dir = TempDir::new("ex")?;
-    let _up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
+    let ns = NetNs::new(name)?;
+    let dir = TempDir::new(name)?;
+    let up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
     dir.write(
         "gateway.yaml",
         &format!(
             "{}{}",
-            strict_settings("ex"),
+            strict_settings(name),
             api_instance("any", "http://127.0.0.1:8080/", "http://127.0.0.1:9000/", "")
         ),
     )?;
@@ -69,12 +70,18 @@ fn at_the_descriptor_limit_new_connections_are_closed_and_the_held_ones_served()
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nulimit -n {OPEN_FILES}\nexec {} \"$@\"\n",
+            "#!/bin/sh\n{prelude}\nexec {} \"$@\"\n",
             portcullis_bin().display()
         ),
     )?;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
     let gw = GatewayProcess::start_with(&ns, &wrapper, &dir.0, "127.0.0.1:9901".parse()?)?;
+    Ok((ns, dir, up, gw))
+}
+
+#[test]
+fn at_the_descriptor_limit_new_connections_are_closed_and_the_held_ones_served() -> anyhow::Result<()> {
+    let (ns, _dir, _up, gw) = limited_gateway("ex", &format!("ulimit -n {OPEN_FILES}"))?;
     gw.wait_log(
         "the descriptor limit caps client connections",
         "the limit fitted to 1024",
@@ -213,36 +220,13 @@ fn metric(ns: &NetNs, name: &str) -> anyhow::Result<u64> {
 const GIB: u64 = 1 << 30;
 
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn under_a_cgroup_memory_limit_new_work_is_refused_before_the_oom_killer_and_recovers() -> anyhow::Result<()>
 {
-    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
     let cgroup = TestCgroup::new("portcullis-test-mem")?;
     cgroup.limit(Some(GIB))?;
-    let ns = NetNs::new("mem")?;
-    let dir = TempDir::new("mem")?;
-    let _up = Upstream::start(&ns, "127.0.0.1:9000".parse()?)?;
-    dir.write(
-        "gateway.yaml",
-        &format!(
-            "{}{}",
-            strict_settings("mem"),
-            api_instance("any", "http://127.0.0.1:8080/", "http://127.0.0.1:9000/", "")
-        ),
-    )?;
     // The gateway starts inside the cgroup, as systemd starts it in its unit's.
-    let wrapper = dir.0.join("in-cgroup.sh");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\necho $$ > {}/cgroup.procs\nexec {} \"$@\"\n",
-            cgroup.dir.display(),
-            portcullis_bin().display()
-        ),
-    )?;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-    let mut gw = GatewayProcess::start_with(&ns, &wrapper, &dir.0, "127.0.0.1:9901".parse()?)?;
+    let prelude = format!("echo $$ > {}/cgroup.procs", cgroup.dir.display());
+    let (ns, _dir, _up, mut gw) = limited_gateway("mem", &prelude)?;
     gw.wait_log("memory guard:", "the memory guard on")?;
     wait_for("the guard reading the limit", || {
         Ok(metric(&ns, "portcullis_memory_limit_bytes")? == GIB)

@@ -24,18 +24,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use portcullis_tests::control::{ControlPlane, portcullis, register};
+use portcullis_tests::control::{ADMIN, ControlPlane, Replica, register};
 use portcullis_tests::http::{
     GatewayProcess, Issued, Pki, RedisServer, TempDir, Upstream, api_instance, curl, mobile_contract,
-    read_response, run_ok, tls_binding,
+    read_response, tls_binding,
 };
 use portcullis_tests::load::{MOBILE, TAG, Tally, hammer, n, say};
 use portcullis_tests::ws::Py;
-use portcullis_tests::{NetNs, portcullis_bin, wait_for};
+use portcullis_tests::{NetNs, wait_for};
 
 const GW: &str = "127.0.0.1:8080";
 const GW_TLS: &str = "127.0.0.1:8443";
-const ADMIN: &str = "127.0.0.1:9901";
 const REDIS: &str = "127.0.0.1:6391";
 const REDIS_PASSWORD: &str = "r3dis-soak-pw";
 const STABLE: &str = "127.0.0.1:9000";
@@ -340,25 +339,6 @@ struct Faults {
     restarts: u64,
 }
 
-/// The gateway, started again as often as the soak restarts it.
-struct Replica {
-    dir: TempDir,
-    key: std::path::PathBuf,
-}
-
-impl Replica {
-    fn start(&self, ns: &NetNs) -> anyhow::Result<GatewayProcess> {
-        GatewayProcess::start_log(
-            ns,
-            &portcullis_bin(),
-            &self.dir.0,
-            ADMIN.parse()?,
-            &[("PORTCULLIS_CACHE_KEY", &self.key)],
-            &self.dir.0.with_extension("log"),
-        )
-    }
-}
-
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn a_soak_under_faults_keeps_every_request_policed_and_leaks_nothing() -> anyhow::Result<()> {
@@ -387,14 +367,13 @@ fn a_soak_under_faults_keeps_every_request_policed_and_leaks_nothing() -> anyhow
         Py::start_script_env(&ns, &script, &["serve", WS_PORT], &[("WS_TAG", TAG)])?
     };
 
-    let replica = Replica {
-        dir: TempDir::new("soakgw")?,
-        key: home.0.join("cache-key"),
+    let replica = {
+        let dir = TempDir::new("soakgw")?;
+        dir.write_private("redis.password", REDIS_PASSWORD)?;
+        dir.write("settings.yaml", &settings())?;
+        register(&ns, &cp.token("soak", "10m")?, "soak-a", &dir.0)?;
+        Replica::with_new_key(dir)?
     };
-    replica.dir.write_private("redis.password", REDIS_PASSWORD)?;
-    replica.dir.write("settings.yaml", &settings())?;
-    register(&ns, &cp.token("soak", "10m")?, "soak-a", &replica.dir.0)?;
-    run_ok(portcullis(&["secret", "keygen", "--out"]).arg(&replica.key))?;
     let mut gw = replica.start(&ns)?;
     let gw_addr: SocketAddr = GW.parse()?;
     let probe = format!("http://{GW}/orders/hello");

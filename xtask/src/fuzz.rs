@@ -13,11 +13,12 @@ use anyhow::{Context as _, bail};
 use crate::{root, run, setup};
 
 /// Every target, in the order `cargo xtask test` runs them.
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "http_request",
     "http_chunked",
     "http_response",
     "h2_request",
+    "h2_frames",
     "config",
     "jwt",
     "control",

@@ -17,6 +17,8 @@ mod downstream;
 pub mod error;
 mod exchange;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod grpc;
 mod h2;
 mod heads;

@@ -259,7 +259,7 @@ pub(in crate::proxy) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const SMALL_WINDOW_UPDATE: u32 = 1024;
 
 /// Where the meter is in the client's byte stream.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scan {
     /// Inside the connection preface; bytes left.
     Preface(usize),
@@ -278,7 +278,7 @@ enum Scan {
 /// [`SMALL_WINDOW_UPDATE`], an empty DATA frame that does not end its
 /// stream, frames of unknown type) against a token bucket. It reads only
 /// frame headers; `h2` parses the frames themselves.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(in crate::proxy) struct FrameMeter {
     scan: Scan,
     header: [u8; 9],
@@ -349,6 +349,12 @@ impl FrameMeter {
             }
         }
         over
+    }
+
+    /// Where the scan stands and the tokens left: equal for two meters that
+    /// saw the same bytes, however they were cut.
+    pub fn position(&self) -> impl PartialEq + std::fmt::Debug {
+        (self.scan, self.tokens)
     }
 
     /// A frame header is complete: count it if it is a control frame, and skip its payload.

@@ -56,6 +56,59 @@ const PENDING_RESETS: usize = 20;
 /// Body bytes `h2` buffers per stream towards a slow client.
 const SEND_BUFFER: usize = 256 * 1024;
 
+/// The `h2` server with the connection's limits from `settings`.
+pub(super) fn server_builder(settings: &crate::config::ProxySettings) -> h2::server::Builder {
+    let limits = settings.http2;
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .initial_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window)
+        .max_header_list_size(u32::try_from(settings.limits.header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(PENDING_RESETS)
+        .max_send_buffer_size(SEND_BUFFER)
+        .enable_connect_protocol();
+    builder
+}
+
+/// The head a stream's request stands for (an extended CONNECT for a
+/// WebSocket becomes its HTTP/1.1 handshake), and whether it is one.
+pub(super) fn stream_head(
+    parts: &::http::request::Parts,
+    has_body: bool,
+    limits: &http::HeadLimits,
+) -> (Result<http::Head, http::HttpError>, bool) {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("", ::http::uri::PathAndQuery::as_str);
+    let authority = parts.uri.authority().map(::http::uri::Authority::as_str);
+    // RFC 8441: a WebSocket opened by an extended CONNECT is judged and
+    // forwarded as the HTTP/1.1 handshake it stands for.
+    let websocket = parts.method == ::http::Method::CONNECT
+        && parts
+            .extensions
+            .get::<h2::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    let key = websocket.then(tunnel::handshake_key);
+    let upgrade: [(&[u8], &[u8]); 3] = [
+        (b"upgrade", b"websocket"),
+        (b"connection", b"upgrade"),
+        (
+            b"sec-websocket-key",
+            key.as_deref().unwrap_or_default().as_bytes(),
+        ),
+    ];
+    let fields = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+        .chain(upgrade.into_iter().filter(|_| websocket));
+    let method = if websocket { "GET" } else { parts.method.as_str() };
+    let head = http::h2_request(method, target, authority, fields, has_body && !websocket, limits);
+    (head, websocket)
+}
+
 /// Serves one HTTP/2 connection until it closes.
 pub(super) async fn serve(
     worker: Rc<Worker>,
@@ -66,21 +119,11 @@ pub(super) async fn serve(
 ) {
     let generation = worker.current();
     let settings = &generation.settings;
-    let limits = settings.http2;
     let flooded = transport.flood_flag();
     let stream = transport.stream();
-    let mut builder = h2::server::Builder::new();
-    builder
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .initial_window_size(limits.stream_window)
-        .initial_connection_window_size(limits.connection_window)
-        .max_header_list_size(u32::try_from(settings.limits.header_bytes).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(PENDING_RESETS)
-        .max_send_buffer_size(SEND_BUFFER)
-        .enable_connect_protocol();
     let handshake = timeout(
         settings.timeouts.request_headers,
-        builder.handshake::<_, Bytes>(transport),
+        server_builder(settings).handshake::<_, Bytes>(transport),
     );
     let mut conn = match handshake.await {
         Ok(Ok(conn)) => conn,
@@ -183,41 +226,7 @@ impl StreamTask {
         };
         let answered = down.answered.clone();
         let generation = self.worker.current();
-        let target = parts
-            .uri
-            .path_and_query()
-            .map_or("", ::http::uri::PathAndQuery::as_str);
-        let authority = parts.uri.authority().map(::http::uri::Authority::as_str);
-        // RFC 8441: a WebSocket opened by an extended CONNECT is judged and
-        // forwarded as the HTTP/1.1 handshake it stands for.
-        let websocket = parts.method == ::http::Method::CONNECT
-            && parts
-                .extensions
-                .get::<h2::ext::Protocol>()
-                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
-        let key = websocket.then(tunnel::handshake_key);
-        let upgrade: [(&[u8], &[u8]); 3] = [
-            (b"upgrade", b"websocket"),
-            (b"connection", b"upgrade"),
-            (
-                b"sec-websocket-key",
-                key.as_deref().unwrap_or_default().as_bytes(),
-            ),
-        ];
-        let fields = parts
-            .headers
-            .iter()
-            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
-            .chain(upgrade.into_iter().filter(|_| websocket));
-        let method = if websocket { "GET" } else { parts.method.as_str() };
-        let head = http::h2_request(
-            method,
-            target,
-            authority,
-            fields,
-            down.has_body && !websocket,
-            &generation.settings.limits,
-        );
+        let (head, websocket) = stream_head(&parts, down.has_body, &generation.settings.limits);
         let work = async {
             match head {
                 Ok(head) => {
@@ -253,7 +262,7 @@ impl StreamTask {
             () = work => {}
             reason = reset => {
                 self.worker.shared.metrics.http2_resets.inc();
-                tracing::debug!(peer = %self.peer, %reason, path = target, "client reset the stream before its response");
+                tracing::debug!(peer = %self.peer, %reason, path = parts.uri.path(), "client reset the stream before its response");
             }
         }
         down.finish();
