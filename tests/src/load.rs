@@ -89,6 +89,17 @@ pub fn n(slot: &AtomicU64) -> u64 {
     slot.load(Ordering::Relaxed)
 }
 
+/// A connection to `addr`, or `None` once the failure is counted in
+/// `tally` and `pause` has passed (the gateway may be restarting).
+pub fn connect_counted(addr: SocketAddr, tally: &Tally, pause: Duration) -> Option<TcpStream> {
+    let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    if conn.is_err() {
+        tally.count(None);
+        std::thread::sleep(pause);
+    }
+    conn.ok()
+}
+
 /// `GET /orders/hello` in a loop, a few per connection, until `stop`.
 pub fn hammer(addr: SocketAddr, auth: Option<&'static str>, stop: &AtomicBool, tally: &Tally) {
     let request = format!(
@@ -98,9 +109,7 @@ pub fn hammer(addr: SocketAddr, auth: Option<&'static str>, stop: &AtomicBool, t
     );
     let mut buf = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut conn) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-            tally.count(None);
-            std::thread::sleep(Duration::from_millis(5));
+        let Some(mut conn) = connect_counted(addr, tally, Duration::from_millis(5)) else {
             continue;
         };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));

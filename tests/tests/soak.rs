@@ -17,7 +17,7 @@
 //! It prints the totals.
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,7 +29,7 @@ use portcullis_tests::http::{
     GatewayProcess, Issued, Pki, RedisServer, TempDir, Upstream, api_instance, curl, mobile_contract,
     read_response, tls_binding,
 };
-use portcullis_tests::load::{MOBILE, TAG, Tally, hammer, n, say};
+use portcullis_tests::load::{MOBILE, TAG, Tally, connect_counted, hammer, n, say};
 use portcullis_tests::ws::Py;
 use portcullis_tests::{NetNs, wait_for};
 
@@ -153,9 +153,7 @@ fn bodies(addr: SocketAddr, stop: &AtomicBool, tally: &Tally) {
     );
     let mut buf = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut conn) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-            tally.count(None);
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(mut conn) = connect_counted(addr, tally, Duration::from_millis(20)) else {
             continue;
         };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
@@ -189,9 +187,7 @@ fn slow(addr: SocketAddr, stop: &AtomicBool, tally: &Tally) {
     );
     let mut buf = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut conn) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-            tally.count(None);
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(mut conn) = connect_counted(addr, tally, Duration::from_millis(20)) else {
             continue;
         };
         let _ = conn.set_nodelay(true);
