@@ -39,14 +39,18 @@ fn closed_by_peer(conn: &mut TcpStream) -> bool {
     }
 }
 
-fn refused_metric(ns: &NetNs) -> anyhow::Result<u64> {
+/// The value of the metric line starting with `name` (labels included).
+fn metric(ns: &NetNs, name: &str) -> anyhow::Result<u64> {
     let (_, m, _) = curl(ns, &["http://127.0.0.1:9901/metrics"])?;
     Ok(m.lines()
-        .find(|l| l.starts_with("portcullis_connections_refused_total{reason=\"connection_limit\"}"))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0))
 }
+
+/// Connections closed at accept for the worker's connection limit.
+const LIMIT_REFUSED: &str = "portcullis_connections_refused_total{reason=\"connection_limit\"}";
 
 /// A gateway in a new namespace with one API before an upstream on 9000,
 /// started by a shell that first runs `prelude` (a limit, a cgroup), as a
@@ -93,7 +97,7 @@ fn at_the_descriptor_limit_new_connections_are_closed_and_the_held_ones_served()
     }
     let want_refused = u64::try_from(CLIENTS - 2 * PER_WORKER)?;
     wait_for("every connection beyond the limit refused", || {
-        Ok(refused_metric(&ns)? >= want_refused)
+        Ok(metric(&ns, LIMIT_REFUSED)? >= want_refused)
     })
     .with_context(|| {
         let (_, metrics, _) = curl(&ns, &["http://127.0.0.1:9901/metrics"]).unwrap_or_default();
@@ -113,7 +117,10 @@ fn at_the_descriptor_limit_new_connections_are_closed_and_the_held_ones_served()
         held.len(),
         2 * PER_WORKER
     );
-    ensure!(refused_metric(&ns)? == want_refused, "each refusal counted once");
+    ensure!(
+        metric(&ns, LIMIT_REFUSED)? == want_refused,
+        "each refusal counted once"
+    );
 
     // The connections held are served.
     let mut buf = Vec::new();
@@ -205,16 +212,6 @@ impl Drop for TestCgroup {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-/// The value of the metric line starting with `name` (labels included).
-fn metric(ns: &NetNs, name: &str) -> anyhow::Result<u64> {
-    let (_, m, _) = curl(ns, &["http://127.0.0.1:9901/metrics"])?;
-    Ok(m.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
 }
 
 const GIB: u64 = 1 << 30;

@@ -152,9 +152,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                 }
                 if worker.shared.memory.pressure() >= Pressure::Refuse {
                     drop(tcp);
-                    let metrics = &worker.shared.metrics;
-                    metrics.refuse_connection("memory");
-                    if let Some(held) = metrics.refused_log.open() {
+                    if let Some(held) = worker.shared.metrics.refuse_connection("memory") {
                         tracing::warn!(%peer, refused_since_last_line = held, "memory near the cgroup limit; closing new connections");
                     }
                     continue;
@@ -162,9 +160,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                 let limit = worker.shared.max_connections;
                 if worker.open.get() >= limit {
                     drop(tcp);
-                    let metrics = &worker.shared.metrics;
-                    metrics.refuse_connection("connection_limit");
-                    if let Some(held) = metrics.refused_log.open() {
+                    if let Some(held) = worker.shared.metrics.refuse_connection("connection_limit") {
                         tracing::warn!(%peer, limit, refused_since_last_line = held, "connection limit reached; closing new connections");
                     }
                     continue;
@@ -178,9 +174,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                     return;
                 }
                 // EMFILE and friends: back off instead of spinning.
-                let metrics = &worker.shared.metrics;
-                metrics.refuse_connection("accept_error");
-                if let Some(held) = metrics.refused_log.open() {
+                if let Some(held) = worker.shared.metrics.refuse_connection("accept_error") {
                     tracing::error!(listener = %addr, error = %e, refused_since_last_line = held, "accept failed; backing off");
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;

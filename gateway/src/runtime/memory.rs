@@ -80,8 +80,8 @@ impl MemoryGuard {
         Pressure::from_u8(self.0.load(Ordering::Relaxed))
     }
 
-    fn set(&self, p: Pressure) -> Pressure {
-        Pressure::from_u8(self.0.swap(p as u8, Ordering::Relaxed))
+    fn set(&self, p: Pressure) {
+        self.0.store(p as u8, Ordering::Relaxed);
     }
 }
 
@@ -215,7 +215,7 @@ fn read_limit(path: &Path) -> Option<u64> {
 }
 
 /// Starts the guard's thread, if the gateway's cgroup has the memory controller.
-pub fn start(shared: Arc<crate::runtime::Shared>, metrics: Arc<Metrics>) {
+pub fn start(shared: Arc<crate::runtime::Shared>) {
     let Some(cgroup) = Cgroup::of_self(Path::new("/sys/fs/cgroup")) else {
         tracing::info!("no memory cgroup: the memory guard is off");
         return;
@@ -228,7 +228,7 @@ pub fn start(shared: Arc<crate::runtime::Shared>, metrics: Arc<Metrics>) {
     );
     let spawned = std::thread::Builder::new()
         .name("memory-guard".into())
-        .spawn(move || watch(&cgroup, &shared.memory, &metrics));
+        .spawn(move || watch(&cgroup, &shared.memory, &shared.metrics));
     if let Err(e) = spawned {
         tracing::error!(error = %e, "memory guard thread not started: memory is not watched");
     }

@@ -285,7 +285,7 @@ pub fn run(options: &RunOptions, set_level: &SetLevel) -> Result<(), SupervisorE
     ));
     mirror.export_counters(&shared.metrics);
     crate::runtime::health::start(&shared.current(), &shared.metrics);
-    crate::runtime::memory::start(shared.clone(), shared.metrics.clone());
+    crate::runtime::memory::start(shared.clone());
     let signals = stop_signals();
     signals.thread_block().map_err(SupervisorError::Signals)?;
     start_workers(&shared, per_worker)?;
@@ -486,8 +486,8 @@ fn start_workers(shared: &Arc<Shared>, per_worker: Vec<Vec<NewListener>>) -> Res
     Ok(())
 }
 
-/// Waits (up to 5 s) until every worker accepts.
-/// Ready only once the source is watched, so an edit made after `/readyz`
+/// Says ready (to `/readyz` and systemd) once every worker accepts; called
+/// only after the source is watched, so an edit made after `/readyz`
 /// answers 200 is never missed.
 fn announce_ready(shared: &Shared, workers: usize) {
     wait_ready(shared, workers);
@@ -495,6 +495,7 @@ fn announce_ready(shared: &Shared, workers: usize) {
     notify::notify("READY=1\nSTATUS=gates held; policies applied or gated");
 }
 
+/// Waits (up to 5 s) until every worker accepts.
 fn wait_ready(shared: &Shared, workers: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while shared.ready_workers.load(std::sync::atomic::Ordering::Acquire) < workers

@@ -91,18 +91,10 @@ pub struct TunnelLabels {
     pub reason: String,
 }
 
-/// Labels of a connection refused for the PROXY protocol.
+/// Labels of a connection refused, by why.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProxyProtocolLabels {
-    /// `untrusted_source` or `bad_header`.
-    pub reason: String,
-}
-
-/// Labels of a client connection refused at accept.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusedLabels {
-    /// `connection_limit` (the worker holds its limit of connections) or
-    /// `accept_error` (the kernel refused the accept: descriptors or memory).
+pub struct ReasonLabels {
+    /// Why (each family lists its reasons).
     pub reason: String,
 }
 
@@ -199,12 +191,14 @@ pub struct Metrics {
     pub http2_resets: Counter,
     /// gRPC calls by API and gRPC status (the upstream's, or the gateway's own refusal).
     pub grpc_calls: Family<GrpcLabels, Counter>,
-    /// Connections refused on PROXY-protocol listeners, by reason.
-    pub proxy_protocol_refused: Family<ProxyProtocolLabels, Counter>,
-    /// Client connections refused at accept, by reason.
-    pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Connections refused on PROXY-protocol listeners: `untrusted_source` or `bad_header`.
+    pub proxy_protocol_refused: Family<ReasonLabels, Counter>,
+    /// Client connections refused at accept: `connection_limit` (the worker
+    /// holds its limit), `memory` (the memory guard) or `accept_error` (the
+    /// kernel refused the accept).
+    pub connections_refused: Family<ReasonLabels, Counter>,
     /// Gates the warnings of refused connections to one line a second.
-    pub refused_log: LogGate,
+    refused_log: LogGate,
     /// The memory guard's state: 0 normal, 1 refusing connections, 2 shedding requests.
     pub memory_pressure: Gauge,
     /// The cgroup's working set (bytes), as the memory guard last read it.
@@ -376,18 +370,21 @@ impl Metrics {
 
     /// Counts a connection refused on a PROXY-protocol listener for `reason`.
     pub fn refuse_proxy_protocol(&self, reason: &str) {
-        let labels = ProxyProtocolLabels {
+        let labels = ReasonLabels {
             reason: reason.to_owned(),
         };
         self.proxy_protocol_refused.get_or_create(&labels).inc();
     }
 
-    /// Counts a client connection refused at accept for `reason`.
-    pub fn refuse_connection(&self, reason: &str) {
-        let labels = RefusedLabels {
+    /// Counts a client connection refused at accept for `reason`; `Some(n)`
+    /// when a warning may be logged now (at most one a second), `n` the
+    /// refusals held back since the last.
+    pub fn refuse_connection(&self, reason: &str) -> Option<u64> {
+        let labels = ReasonLabels {
             reason: reason.to_owned(),
         };
         self.connections_refused.get_or_create(&labels).inc();
+        self.refused_log.open()
     }
 
     /// Prometheus text exposition of every metric, the scrape-time families included.
