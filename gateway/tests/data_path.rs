@@ -136,7 +136,7 @@ impl Gateway {
             .expect("the listener");
         let (ours, theirs) = mem::pair();
         io::spawn(server::serve(
-            self.worker.clone(),
+            server::OpenGuard::count(&self.worker),
             listener,
             theirs.into(),
             peer.parse().expect("peer address"),

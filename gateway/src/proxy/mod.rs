@@ -165,7 +165,8 @@ async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: Socke
                     }
                     continue;
                 }
-                io::spawn(server::serve(worker.clone(), rt, tcp.into(), peer));
+                let open = server::OpenGuard::count(&worker);
+                io::spawn(server::serve(open, rt, tcp.into(), peer));
             }
             Err(e) => {
                 if worker.shared.draining.load(Ordering::Acquire)

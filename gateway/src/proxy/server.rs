@@ -19,8 +19,25 @@ use super::proxy_protocol;
 use crate::runtime::ListenerRt;
 use crate::telemetry::HandshakeLabels;
 
-/// Counts an open client connection for the gauge.
-struct OpenGuard(Rc<Worker>);
+/// An open client connection, counted against the worker's limit and in the
+/// gauge from its accept (before its task first runs, so a burst of accepts
+/// cannot pass the limit) until its task ends.
+pub struct OpenGuard(Rc<Worker>);
+
+impl std::fmt::Debug for OpenGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpenGuard")
+    }
+}
+
+impl OpenGuard {
+    /// Counts a connection just accepted by `worker`.
+    pub fn count(worker: &Rc<Worker>) -> Self {
+        worker.open.set(worker.open.get() + 1);
+        worker.shared.metrics.open_connections.inc();
+        Self(worker.clone())
+    }
+}
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
@@ -64,10 +81,8 @@ async fn handshake(worker: &Worker, listener: &ListenerRt, stream: Stream, peer:
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(worker: Rc<Worker>, listener: Arc<ListenerRt>, stream: Stream, mut peer: SocketAddr) {
-    worker.open.set(worker.open.get() + 1);
-    worker.shared.metrics.open_connections.inc();
-    let _guard = OpenGuard(worker.clone());
+pub async fn serve(open: OpenGuard, listener: Arc<ListenerRt>, stream: Stream, mut peer: SocketAddr) {
+    let worker = open.0.clone();
     if listener.proxy_protocol.is_some() {
         let wait = worker.current().settings.timeouts.request_headers;
         match Box::pin(proxy_protocol::read(&stream, wait)).await {
