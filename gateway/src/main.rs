@@ -642,11 +642,7 @@ fn listener(instance: &Instance, command: &ListenerCommand) -> anyhow::Result<()
             rate,
             burst,
         } => {
-            let limit = portcullis::xdp::SynLimit {
-                rate: *rate,
-                burst: *burst,
-            };
-            instance.maps()?.set_syn_limit(listener, limit)?;
+            instance.maps()?.set_syn_rate(listener, *rate, *burst)?;
             if *rate == 0 {
                 println!("listener {listener}: no per-source SYN limit");
             } else {
@@ -661,8 +657,12 @@ fn syn_json(limit: portcullis::xdp::SynLimit, c: &portcullis::xdp::SynCounters) 
     json!({
         "rate": limit.rate,
         "burst": limit.burst,
+        "budget": limit.budget,
+        "cookies_armed": limit.cookies != 0,
         "within": c.within,
         "over_rate": c.over_rate,
+        "cookies": c.cookies,
+        "cookie_failed": c.cookie_failed,
     })
 }
 
@@ -934,11 +934,14 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
 }
 
 fn print_syn(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()> {
-    writeln!(out, "SYNs per source at the NIC:")?;
     writeln!(
         out,
-        "  {:<28} {:>8} {:>8} {:>12} {:>12}",
-        "listener", "rate/s", "burst", "within", "over rate"
+        "SYNs at the NIC (rate and burst per source; budget per CPU, then SYN cookies):"
+    )?;
+    writeln!(
+        out,
+        "  {:<28} {:>8} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}",
+        "listener", "rate/s", "burst", "budget", "within", "over rate", "cookies", "failed"
     )?;
     for l in status["listeners"].as_array().into_iter().flatten() {
         let syn = &l["syn"];
@@ -946,14 +949,22 @@ fn print_syn(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()
             Some(0) | None => "off".to_owned(),
             Some(r) => r.to_string(),
         };
+        let budget = match (syn["budget"].as_u64(), syn["cookies_armed"].as_bool()) {
+            (Some(0) | None, _) => "off".to_owned(),
+            (Some(b), Some(true)) => b.to_string(),
+            (Some(_), _) => "unarmed".to_owned(),
+        };
         writeln!(
             out,
-            "  {:<28} {:>8} {:>8} {:>12} {:>12}",
+            "  {:<28} {:>8} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}",
             l["listener"].as_str().unwrap_or("?"),
             rate,
             syn["burst"],
+            budget,
             syn["within"],
-            syn["over_rate"]
+            syn["over_rate"],
+            syn["cookies"],
+            syn["cookie_failed"]
         )?;
     }
     Ok(())

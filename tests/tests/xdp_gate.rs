@@ -3,12 +3,11 @@
 //! canned 503; `reset` and `drop` modes act on the SYN; an open gate passes
 //! only while the proxy's heartbeat is live; the ACLs still come first.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use portcullis::xdp::{AclList, GateMode, ListenerAddr};
 use portcullis_common::GATE_RESPONSE;
-use portcullis_tests::frames::{Frame, tcp_flags};
+use portcullis_tests::frames::{self, Frame, Reply, tcp_flags};
 use portcullis_tests::{Prog, ip};
 
 const XDP_DROP: u32 = 1;
@@ -17,71 +16,11 @@ const XDP_TX: u32 = 3;
 const CLIENT_SEQ: u32 = 7_000_000;
 const REQUEST: &[u8] = b"GET /orders HTTP/1.1\r\nHost: api\r\n\r\n";
 
-/// A reply as the client would parse it.
-#[derive(Debug)]
-struct Reply {
-    src: IpAddr,
-    dst: IpAddr,
-    sport: u16,
-    dport: u16,
-    seq: u32,
-    ack: u32,
-    flags: u8,
-    payload: Vec<u8>,
-}
-
-fn sum(bytes: &[u8]) -> u32 {
-    portcullis_common::sum16(bytes)
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    u16::try_from(s).expect("folded")
-}
-
-/// Parses a reply frame sent back to `request`, checking MACs, lengths and checksums.
+/// A reply as the client would parse it; the gate's carry no TCP options.
 fn parse(request: &[u8], frame: &[u8]) -> Reply {
-    assert_eq!(&frame[..6], &request[6..12], "destination MAC is the sender's");
-    assert_eq!(&frame[6..12], &request[..6], "source MAC is ours");
-    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-    let (src, dst, tcp, pseudo) = if ethertype == 0x0800 {
-        let ipv4 = &frame[14..34];
-        assert_eq!(ipv4[0], 0x45);
-        assert_eq!(fold(sum(ipv4)), 0xffff, "IPv4 header checksum");
-        let total = usize::from(u16::from_be_bytes([ipv4[2], ipv4[3]]));
-        assert_eq!(total + 14, frame.len(), "IPv4 total length");
-        let tcp = &frame[34..];
-        let pseudo = sum(&ipv4[12..20]) + 6 + u32::try_from(tcp.len()).expect("small");
-        let src: [u8; 4] = ipv4[12..16].try_into().expect("4");
-        let dst: [u8; 4] = ipv4[16..20].try_into().expect("4");
-        (IpAddr::from(src), IpAddr::from(dst), tcp, pseudo)
-    } else {
-        assert_eq!(ethertype, 0x86dd);
-        let ipv6 = &frame[14..54];
-        let payload = usize::from(u16::from_be_bytes([ipv6[4], ipv6[5]]));
-        assert_eq!(payload + 54, frame.len(), "IPv6 payload length");
-        assert_eq!(ipv6[6], 6, "no extension headers");
-        let tcp = &frame[54..];
-        let pseudo = sum(&ipv6[8..40]) + 6 + u32::try_from(tcp.len()).expect("small");
-        let src: [u8; 16] = ipv6[8..24].try_into().expect("16");
-        let dst: [u8; 16] = ipv6[24..40].try_into().expect("16");
-        (IpAddr::from(src), IpAddr::from(dst), tcp, pseudo)
-    };
-    assert_eq!(fold(pseudo + sum(tcp)), 0xffff, "TCP checksum");
-    assert_eq!(tcp[12] >> 4, 5, "no TCP options");
-    let be32 = |at: usize| u32::from_be_bytes(tcp[at..at + 4].try_into().expect("4"));
-    Reply {
-        src,
-        dst,
-        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
-        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
-        seq: be32(4),
-        ack: be32(8),
-        flags: tcp[13],
-        payload: tcp[20..].to_vec(),
-    }
+    let reply = frames::parse_reply(request, frame);
+    assert!(reply.options.is_empty(), "no TCP options: {:?}", reply.options);
+    reply
 }
 
 /// The whole exchange of one client with a gated `503` listener.

@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Version of the map layout; pinned maps of another version are refused.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Most listeners one gateway instance guards; listener ids are `1..=MAX_LISTENERS`.
 pub const MAX_LISTENERS: u32 = 4096;
@@ -52,8 +52,11 @@ pub mod map_names {
     pub const SYN_RATE: &str = "PC_SYN_RATE";
     /// `PerCpuArray<SynCounters>`, indexed by listener id.
     pub const SYN_COUNTERS: &str = "PC_SYN_COUNTERS";
+    /// `PerCpuArray<SynBucket>`, indexed by listener id: each listener's SYN
+    /// budget on this CPU, above which XDP answers SYNs with cookies.
+    pub const SYN_BUDGET: &str = "PC_SYN_BUDGET";
     /// Every map, for pin management.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         LISTENERS,
         ACL_V4,
         ACL_V6,
@@ -67,6 +70,7 @@ pub mod map_names {
         SYN_LIMITS,
         SYN_RATE,
         SYN_COUNTERS,
+        SYN_BUDGET,
     ];
 }
 
@@ -345,8 +349,10 @@ const _: () = assert!(core::mem::size_of::<Acl4Long>() == 8);
 /// recently seen give way.
 pub const SYN_SOURCES: u32 = 1 << 16;
 
-/// A listener's per-source SYN limit: a token bucket of `burst` SYNs refilled
-/// at `rate` per second, per source and per CPU that receives its SYNs.
+/// A listener's SYN limits: a per-source token bucket of `burst` SYNs
+/// refilled at `rate` per second (per source and per CPU that receives its
+/// SYNs), and a listener-wide `budget` of SYNs per second per CPU that reach
+/// the kernel, above which XDP answers SYNs itself with SYN cookies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SynLimit {
@@ -354,15 +360,30 @@ pub struct SynLimit {
     pub rate: u32,
     /// SYNs a source may send at once.
     pub burst: u32,
+    /// SYNs per second per CPU the kernel's own handshake takes; 0: all of them.
+    pub budget: u32,
+    /// The MSS a cookie SYN-ACK offers.
+    pub mss: u16,
+    /// The window scale a cookie SYN-ACK offers: the one the kernel gives the
+    /// listener's connections, so that the synproxy's handshake agrees with it.
+    pub wscale: u8,
+    /// 1 once the cookies' ACK path (the nftables synproxy) is in place:
+    /// only then does XDP answer SYNs over `budget`; otherwise they pass.
+    pub cookies: u8,
 }
-const _: () = assert!(core::mem::size_of::<SynLimit>() == 8);
+const _: () = assert!(core::mem::size_of::<SynLimit>() == 16);
 
 impl SynLimit {
     /// On by default: above what an L4 load balancer or a large NAT in front
-    /// opens from one address, far below what one flooding source sends.
+    /// opens from one address, far below what one flooding source sends; a
+    /// budget well within what a listener's SYN queue drains on one CPU.
     pub const DEFAULT: Self = Self {
         rate: 10_000,
         burst: 20_000,
+        budget: 20_000,
+        mss: 1460,
+        wscale: 7,
+        cookies: 0,
     };
     /// Highest `rate` and `burst`, so the bucket arithmetic stays in 64 bits.
     pub const MAX: u32 = 1_000_000;
@@ -400,14 +421,20 @@ pub struct SynCounters {
     pub within: u64,
     /// SYNs dropped: their source was over the listener's limit.
     pub over_rate: u64,
+    /// SYNs over the listener's budget answered by XDP with a cookie SYN-ACK.
+    pub cookies: u64,
+    /// SYNs over the budget whose SYN-ACK could not be written, dropped.
+    pub cookie_failed: u64,
 }
-const _: () = assert!(core::mem::size_of::<SynCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<SynCounters>() == 32);
 
 impl SynCounters {
     /// Adds another CPU's counters to these.
     pub fn accumulate(&mut self, other: &Self) {
         self.within = self.within.wrapping_add(other.within);
         self.over_rate = self.over_rate.wrapping_add(other.over_rate);
+        self.cookies = self.cookies.wrapping_add(other.cookies);
+        self.cookie_failed = self.cookie_failed.wrapping_add(other.cookie_failed);
     }
 }
 

@@ -17,7 +17,13 @@
 //!
 //! Before the gate, a SYN to a TCP listener takes a token from its source's
 //! bucket ([`syn_within_rate`]: per /32 or /64, per CPU, at the listener's
-//! rate); a source over the rate has its SYNs dropped.
+//! rate); a source over the rate has its SYNs dropped. After the gate, a SYN
+//! to an open listener takes a token from the listener's budget on this CPU;
+//! over it, once the gateway has put the ACK path in place, XDP answers the
+//! SYN itself with a SYN cookie in the kernel's format ([`cookie_syn_ack`]),
+//! so a flood of spoofed sources never reaches the listener's SYN queue: the
+//! client's ACK goes to the nftables synproxy, which checks the cookie and
+//! makes the connection with the listener.
 #![no_std]
 #![no_main]
 
@@ -59,6 +65,8 @@ static PC_SYN_LIMITS: Array<SynLimit> = Array::pinned(MAX_LISTENERS + 1, 0);
 static PC_SYN_RATE: LruPerCpuHashMap<SynKey, SynBucket> = LruPerCpuHashMap::pinned(SYN_SOURCES, 0);
 #[map]
 static PC_SYN_COUNTERS: PerCpuArray<SynCounters> = PerCpuArray::pinned(MAX_LISTENERS + 1, 0);
+#[map]
+static PC_SYN_BUDGET: PerCpuArray<SynBucket> = PerCpuArray::pinned(MAX_LISTENERS + 1, 0);
 #[map]
 static PC_ACL4_LONG: HashMap<Acl4Long, [u64; 4]> = HashMap::pinned(DEFAULT_ACL_CAPACITY, BPF_F_NO_PREALLOC);
 /// One table per IPv4 list generation; the loader pins it by path.
@@ -185,8 +193,65 @@ fn judge_flow(ctx: &XdpContext, flow: &Flow) -> Verdict {
     if listener.gate_mode != gate_mode::NONE && flow.proto == proto::TCP && gated(&listener) {
         return gate(ctx, flow, listener.gate_mode, id);
     }
+    if flow.proto == proto::TCP && flow.tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if let Some(verdict) = over_budget(ctx, flow, id) {
+            return verdict;
+        }
+    }
     count(id, |c| c.passed += 1);
     Verdict::Pass
+}
+
+/// Takes a token from `bucket`, refilled at `rate` per second up to `burst`;
+/// false when it is empty. A bucket never used starts full.
+#[inline(always)]
+fn take_token(bucket: &mut SynBucket, rate: u32, burst: u32, now: u64) -> bool {
+    let full = u64::from(burst) * SYN_TOKEN;
+    let tokens = if bucket.last_ns == 0 {
+        full
+    } else {
+        let elapsed = now.saturating_sub(bucket.last_ns).min(SYN_REFILL_CAP_NS);
+        bucket.tokens.saturating_add(elapsed * u64::from(rate)).min(full)
+    };
+    bucket.last_ns = now;
+    if tokens >= SYN_TOKEN {
+        bucket.tokens = tokens - SYN_TOKEN;
+        true
+    } else {
+        bucket.tokens = tokens;
+        false
+    }
+}
+
+/// A SYN over listener `id`'s budget on this CPU, with its cookies armed:
+/// answered here with a cookie SYN-ACK. `None`: the SYN goes to the kernel.
+#[inline(always)]
+fn over_budget(ctx: &XdpContext, flow: &Flow, id: u32) -> Option<Verdict> {
+    let limit = PC_SYN_LIMITS.get(id)?;
+    if limit.budget == 0 || limit.cookies == 0 {
+        return None;
+    }
+    let bucket = PC_SYN_BUDGET.get_ptr_mut(id)?;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { helpers::bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for this run.
+    if take_token(unsafe { &mut *bucket }, limit.budget, limit.budget, now) {
+        return None;
+    }
+    let mut segment = Segment { seq: 0, ack: 0, flags: 0 };
+    let mut options = [0u8; 20];
+    let answered = cookie_syn_ack(ctx, flow, limit, &mut segment, &mut options)
+        && send(ctx, flow, &segment, Some(&options), false);
+    if let Some(counters) = PC_SYN_COUNTERS.get_ptr_mut(id) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for this run.
+        let counters = unsafe { &mut *counters };
+        if answered {
+            counters.cookies += 1;
+        } else {
+            counters.cookie_failed += 1;
+        }
+    }
+    Some(if answered { Verdict::Tx } else { Verdict::Drop })
 }
 
 /// Nanotokens per SYN.
@@ -216,33 +281,15 @@ fn syn_within_rate(flow: &Flow, id: u32) -> bool {
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { helpers::bpf_ktime_get_ns() };
-    let full = u64::from(limit.burst) * SYN_TOKEN;
     let within = match PC_SYN_RATE.get_ptr_mut(&key) {
-        Some(bucket) => {
-            // SAFETY: the pointer is to this CPU's copy of the value, valid for this run.
-            let bucket = unsafe { &mut *bucket };
-            let elapsed = now.saturating_sub(bucket.last_ns).min(SYN_REFILL_CAP_NS);
-            let tokens = bucket
-                .tokens
-                .saturating_add(elapsed * u64::from(limit.rate))
-                .min(full);
-            bucket.last_ns = now;
-            if tokens >= SYN_TOKEN {
-                bucket.tokens = tokens - SYN_TOKEN;
-                true
-            } else {
-                bucket.tokens = tokens;
-                false
-            }
-        }
+        // SAFETY: the pointer is to this CPU's copy of the value, valid for this run.
+        Some(bucket) => take_token(unsafe { &mut *bucket }, limit.rate, limit.burst, now),
         None => {
-            let fresh = SynBucket {
-                tokens: full.saturating_sub(SYN_TOKEN),
-                last_ns: now,
-            };
+            let mut fresh = SynBucket::default();
+            let within = take_token(&mut fresh, limit.rate, limit.burst, now);
             // A full map evicts its least recent source; a failed insert lets this SYN by.
             let _ = PC_SYN_RATE.insert(&key, &fresh, 0);
-            limit.burst > 0
+            within
         }
     };
     if let Some(counters) = PC_SYN_COUNTERS.get_ptr_mut(id) {
@@ -663,8 +710,9 @@ fn be32(bytes: &[u8; 20], at: usize) -> u32 {
 /// or the request (answered with the canned 503 + FIN); one that validates as
 /// `cookie + 1 + len(503) (+1)` acknowledges our answer (absorbed; a FIN gets
 /// its ACK). Nothing else is ours: it goes to the kernel, which owns any
-/// connection made before the gate closed.
-#[inline(always)]
+/// connection made before the gate closed. A function of its own, so that
+/// its buffers are not in the frame of the path every packet takes.
+#[inline(never)]
 fn gate(ctx: &XdpContext, flow: &Flow, mode: u32, id: u32) -> Verdict {
     let flags = flow.tcp[13];
     let seq = be32(&flow.tcp, 4);
@@ -772,8 +820,9 @@ fn cookie_tcp(flow: &Flow, seq: u32, ack: u32) -> [u8; 20] {
     tcp
 }
 
-/// A SYN cookie for the flow's 4-tuple (client sequence 0).
-#[inline(always)]
+/// A SYN cookie for the flow's 4-tuple (client sequence 0). Out of line,
+/// like [`cookie_checks`], to keep the gate's frame small.
+#[inline(never)]
 fn syn_cookie(flow: &Flow) -> Option<u32> {
     // SAFETY: the helpers read fixed-size, initialised stack buffers.
     let made = unsafe {
@@ -797,7 +846,7 @@ fn cookie_ok(flow: &Flow, cookie: u32) -> bool {
     cookie_checks(flow, cookie) && !cookie_checks(flow, cookie.wrapping_sub(1))
 }
 
-#[inline(always)]
+#[inline(never)]
 fn cookie_checks(flow: &Flow, cookie: u32) -> bool {
     // SAFETY: the helpers read fixed-size, initialised stack buffers.
     let checked = unsafe {
@@ -812,16 +861,159 @@ fn cookie_checks(flow: &Flow, cookie: u32) -> bool {
     checked == 0
 }
 
-/// Big-endian 16-bit words of `bytes`, summed without folding.
+/// What a SYN's TCP options ask for, as a SYN cookie can keep it.
+#[derive(Clone, Copy, Default)]
+struct SynOptions {
+    /// The client's timestamp (`None`: it sent none, so no window scale or
+    /// SACK survive a cookie either).
+    tsval: Option<u32>,
+    /// The client's window scale, if it offered one.
+    wscale: Option<u8>,
+    sack: bool,
+}
+
+/// Most options read from a SYN: more than any client sends (Linux 5,
+/// Windows 6, macOS 8 with padding); the rest count as absent. Few, so that
+/// the verifier's walk of the loop stays short.
+const MAX_SYN_OPTIONS: usize = 10;
+
+/// `N` bytes of the frame at `offset`, through the helper: an offset the
+/// verifier need not track exactly, unlike a packet or stack pointer's.
 #[inline(always)]
-fn words<const N: usize>(bytes: &[u8; N]) -> u32 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i + 1 < N {
-        sum += (u32::from(bytes[i]) << 8) | u32::from(bytes[i + 1]);
-        i += 2;
+fn load<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    // SAFETY: `out` is a stack buffer of N bytes; the helper bounds-checks the frame.
+    let loaded = unsafe { helpers::bpf_xdp_load_bytes(ctx.ctx, offset as u32, out.as_mut_ptr().cast(), N as u32) };
+    (loaded == 0).then_some(out)
+}
+
+/// The TCP options of the SYN whose TCP header is at `l4` and `len` bytes
+/// long. Read through [`load`] and each value taken where it is found, so
+/// that the verifier's states differ only in which options were seen.
+#[inline(always)]
+fn syn_options(ctx: &XdpContext, l4: usize, len: usize) -> SynOptions {
+    let mut out = SynOptions::default();
+    let mut i = 20usize;
+    for _ in 0..MAX_SYN_OPTIONS {
+        if i >= len {
+            break;
+        }
+        let Some([kind]) = load::<1>(ctx, l4 + i) else {
+            break;
+        };
+        if kind == 0 {
+            break;
+        }
+        if kind == 1 {
+            i += 1;
+            continue;
+        }
+        let Some([_, size]) = load::<2>(ctx, l4 + i) else {
+            break;
+        };
+        let size = usize::from(size);
+        if size < 2 || i + size > len {
+            break;
+        }
+        if kind == 8 && size == 10 {
+            out.tsval = load::<4>(ctx, l4 + i + 2).map(u32::from_be_bytes);
+        } else if kind == 3 && size == 3 {
+            out.wscale = load::<1>(ctx, l4 + i + 2).map(|[w]| w);
+        } else if kind == 4 && size == 2 {
+            out.sack = true;
+        }
+        i += size;
     }
-    sum
+    out
+}
+
+/// The SYN-ACK to a SYN whose sequence number is a SYN cookie in the
+/// kernel's format, over the SYN's 4-tuple, sequence number and MSS, so that
+/// the netfilter synproxy accepts the client's ACK. With a client timestamp,
+/// ours carries its window scale and SACK the way the synproxy decodes them
+/// (low 4 bits the scale, 0xf for none; bit 4 SACK); ours offers the scale
+/// and MSS `limit` names. A function of its own: its buffers would not fit
+/// the program's stack frame beside the others. False: no cookie was made.
+#[inline(never)]
+fn cookie_syn_ack(
+    ctx: &XdpContext,
+    flow: &Flow,
+    limit: &SynLimit,
+    segment: &mut Segment,
+    options: &mut [u8; 20],
+) -> bool {
+    let len = usize::from(flow.tcp[12] >> 4) * 4;
+    if !(20..=60).contains(&len) {
+        return false;
+    }
+    let mut th = [0u8; 60];
+    th[..20].copy_from_slice(&flow.tcp);
+    if len > 20 {
+        let options = (len - 20) as u32;
+        // SAFETY: the destination is a stack buffer with room for 40 bytes of
+        // options after the fixed header, and `options` is at most 40; the
+        // helper bounds-checks the frame.
+        let loaded = unsafe {
+            helpers::bpf_xdp_load_bytes(
+                ctx.ctx,
+                (flow.l4 + 20) as u32,
+                th[20..].as_mut_ptr().cast(),
+                options.min(40),
+            )
+        };
+        if loaded != 0 {
+            return false;
+        }
+    }
+    // SAFETY: the helpers read fixed-size, initialised stack buffers; `len`
+    // is the header length the buffer's data offset says, at most 60.
+    let made = unsafe {
+        if flow.addrs.family == family::V4 {
+            let (mut ip, _) = cookie_headers_v4(flow, 0, 0);
+            helpers::bpf_tcp_raw_gen_syncookie_ipv4(ip.as_mut_ptr().cast(), th.as_mut_ptr().cast(), len as u32)
+        } else {
+            let (mut ip, _) = cookie_headers_v6(flow, 0, 0);
+            helpers::bpf_tcp_raw_gen_syncookie_ipv6(ip.as_mut_ptr().cast(), th.as_mut_ptr().cast(), len as u32)
+        }
+    };
+    if made < 0 {
+        return false;
+    }
+    let asked = syn_options(ctx, flow.l4, len);
+    let mss = if limit.mss == 0 { 1460 } else { limit.mss };
+    *options = [1u8; 20];
+    options[..4].copy_from_slice(&[2, 4, (mss >> 8) as u8, mss as u8]);
+    if let Some(client_ts) = asked.tsval {
+        // SAFETY: a helper without arguments.
+        let now_ns = unsafe { helpers::bpf_ktime_get_ns() };
+        let mut tsval = ((now_ns / 1_000_000) as u32) & !0x3f;
+        // A scale above 14 is read as 14 (RFC 7323); 0xf means none.
+        tsval |= u32::from(asked.wscale.map_or(0xf, |w| w.min(14)));
+        if asked.sack {
+            tsval |= 1 << 4;
+            options[4..6].copy_from_slice(&[4, 2]);
+        }
+        options[6..8].copy_from_slice(&[8, 10]);
+        options[8..12].copy_from_slice(&tsval.to_be_bytes());
+        options[12..16].copy_from_slice(&client_ts.to_be_bytes());
+        if asked.wscale.is_some() {
+            options[17..20].copy_from_slice(&[3, 3, limit.wscale]);
+        }
+    }
+    *segment = Segment {
+        seq: made as u32,
+        ack: be32(&flow.tcp, 4).wrapping_add(1),
+        flags: TCP_SYN | TCP_ACK,
+    };
+    true
+}
+
+/// A reply's sequence, acknowledgement and flags.
+#[derive(Clone, Copy)]
+struct Segment {
+    seq: u32,
+    ack: u32,
+    flags: u8,
 }
 
 #[inline(always)]
@@ -831,72 +1023,85 @@ fn checksum(mut sum: u32) -> [u8; 2] {
     (!(sum as u16)).to_be_bytes()
 }
 
-/// Rewrites the frame into a reply to the flow's sender: MACs, addresses and
-/// ports swapped (VLAN tags kept), fresh IP and option-less TCP headers with
-/// `seq`, `ack` and `flags`, and the canned 503 as payload if `response`.
+/// Rewrites the frame into a reply to the flow's sender, without TCP options.
 #[inline(always)]
 fn reply(ctx: &XdpContext, flow: &Flow, seq: u32, ack: u32, flags: u8, response: bool) -> bool {
+    send(ctx, flow, &Segment { seq, ack, flags }, None, response)
+}
+
+/// Headers being written, off the stack (the program's frames are near their limit).
+#[map]
+static PC_SCRATCH: PerCpuArray<[u8; 80]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Rewrites the frame into a segment to the flow's sender: MACs, addresses
+/// and ports swapped (VLAN tags kept), fresh IP and TCP headers with the
+/// segment's numbers and flags and, if given, 20 bytes of TCP `options`, and
+/// the canned 503 as payload if `response`. A function of its own, called
+/// from the gate and the SYN budget, with its headers in [`PC_SCRATCH`].
+#[inline(never)]
+fn send(ctx: &XdpContext, flow: &Flow, segment: &Segment, options: Option<&[u8; 20]>, response: bool) -> bool {
     // Ethernet and up to two VLAN tags, kept before the frame is resized.
-    let Some(l2) = bytes::<22>(ctx, 0) else {
+    let Some(mut l2) = bytes::<22>(ctx, 0) else {
         return false;
     };
-    let mut l2 = l2;
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&l2[..6]);
     l2.copy_within(6..12, 0);
     l2[6..12].copy_from_slice(&mac);
+    let Some(hdr) = PC_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for this run.
+    let hdr = unsafe { &mut *hdr };
+    *hdr = [0; 80];
     let payload = if response { GATE_RESPONSE_LEN } else { 0 };
     let payload_sum = if response { GATE_RESPONSE_SUM } else { 0 };
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&flow.tcp[2..4]);
-    tcp[2..4].copy_from_slice(&flow.tcp[0..2]);
-    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-    let tcp_len = (20 + payload) as u32;
-    let l3 = flow.l3 & 0x3f;
-    let (ip_len, written) = if flow.addrs.family == family::V4 {
-        let mut hdr = [0u8; 40];
+    let th = if options.is_some() { 40 } else { 20 };
+    let v4 = flow.addrs.family == family::V4;
+    let ip_len = if v4 { 20 } else { 40 };
+    let segment_len = (th + payload) as u16;
+    let pseudo = if v4 {
         hdr[0] = 0x45;
-        hdr[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+        hdr[2..4].copy_from_slice(&(20 + segment_len).to_be_bytes());
         hdr[6] = 0x40;
         hdr[8] = 64;
         hdr[9] = proto::TCP;
         hdr[12..16].copy_from_slice(&flow.addrs.dst[..4]);
         hdr[16..20].copy_from_slice(&flow.addrs.src[..4]);
-        let mut ip = [0u8; 20];
-        ip.copy_from_slice(&hdr[..20]);
-        let ip_sum = checksum(words(&ip));
-        hdr[10..12].copy_from_slice(&ip_sum);
-        let pseudo = words(&[
-            hdr[12], hdr[13], hdr[14], hdr[15], hdr[16], hdr[17], hdr[18], hdr[19],
-        ]) + u32::from(proto::TCP)
-            + tcp_len;
-        let sum = checksum(pseudo + words(&tcp) + payload_sum);
-        tcp[16..18].copy_from_slice(&sum);
-        hdr[20..].copy_from_slice(&tcp);
-        let written = resize(ctx, l3 + 40 + payload) && store(ctx, 0, &l2) && store(ctx, l3, &hdr);
-        (20, written)
+        let sum = checksum(words_in(hdr, 0, 20));
+        hdr[10..12].copy_from_slice(&sum);
+        words_in(hdr, 12, 8)
     } else {
-        let mut hdr = [0u8; 60];
         hdr[0] = 0x60;
-        hdr[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+        hdr[4..6].copy_from_slice(&segment_len.to_be_bytes());
         hdr[6] = proto::TCP;
         hdr[7] = 64;
         hdr[8..24].copy_from_slice(&flow.addrs.dst);
         hdr[24..40].copy_from_slice(&flow.addrs.src);
-        let mut addrs = [0u8; 32];
-        addrs.copy_from_slice(&hdr[8..40]);
-        let pseudo = words(&addrs) + tcp_len + u32::from(proto::TCP);
-        let sum = checksum(pseudo + words(&tcp) + payload_sum);
-        tcp[16..18].copy_from_slice(&sum);
-        hdr[40..].copy_from_slice(&tcp);
-        let written = resize(ctx, l3 + 60 + payload) && store(ctx, 0, &l2) && store(ctx, l3, &hdr);
-        (40, written)
+        words_in(hdr, 8, 32)
     };
-    if !written {
+    let tcp = ip_len;
+    hdr[tcp..tcp + 2].copy_from_slice(&flow.tcp[2..4]);
+    hdr[tcp + 2..tcp + 4].copy_from_slice(&flow.tcp[0..2]);
+    hdr[tcp + 4..tcp + 8].copy_from_slice(&segment.seq.to_be_bytes());
+    hdr[tcp + 8..tcp + 12].copy_from_slice(&segment.ack.to_be_bytes());
+    hdr[tcp + 12] = ((th / 4) as u8) << 4;
+    hdr[tcp + 13] = segment.flags;
+    hdr[tcp + 14] = 0xff;
+    hdr[tcp + 15] = 0xff;
+    if let Some(options) = options {
+        hdr[tcp + 20..tcp + 40].copy_from_slice(options);
+    }
+    let sum = checksum(pseudo + u32::from(proto::TCP) + u32::from(segment_len) + words_in(hdr, tcp, th) + payload_sum);
+    hdr[tcp + 16..tcp + 18].copy_from_slice(&sum);
+    let l3 = flow.l3 & 0x3f;
+    let headers = (ip_len + th) as u32;
+    if !(resize(ctx, l3 + ip_len + th + payload) && store(ctx, 0, &l2)) {
+        return false;
+    }
+    // SAFETY: `hdr` is a map value of 80 bytes and `headers` at most 80; the
+    // helper bounds-checks the frame.
+    if unsafe { helpers::bpf_xdp_store_bytes(ctx.ctx, l3 as u32, hdr.as_mut_ptr().cast(), headers.min(80)) } != 0 {
         return false;
     }
     if response {
@@ -905,7 +1110,7 @@ fn reply(ctx: &XdpContext, flow: &Flow, seq: u32, ack: u32, flags: u8, response:
         let stored = unsafe {
             helpers::bpf_xdp_store_bytes(
                 ctx.ctx,
-                (l3 + ip_len + 20) as u32,
+                l3 as u32 + headers,
                 RESPONSE.as_ptr() as *mut _,
                 GATE_RESPONSE_LEN as u32,
             )
@@ -913,6 +1118,20 @@ fn reply(ctx: &XdpContext, flow: &Flow, seq: u32, ack: u32, flags: u8, response:
         return stored == 0;
     }
     true
+}
+
+/// Big-endian 16-bit words of `bytes[at..at + len]`, summed without folding.
+#[inline(always)]
+fn words_in(bytes: &[u8; 80], at: usize, len: usize) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < len && i < 80 {
+        if let (Some(&hi), Some(&lo)) = (bytes.get(at + i), bytes.get(at + i + 1)) {
+            sum += (u32::from(hi) << 8) | u32::from(lo);
+        }
+        i += 2;
+    }
+    sum
 }
 
 /// Makes the frame `len` bytes long: shrinks at the tail, grows at the tail

@@ -105,8 +105,7 @@ impl Nic {
             // Only a limit the configuration names is written: one set with
             // `portcullis listener syn-limit` stays until the configuration names one.
             if let Some((rate, burst)) = listener.syn_limit {
-                self.maps
-                    .set_syn_limit(&key, crate::xdp::SynLimit { rate, burst })?;
+                self.maps.set_syn_rate(&key, rate, burst)?;
             }
             now.insert(key);
         }

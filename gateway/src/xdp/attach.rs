@@ -165,6 +165,7 @@ impl Instance {
             path: self.pin_dir().to_owned(),
             source,
         })?;
+        super::maps::retire_abi4_maps(self)?;
         super::maps::check_layout(self)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(self.pin_dir())

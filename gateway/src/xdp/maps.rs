@@ -18,8 +18,9 @@ use super::mmap::MappedArray;
 /// The map layout before the IPv4 tables and the port array (ABI 2): its maps
 /// are taken over, and what ABI 3 derives from them is built at load.
 /// Older ABIs whose maps a load takes over: 2 (no port entries or IPv4
-/// tables yet) and 3 (no SYN limits yet).
-pub(crate) const UPGRADABLE_ABIS: [u32; 2] = [2, 3];
+/// tables yet), 3 (no SYN limits yet) and 4 (SYN limits without a budget:
+/// those two maps are made anew).
+pub(crate) const UPGRADABLE_ABIS: [u32; 3] = [2, 3, 4];
 
 use super::{Instance, LOCK_DIR, XdpError};
 
@@ -165,6 +166,7 @@ pub struct Maps {
     pub(crate) acl4_long: HashMap<MapData, Acl4Long, [u64; 4]>,
     pub(crate) syn_limits: Array<MapData, SynLimit>,
     pub(crate) syn_counters: PerCpuArray<MapData, SynCounters>,
+    pub(crate) syn_budget: PerCpuArray<MapData, SynBucket>,
 }
 
 impl fmt::Debug for Maps {
@@ -247,8 +249,42 @@ pub(crate) fn expected_layout(name: &str) -> (u32, u32) {
         map_names::SYN_LIMITS => (4, size(size_of::<SynLimit>())),
         map_names::SYN_RATE => (size(size_of::<SynKey>()), size(size_of::<SynBucket>())),
         map_names::SYN_COUNTERS => (4, size(size_of::<SynCounters>())),
+        map_names::SYN_BUDGET => (4, size(size_of::<SynBucket>())),
         _ => (0, 0),
     }
+}
+
+/// The ABI the pinned maps say they were made by (0: no maps yet).
+fn pinned_abi(instance: &Instance) -> Result<u32, XdpError> {
+    let config = instance.map_pin(map_names::CONFIG);
+    if !config.exists() {
+        return Ok(0);
+    }
+    let data = MapData::from_pin(&config).map_err(map_err(map_names::CONFIG, "open pin"))?;
+    let array: Array<MapData, u32> =
+        Array::try_from(Map::from_map_data(data).map_err(map_err(map_names::CONFIG, "open pin"))?)
+            .map_err(map_err(map_names::CONFIG, "open pin"))?;
+    array
+        .get(&config_slot::ABI, 0)
+        .map_err(map_err(map_names::CONFIG, "read ABI version"))
+}
+
+/// Unpins the maps whose layout ABI 4 had otherwise (the SYN limits and
+/// their counters), so that a load makes them anew; the load then gives
+/// every listener the default limits, and the proxy writes its own.
+pub(crate) fn retire_abi4_maps(instance: &Instance) -> Result<(), XdpError> {
+    if pinned_abi(instance)? != 4 {
+        return Ok(());
+    }
+    for name in [map_names::SYN_LIMITS, map_names::SYN_COUNTERS] {
+        let path = instance.map_pin(name);
+        if let Err(source) = std::fs::remove_file(&path)
+            && source.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(XdpError::PinDir { path, source });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses pinned maps whose layout differs from this build's.
@@ -270,24 +306,15 @@ pub(crate) fn check_layout(instance: &Instance) -> Result<(), XdpError> {
             });
         }
     }
-    let config = instance.map_pin(map_names::CONFIG);
-    if config.exists() {
-        let data = MapData::from_pin(&config).map_err(map_err(map_names::CONFIG, "open pin"))?;
-        let array: Array<MapData, u32> =
-            Array::try_from(Map::from_map_data(data).map_err(map_err(map_names::CONFIG, "open pin"))?)
-                .map_err(map_err(map_names::CONFIG, "open pin"))?;
-        let abi = array
-            .get(&config_slot::ABI, 0)
-            .map_err(map_err(map_names::CONFIG, "read ABI version"))?;
-        if abi != 0 && abi != ABI_VERSION && !UPGRADABLE_ABIS.contains(&abi) {
-            return Err(XdpError::Layout {
-                instance: instance.name().to_owned(),
-                dir: instance.pin_dir().to_owned(),
-                map: map_names::CONFIG,
-                expected: format!("ABI {ABI_VERSION}"),
-                found: format!("ABI {abi}"),
-            });
-        }
+    let abi = pinned_abi(instance)?;
+    if abi != 0 && abi != ABI_VERSION && !UPGRADABLE_ABIS.contains(&abi) {
+        return Err(XdpError::Layout {
+            instance: instance.name().to_owned(),
+            dir: instance.pin_dir().to_owned(),
+            map: map_names::CONFIG,
+            expected: format!("ABI {ABI_VERSION}"),
+            found: format!("ABI {abi}"),
+        });
     }
     Ok(())
 }
@@ -330,6 +357,8 @@ impl Maps {
                 .map_err(map_err(map_names::SYN_LIMITS, "open"))?,
             syn_counters: PerCpuArray::try_from(open_pinned(instance, map_names::SYN_COUNTERS)?)
                 .map_err(map_err(map_names::SYN_COUNTERS, "open"))?,
+            syn_budget: PerCpuArray::try_from(open_pinned(instance, map_names::SYN_BUDGET)?)
+                .map_err(map_err(map_names::SYN_BUDGET, "open"))?,
         })
     }
 
@@ -526,18 +555,35 @@ impl Maps {
             .map_err(|source| XdpError::Cpus { source })?;
         self.syn_counters
             .set(id, zeros, 0)
-            .map_err(map_err(map_names::SYN_COUNTERS, "reset"))
+            .map_err(map_err(map_names::SYN_COUNTERS, "reset"))?;
+        let full = PerCpuValues::try_from(vec![SynBucket::default(); cpus])
+            .map_err(|source| XdpError::Cpus { source })?;
+        self.syn_budget
+            .set(id, full, 0)
+            .map_err(map_err(map_names::SYN_BUDGET, "reset"))
     }
+}
 
+/// What a cookie SYN-ACK offers the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CookieOffer {
+    /// The MSS.
+    pub mss: u16,
+    /// The window scale: the one the kernel gives the listener's own connections.
+    pub wscale: u8,
+}
+
+impl Maps {
     fn write_syn_limit(&mut self, id: u32, limit: SynLimit) -> Result<(), XdpError> {
         self.syn_limits
             .set(id, limit, 0)
             .map_err(map_err(map_names::SYN_LIMITS, "write"))
     }
 
-    /// Sets a listener's per-source SYN limit (`rate` 0 turns it off).
+    /// Sets a listener's SYN limits whole.
     pub fn set_syn_limit(&mut self, listener: &ListenerAddr, limit: SynLimit) -> Result<(), XdpError> {
-        if limit.rate > SynLimit::MAX || limit.burst > SynLimit::MAX || (limit.rate > 0 && limit.burst == 0) {
+        let bad = |n: u32| n > SynLimit::MAX;
+        if bad(limit.rate) || bad(limit.burst) || bad(limit.budget) || (limit.rate > 0 && limit.burst == 0) {
             return Err(XdpError::SynLimit {
                 listener: listener.to_string(),
                 max: SynLimit::MAX,
@@ -546,6 +592,40 @@ impl Maps {
         let _lock = self.lock()?;
         let id = self.listener_value(listener)?.id;
         self.write_syn_limit(id, limit)
+    }
+
+    /// Sets a listener's per-source SYN limit (`rate` 0 turns it off), keeping its budget.
+    pub fn set_syn_rate(&mut self, listener: &ListenerAddr, rate: u32, burst: u32) -> Result<(), XdpError> {
+        let id = self.listener_value(listener)?.id;
+        let limit = self.syn_limit(id)?;
+        self.set_syn_limit(listener, SynLimit { rate, burst, ..limit })
+    }
+
+    /// Sets a listener's SYN budget (SYNs per second per CPU before cookies;
+    /// 0 turns cookies off) and whether the cookies' ACK path is in place,
+    /// with the MSS and window scale a cookie SYN-ACK offers; keeps its per-source limit.
+    pub fn set_syn_budget(
+        &mut self,
+        listener: &ListenerAddr,
+        budget: u32,
+        cookies: Option<CookieOffer>,
+    ) -> Result<(), XdpError> {
+        let id = self.listener_value(listener)?.id;
+        let limit = self.syn_limit(id)?;
+        let offer = cookies.unwrap_or(CookieOffer {
+            mss: limit.mss,
+            wscale: limit.wscale,
+        });
+        self.set_syn_limit(
+            listener,
+            SynLimit {
+                budget,
+                mss: offer.mss,
+                wscale: offer.wscale,
+                cookies: u8::from(cookies.is_some()),
+                ..limit
+            },
+        )
     }
 
     /// A listener's per-source SYN limit.

@@ -53,10 +53,15 @@ pub fn write(maps: &Maps, out: &mut String) -> Result<(), XdpError> {
     }
     let _ = writeln!(
         out,
-        "# HELP portcullis_xdp_syns SYNs to open listeners, by listener and per-source rate verdict.\n# TYPE portcullis_xdp_syns counter"
+        "# HELP portcullis_xdp_syns SYNs to open listeners, by listener and verdict (within the per-source rate, over it, answered with a cookie over the listener's budget, cookie not written).\n# TYPE portcullis_xdp_syns counter"
     );
     for (name, s) in &syns {
-        for (verdict, n) in [("within", s.within), ("over_rate", s.over_rate)] {
+        for (verdict, n) in [
+            ("within", s.within),
+            ("over_rate", s.over_rate),
+            ("cookie", s.cookies),
+            ("cookie_failed", s.cookie_failed),
+        ] {
             let _ = writeln!(
                 out,
                 "portcullis_xdp_syns_total{{listener=\"{name}\",verdict=\"{verdict}\"}} {n}"

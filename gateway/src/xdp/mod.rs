@@ -28,7 +28,7 @@ pub use attach::{
 };
 pub use error::XdpError;
 pub use gate::{GateMode, Heartbeat, monotonic_ns};
-pub use maps::{Listener, ListenerAddr, Maps, Protocol};
+pub use maps::{CookieOffer, Listener, ListenerAddr, Maps, Protocol};
 pub use portcullis_common::{Counters, DEFAULT_ACL_CAPACITY, SynCounters, SynLimit, UNATTRIBUTED};
 
 /// Where bpffs is mounted.

@@ -70,6 +70,8 @@ pub struct Frame {
     pub ipv6_ext: Vec<Ext>,
     /// TCP data offset override (in 32-bit words), to craft bad headers.
     pub tcp_doff: Option<u8>,
+    /// TCP options bytes (padded to 4 with end-of-list).
+    pub tcp_options: Vec<u8>,
     /// IPv4 IHL override, to craft bad headers.
     pub ipv4_ihl: Option<u8>,
     /// TCP sequence number.
@@ -122,6 +124,7 @@ impl Frame {
             ipv4_fragment: (0, false),
             ipv6_ext: Vec::new(),
             tcp_doff: None,
+            tcp_options: Vec::new(),
             ipv4_ihl: None,
             seq: 1000,
             ack: 0,
@@ -133,6 +136,16 @@ impl Frame {
     pub fn seq_ack(mut self, seq: u32, ack: u32) -> Self {
         self.seq = seq;
         self.ack = ack;
+        self
+    }
+
+    /// Sets the TCP options (padded to 4 bytes with end-of-list).
+    #[must_use]
+    pub fn tcp_options(mut self, options: &[u8]) -> Self {
+        self.tcp_options = options.to_vec();
+        while !self.tcp_options.len().is_multiple_of(4) {
+            self.tcp_options.push(0);
+        }
         self
     }
 
@@ -163,15 +176,17 @@ impl Frame {
                 flags,
                 payload,
             } => {
-                let mut b = Vec::with_capacity(20 + payload.len());
+                let mut b = Vec::with_capacity(60 + payload.len());
                 b.extend_from_slice(&sport.to_be_bytes());
                 b.extend_from_slice(&dport.to_be_bytes());
                 b.extend_from_slice(&self.seq.to_be_bytes());
                 b.extend_from_slice(&self.ack.to_be_bytes());
-                b.push(self.tcp_doff.unwrap_or(5) << 4);
+                let doff = u8::try_from(5 + self.tcp_options.len() / 4).expect("small");
+                b.push(self.tcp_doff.unwrap_or(doff) << 4);
                 b.push(*flags);
                 b.extend_from_slice(&65535u16.to_be_bytes());
                 b.extend_from_slice(&[0, 0, 0, 0]);
+                b.extend_from_slice(&self.tcp_options);
                 b.extend_from_slice(payload);
                 (6, b)
             }
@@ -289,4 +304,86 @@ pub fn arp() -> Vec<u8> {
     f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 10, 0, 0, 2]);
     f.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 0, 0, 1]);
     f
+}
+
+/// A segment XDP sent back, as the client would parse it.
+#[derive(Debug)]
+pub struct Reply {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgement number.
+    pub ack: u32,
+    /// TCP flags.
+    pub flags: u8,
+    /// TCP options bytes.
+    pub options: Vec<u8>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// Ones'-complement sum of big-endian 16-bit words, unfolded.
+fn sum(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|w| u32::from(w[0]) << 8 | u32::from(w.get(1).copied().unwrap_or(0)))
+        .sum()
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    u16::try_from(s).expect("folded")
+}
+
+/// Parses a reply frame sent back to `request`, checking MACs, lengths and checksums.
+pub fn parse_reply(request: &[u8], frame: &[u8]) -> Reply {
+    assert_eq!(&frame[..6], &request[6..12], "destination MAC is the sender's");
+    assert_eq!(&frame[6..12], &request[..6], "source MAC is ours");
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let (src, dst, tcp, pseudo) = if ethertype == 0x0800 {
+        let ipv4 = &frame[14..34];
+        assert_eq!(ipv4[0], 0x45);
+        assert_eq!(fold(sum(ipv4)), 0xffff, "IPv4 header checksum");
+        let total = usize::from(u16::from_be_bytes([ipv4[2], ipv4[3]]));
+        assert_eq!(total + 14, frame.len(), "IPv4 total length");
+        let tcp = &frame[34..];
+        let pseudo = sum(&ipv4[12..20]) + 6 + u32::try_from(tcp.len()).expect("small");
+        let src: [u8; 4] = ipv4[12..16].try_into().expect("4");
+        let dst: [u8; 4] = ipv4[16..20].try_into().expect("4");
+        (IpAddr::from(src), IpAddr::from(dst), tcp, pseudo)
+    } else {
+        assert_eq!(ethertype, 0x86dd);
+        let ipv6 = &frame[14..54];
+        let payload = usize::from(u16::from_be_bytes([ipv6[4], ipv6[5]]));
+        assert_eq!(payload + 54, frame.len(), "IPv6 payload length");
+        assert_eq!(ipv6[6], 6, "no extension headers");
+        let tcp = &frame[54..];
+        let pseudo = sum(&ipv6[8..40]) + 6 + u32::try_from(tcp.len()).expect("small");
+        let src: [u8; 16] = ipv6[8..24].try_into().expect("16");
+        let dst: [u8; 16] = ipv6[24..40].try_into().expect("16");
+        (IpAddr::from(src), IpAddr::from(dst), tcp, pseudo)
+    };
+    assert_eq!(fold(pseudo + sum(tcp)), 0xffff, "TCP checksum");
+    let header = usize::from(tcp[12] >> 4) * 4;
+    let be32 = |at: usize| u32::from_be_bytes(tcp[at..at + 4].try_into().expect("4"));
+    Reply {
+        src,
+        dst,
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        seq: be32(4),
+        ack: be32(8),
+        flags: tcp[13],
+        options: tcp[20..header].to_vec(),
+        payload: tcp[header..].to_vec(),
+    }
 }

@@ -11,7 +11,7 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use portcullis::xdp::{AclList, Instance, ListenerAddr, Loaded, SynLimit};
+use portcullis::xdp::{AclList, Instance, ListenerAddr, Loaded};
 use portcullis_tests::{
     Rng,
     frames::{Frame, arp},
@@ -204,7 +204,7 @@ fn measure_in(name: &str, v6: bool, n: usize, rows: &mut Vec<Row>) -> anyhow::Re
     let listener: ListenerAddr = listen.parse().map_err(anyhow::Error::msg)?;
     maps.add_listener(&listener)?;
     // The ACL paths alone: a frame repeated millions of times would be over any SYN rate.
-    maps.set_syn_limit(&listener, SynLimit { rate: 0, burst: 0 })?;
+    maps.set_syn_rate(&listener, 0, 0)?;
     let mut rng = Rng(0x5eed ^ n as u64 ^ u64::from(v6));
     let mut bench = Bench {
         loaded,
@@ -232,7 +232,7 @@ fn measure_in(name: &str, v6: bool, n: usize, rows: &mut Vec<Row>) -> anyhow::Re
         bench.path("listener, empty lists", &frames, XDP_PASS)?;
         // Burst 2: choosing the frames spends one token per source, the run
         // the second; the repeated frame is over its rate at once.
-        maps.set_syn_limit(&listener, SynLimit { rate: 1, burst: 2 })?;
+        maps.set_syn_rate(&listener, 1, 2)?;
         let frames = bench.frames(dst, XDP_PASS, &mut random_source)?;
         bench.path_with(
             "SYN limit on: over rate (warm), in rate (many)",
