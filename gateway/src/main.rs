@@ -239,6 +239,15 @@ enum ListenerCommand {
         #[arg(long, default_value_t = portcullis::xdp::SynLimit::DEFAULT.burst)]
         burst: u32,
     },
+    /// Set the SYN budget: SYNs beyond BUDGET per second per receiving CPU
+    /// are answered at the NIC with SYN cookies, whose ACKs the instance's
+    /// nftables synproxy table turns into connections (written by this command).
+    SynBudget {
+        listener: ListenerAddr,
+        /// SYNs per second per CPU the kernel's own handshake takes; 0 turns cookies off.
+        #[arg(long, default_value_t = portcullis::xdp::SynLimit::DEFAULT.budget)]
+        budget: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -647,6 +656,19 @@ fn listener(instance: &Instance, command: &ListenerCommand) -> anyhow::Result<()
                 println!("listener {listener}: no per-source SYN limit");
             } else {
                 println!("listener {listener}: SYNs beyond {rate}/s (burst {burst}) per source dropped");
+            }
+        }
+        ListenerCommand::SynBudget { listener, budget } => {
+            let mut maps = instance.maps()?;
+            let budgets = maps.syn_budgets_with(listener, *budget)?;
+            maps.set_syn_cookies(&budgets)?;
+            if *budget == 0 {
+                println!("listener {listener}: no SYN budget, the kernel takes every SYN");
+            } else {
+                println!(
+                    "listener {listener}: SYNs beyond {budget}/s per CPU answered with SYN cookies (nftables table inet {})",
+                    portcullis::xdp::synproxy::table_name(instance)
+                );
             }
         }
     }

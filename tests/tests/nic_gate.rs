@@ -388,7 +388,8 @@ fn drop_mode_drops_the_syns_of_a_gated_listener() -> anyhow::Result<()> {
 }
 
 #[test]
-fn a_syn_limit_in_the_configuration_reaches_the_nic_and_a_cli_one_stays_otherwise() -> anyhow::Result<()> {
+fn syn_limits_and_budgets_in_the_configuration_reach_the_nic_and_cli_ones_stay_otherwise()
+-> anyhow::Result<()> {
     let config = |ip: std::net::IpAddr, limit: &str| {
         format!(
             "{}{}",
@@ -411,28 +412,60 @@ fn a_syn_limit_in_the_configuration_reaches_the_nic_and_a_cli_one_stays_otherwis
         format!("{}:8080", s.topo.gw_ip(false)),
         format!("{}:8081", s.topo.gw_ip(false)),
     );
-    let syn = |listener: &str| -> anyhow::Result<(u64, u64)> {
+    let syn_counts = |listener: &str| -> anyhow::Result<serde_json::Value> {
         let status = s.xdp.status()?;
-        let l = status["listeners"]
+        status["listeners"]
             .as_array()
             .and_then(|ls| ls.iter().find(|l| l["listener"] == listener))
-            .with_context(|| format!("{listener} in {status}"))?;
+            .map(|l| l["syn"].clone())
+            .with_context(|| format!("{listener} in {status}"))
+    };
+    let syn = |listener: &str| -> anyhow::Result<(u64, u64)> {
+        let syn = syn_counts(listener)?;
         Ok((
-            l["syn"]["rate"].as_u64().context("rate")?,
-            l["syn"]["burst"].as_u64().context("burst")?,
+            syn["rate"].as_u64().context("rate")?,
+            syn["burst"].as_u64().context("burst")?,
+        ))
+    };
+    let armed = |listener: &str| -> anyhow::Result<(u64, bool)> {
+        let syn = syn_counts(listener)?;
+        Ok((
+            syn["budget"].as_u64().context("budget")?,
+            syn["cookies_armed"] == true,
         ))
     };
     let _gw = s.start()?;
     wait_for("the configured SYN limit", || Ok(syn(&limited)? == (50, 100)))?;
+    // SYN cookies are on by default: the default budget, armed by the gateway.
+    wait_for("the default SYN budget armed", || {
+        Ok(armed(&limited)? == (20_000, true))
+    })?;
     // The listener the configuration is silent about keeps what the operator set.
     s.xdp
         .cli(&["listener", "syn-limit", &open, "--rate", "7", "--burst", "9"])?;
     let edited = config(
         s.topo.gw_ip(false),
-        "  synLimit:\n    perSourceRate: 70\n    burst: 80\n",
+        "  synLimit:\n    perSourceRate: 70\n    burst: 80\n    budget: 1\n",
     );
     s.dir.write("gateway.yaml", &format!("{SETTINGS}{edited}"))?;
     wait_for("the edited SYN limit", || Ok(syn(&limited)? == (70, 80)))?;
+    wait_for("the edited SYN budget", || Ok(armed(&limited)? == (1, true)))?;
     ensure!(syn(&open)? == (7, 9), "the CLI's limit stays: {:?}", syn(&open)?);
+    ensure!(armed(&open)? == (20_000, true), "{:?}", armed(&open)?);
+    // Over a budget of 1 per second per CPU, new connections to the proxy
+    // are made through SYN cookies, and answered.
+    for i in 0..10 {
+        let (code, head, _) = s.curl(2, &[], &s.url("http", 8080, "/"))?;
+        ensure!(
+            code == 0 && head.starts_with("HTTP/1.1 200"),
+            "request {i}: {code} {head}"
+        );
+    }
+    let cookies = syn_counts(&limited)?["cookies"].as_u64().unwrap_or(0);
+    ensure!(
+        cookies >= 5,
+        "connections through cookies: {}",
+        syn_counts(&limited)?
+    );
     Ok(())
 }

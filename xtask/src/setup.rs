@@ -38,6 +38,8 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-grpcio",
     // The PROXY protocol tests' load balancer (send-proxy, send-proxy-v2).
     "haproxy",
+    // The SYN cookies' ACK path: the gateway writes an nftables synproxy table.
+    "nftables",
 ];
 
 static APT_UPDATE: Once = Once::new();

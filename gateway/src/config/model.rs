@@ -216,9 +216,9 @@ pub struct ListenerConfig {
     /// PROXY protocol: every connection must open with a PROXY header, and
     /// only these sources may connect at all.
     pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
-    /// The per-source SYN limit XDP applies (SYNs per second, burst); `None`
-    /// leaves whatever the maps hold (the default, or `portcullis listener syn-limit`).
-    pub syn_limit: Option<(u32, u32)>,
+    /// The SYN limits XDP applies; `None` leaves whatever the maps hold (the
+    /// defaults, or `portcullis listener syn-limit` and `syn-budget`).
+    pub syn_limit: Option<SynLimitConfig>,
     /// Routes, most specific first.
     pub routes: Vec<RouteConfig>,
 }
@@ -853,4 +853,16 @@ spec:
         );
         assert!(parse_url("http://h:0/").is_err());
     }
+}
+
+/// A listener's SYN limits at the NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SynLimitConfig {
+    /// SYNs per second per source (/32 or /64); 0: no per-source limit.
+    pub rate: u32,
+    /// SYNs a source may send at once.
+    pub burst: u32,
+    /// SYNs per second per CPU the kernel's handshake takes before XDP
+    /// answers with SYN cookies (0: never); `None` keeps what the maps hold.
+    pub budget: Option<u32>,
 }

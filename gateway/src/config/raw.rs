@@ -76,12 +76,13 @@ pub struct ApiInstanceSpec {
     pub syn_limit: Option<SynLimitSpec>,
 }
 
-/// A per-source SYN limit at the NIC.
+/// A listener's SYN limits at the NIC: per source, and its budget before SYN cookies.
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SynLimitSpec {
-    pub per_source_rate: u32,
+    pub per_source_rate: Option<u32>,
     pub burst: Option<u32>,
+    pub budget: Option<u32>,
 }
 
 /// PROXY protocol (v1 and v2) from L4 load balancers.

@@ -36,8 +36,8 @@ pub struct ListenerRt {
     pub h2c: bool,
     /// The sources allowed to connect, each opening with a PROXY header; `None`: no PROXY protocol.
     pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
-    /// The per-source SYN limit the configuration sets for it at the NIC (rate, burst).
-    pub syn_limit: Option<(u32, u32)>,
+    /// The SYN limits the configuration sets for it at the NIC.
+    pub syn_limit: Option<crate::config::SynLimitConfig>,
     /// Its routes.
     pub router: Router,
 }

@@ -32,6 +32,9 @@ pub struct Nic {
     drop: bool,
     ours: HashSet<ListenerAddr>,
     pushed: HashMap<ListenerAddr, NicAcl>,
+    /// The SYN budgets last armed (or found unarmable), so that the synproxy
+    /// table is written only when they change.
+    budgets: Option<Vec<(ListenerAddr, u32)>>,
     beating: Arc<AtomicBool>,
 }
 
@@ -51,6 +54,7 @@ impl Nic {
             drop: false,
             ours: HashSet::new(),
             pushed: HashMap::new(),
+            budgets: None,
             beating: Arc::new(AtomicBool::new(true)),
         }))
     }
@@ -104,11 +108,12 @@ impl Nic {
                 .set_gate(&key, self.mode(listener.tls.is_some()), open)?;
             // Only a limit the configuration names is written: one set with
             // `portcullis listener syn-limit` stays until the configuration names one.
-            if let Some((rate, burst)) = listener.syn_limit {
-                self.maps.set_syn_rate(&key, rate, burst)?;
+            if let Some(limit) = listener.syn_limit {
+                self.maps.set_syn_rate(&key, limit.rate, limit.burst)?;
             }
             now.insert(key);
         }
+        self.arm_budgets(generation)?;
         let gone: Vec<ListenerAddr> = self.ours.difference(&now).copied().collect();
         for key in gone {
             self.maps.set_gate(&key, GateMode::None, false)?;
@@ -118,6 +123,44 @@ impl Nic {
             }
         }
         self.ours = now;
+        Ok(())
+    }
+
+    /// Arms every listener's SYN budget (the configuration's, else what the
+    /// maps hold) with the synproxy table as its ACK path. A table that
+    /// cannot be written leaves the budgets unarmed, and the gateway running:
+    /// the kernel then takes every SYN, as it would without XDP.
+    fn arm_budgets(&mut self, generation: &Generation) -> Result<(), XdpError> {
+        let mut budgets = Vec::new();
+        for l in self.maps.listeners()? {
+            let named = generation
+                .listeners
+                .get(&l.addr.addr)
+                .filter(|_| l.addr.protocol == crate::xdp::Protocol::Tcp)
+                .and_then(|c| c.syn_limit)
+                .and_then(|s| s.budget);
+            let budget = match named {
+                Some(b) => b,
+                None => self.maps.syn_limit(l.id)?.budget,
+            };
+            budgets.push((l.addr, budget));
+        }
+        budgets.sort_unstable_by_key(|(l, _)| (l.addr, l.protocol));
+        if self.budgets.as_ref() == Some(&budgets) {
+            return Ok(());
+        }
+        match self.maps.set_syn_cookies(&budgets) {
+            Ok(()) => tracing::info!(
+                table = %crate::xdp::synproxy::table_name(&self.instance),
+                armed = budgets.iter().filter(|(_, b)| *b > 0).count(),
+                "SYN budgets armed at the NIC: SYNs over them are answered with SYN cookies"
+            ),
+            Err(e @ XdpError::Synproxy { .. }) => {
+                tracing::warn!(error = %e, "SYN budgets left unarmed: the kernel takes every SYN");
+            }
+            Err(e) => return Err(e),
+        }
+        self.budgets = Some(budgets);
         Ok(())
     }
 

@@ -150,6 +150,19 @@ pub enum XdpError {
         /// The largest rate and burst.
         max: u32,
     },
+    /// The nftables synproxy table (the SYN cookies' ACK path) could not be written or removed.
+    #[error(
+        "the SYN cookies' ACK path (nftables table inet {table}) could not be {action}: {detail}; \
+         install nftables (`apt install nftables`), or set the listener's SYN budget to 0"
+    )]
+    Synproxy {
+        /// The nftables table.
+        table: String,
+        /// `written` or `removed`.
+        action: &'static str,
+        /// What `nft` said.
+        detail: String,
+    },
     /// No such listener.
     #[error("no listener {listener}: add it with `portcullis listener add {listener}`")]
     UnknownListener {

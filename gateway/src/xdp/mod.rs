@@ -15,6 +15,7 @@ mod gate;
 mod maps;
 pub mod metrics;
 mod mmap;
+pub mod synproxy;
 mod table;
 
 use std::{
@@ -124,6 +125,7 @@ impl Instance {
         if !self.dir.exists() {
             return Ok(());
         }
+        synproxy::remove_table(self)?;
         let entries = fs::read_dir(&self.dir).map_err(|source| XdpError::PinDir {
             path: self.dir.clone(),
             source,

@@ -9,8 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::{ApiDoc, Collector, check_host_pattern, check_namespace, network, normalize_base, side};
 use crate::config::{
-    Config, InboundTls, ListenerConfig, Origin, PolicySpec, RouteConfig, Url, WebSocketConfig,
-    parse_duration, parse_url,
+    Config, InboundTls, ListenerConfig, Origin, PolicySpec, RouteConfig, SynLimitConfig, Url,
+    WebSocketConfig, parse_duration, parse_url,
 };
 
 /// A listener being assembled.
@@ -27,8 +27,8 @@ pub(super) struct ListenerDraft {
     h2c: Option<(bool, Origin)>,
     /// Its own PROXY protocol setting (over the Configuration's), and where it was first said.
     proxy_protocol: Option<(Option<Vec<ipnet::IpNet>>, Origin)>,
-    /// Its SYN limit, and where it was first said.
-    syn_limit: Option<((u32, u32), Origin)>,
+    /// Its SYN limits, and where they were first said.
+    syn_limit: Option<(SynLimitConfig, Origin)>,
 }
 
 /// What the ApiInstances came to.
@@ -125,12 +125,22 @@ fn websocket(api: &ApiDoc<'_>, c: &mut Collector) -> WebSocketConfig {
 /// Highest SYN rate and burst XDP's buckets take (`SynLimit::MAX` in the program's ABI).
 const SYN_LIMIT_MAX: u32 = 1_000_000;
 
-/// An ApiInstance's `synLimit`: (rate, burst), the burst twice the rate by default.
-fn syn_limit(api: &ApiDoc<'_>, c: &mut Collector) -> Option<(u32, u32)> {
+/// The per-source SYN rate when `synLimit` names none (the XDP maps' default).
+const SYN_RATE_DEFAULT: u32 = 10_000;
+
+/// An ApiInstance's `synLimit`: the burst twice the rate by default.
+fn syn_limit(api: &ApiDoc<'_>, c: &mut Collector) -> Option<SynLimitConfig> {
     let spec = api.spec.syn_limit.as_ref()?;
-    let rate = spec.per_source_rate;
+    let rate = spec.per_source_rate.unwrap_or(SYN_RATE_DEFAULT);
     let burst = spec.burst.unwrap_or(rate.saturating_mul(2));
     let mut ok = true;
+    if spec.budget.is_some_and(|b| b > SYN_LIMIT_MAX) {
+        c.push(
+            &api.doc.at("spec.synLimit.budget"),
+            format!("must be at most {SYN_LIMIT_MAX} (0 turns SYN cookies off)"),
+        );
+        ok = false;
+    }
     if rate > SYN_LIMIT_MAX {
         c.push(
             &api.doc.at("spec.synLimit.perSourceRate"),
@@ -145,7 +155,11 @@ fn syn_limit(api: &ApiDoc<'_>, c: &mut Collector) -> Option<(u32, u32)> {
         );
         ok = false;
     }
-    ok.then_some((rate, burst))
+    ok.then_some(SynLimitConfig {
+        rate,
+        burst,
+        budget: spec.budget,
+    })
 }
 
 fn on_off(on: bool) -> &'static str {
