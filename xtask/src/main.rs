@@ -96,6 +96,8 @@ enum Bench {
     Gate,
     /// Control-plane edit → enforced by each of two replicas (p50/p99).
     Control,
+    /// Legitimate req/s under a spoofed SYN flood: XDP cookies vs the kernel's plus nftables.
+    Flood,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,7 +109,8 @@ fn main() -> anyhow::Result<()> {
         Task::Deb { deb_version } => deb::build(deb_version.as_deref()).map(drop),
         Task::Image { deb } => image::build(deb).map(drop),
         Task::Bench { which: Bench::Xdp } => bench_xdp(),
-        Task::Bench { which: Bench::Gate } => bench_gate(),
+        Task::Bench { which: Bench::Gate } => bench_gate(&[]),
+        Task::Bench { which: Bench::Flood } => bench_gate(&["flood"]),
         Task::Bench { which: Bench::Proxy } => bench::proxy(),
         Task::Bench {
             which: Bench::Control,
@@ -360,9 +363,10 @@ fn run_counting(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_gate() -> anyhow::Result<()> {
+/// `cargo xtask bench gate` (no `args`) or `bench flood` (`["flood"]`): one binary.
+fn bench_gate(args: &[&str]) -> anyhow::Result<()> {
     require_root("cargo xtask bench gate")?;
-    setup::apt_install(&["wrk", "ethtool"])?;
+    setup::apt_install(&["wrk", "ethtool", "nftables", "iproute2"])?;
     let object = setup::build_ebpf()?;
     run(cargo()
         .args(["build", "--release", "-p", "portcullis"])
@@ -375,7 +379,9 @@ fn bench_gate() -> anyhow::Result<()> {
             "portcullis-tests",
             "--bin",
             "gate-bench",
+            "--",
         ])
+        .args(args)
         .env("PORTCULLIS_XDP_OBJ", object)
         .env("PORTCULLIS_BIN", root().join("target/release/portcullis")))
 }

@@ -23,6 +23,7 @@ use portcullis::xdp::{Instance, ListenerAddr};
 use portcullis_tests::http::{GatewayProcess, TempDir, Upstream, api_instance, read_response};
 use portcullis_tests::{Gateway, NetNs, Topology, portcullis_bin, unique_name, wait_for};
 
+mod flood;
 mod raw;
 
 const EDITS: usize = 100;
@@ -213,6 +214,12 @@ fn probe(addr: SocketAddr, base: Instant, p: &Probe) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("flood") {
+        return flood::run(
+            |listen| config(listen, "1000000000"),
+            |topo, listen| raw_path(topo, listen, 50),
+        );
+    }
     let bin = portcullis_bin();
     let topo = Topology::new()?;
     let _client_xdp = topo.accept_xdp_replies()?;

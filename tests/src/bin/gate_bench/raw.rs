@@ -130,7 +130,7 @@ mod packet {
         }
 
         /// Sends `frames` with one `sendmmsg`; returns how many left (the rest
-        /// met a full device queue and are lost, as on a wire).
+        /// met a full device queue or socket buffer and are lost, as on a wire).
         pub fn send_batch(&self, frames: &[Vec<u8>]) -> std::io::Result<usize> {
             if frames.is_empty() {
                 return Ok(0);
@@ -148,7 +148,9 @@ mod packet {
             let sent = unsafe { libc::sendmmsg(self.0.as_raw_fd(), headers.as_mut_ptr(), count, 0) };
             if sent < 0 {
                 let e = std::io::Error::last_os_error();
-                return if e.raw_os_error() == Some(libc::ENOBUFS) {
+                return if e.raw_os_error() == Some(libc::ENOBUFS)
+                    || e.kind() == std::io::ErrorKind::WouldBlock
+                {
                     Ok(0)
                 } else {
                     Err(e)
@@ -479,4 +481,37 @@ impl<'p> Client<'p> {
             }
         }
     }
+}
+
+/// Spoofed SYNs to `path`'s listener from random sources in 198.18.0.0/15
+/// (RFC 2544's benchmark range), random ports and sequence numbers, in
+/// batches of 64 per `sendmmsg`, until `stop`: the frames offered to the
+/// gateway's end, and those its device queue refused.
+pub fn flood(path: &Path, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<(u64, u64)> {
+    let socket = packet::Socket::bind(path.ifindex).context("AF_PACKET socket")?;
+    // xorshift64*: fast and good enough to spread sources over a /15.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let (mut sent, mut refused) = (0u64, 0u64);
+    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(64);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        batch.clear();
+        for _ in 0..64 {
+            let r = next();
+            let host = u32::try_from(r & 0x1_ffff).unwrap_or(0);
+            let src = Ipv4Addr::from(0xc612_0000 | host);
+            let sport = u16::try_from((r >> 17) & 0xffff).unwrap_or(0) | 1024;
+            let seq = u32::try_from(r >> 32).unwrap_or(0);
+            batch.push(frame(path, src, sport, seq, 0, SYN, &[]));
+        }
+        let n = socket.send_batch(&batch)?;
+        sent += u64::try_from(n).unwrap_or(0);
+        refused += u64::try_from(batch.len() - n).unwrap_or(0);
+    }
+    Ok((sent, refused))
 }
