@@ -59,6 +59,20 @@ pub fn offer(listener: &ListenerAddr, wscale: u8) -> CookieOffer {
     CookieOffer { mss, wscale }
 }
 
+/// The conntrack state of a cookie's ACK, a bare ACK of a connection
+/// conntrack never saw: new where conntrack picks connections up midstream
+/// (`nf_conntrack_tcp_loose`, on by default), invalid where it does not.
+/// Only that state: an invalid segment of a tracked connection is the
+/// kernel's to judge, as without the table.
+fn cookie_ack_state() -> &'static str {
+    let loose = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_tcp_loose").unwrap_or_default();
+    if loose.trim() == "0" {
+        "invalid,untracked"
+    } else {
+        "new,untracked"
+    }
+}
+
 /// One rule: a cookie's ACK for `listener` goes to the synproxy.
 fn rule(listener: &ListenerAddr, wscale: u8) -> String {
     let port = listener.addr.port();
@@ -69,12 +83,10 @@ fn rule(listener: &ListenerAddr, wscale: u8) -> String {
         IpAddr::V6(a) => format!("ip6 daddr {a}"),
     };
     let mss = offer(listener, wscale).mss;
-    // A cookie's ACK is a bare ACK of a connection conntrack never saw:
-    // invalid when conntrack does not pick connections up midstream, new
-    // when it does.
     format!(
-        "\t\t{dest} tcp dport {port} tcp flags & (fin|syn|rst|ack) == ack ct state invalid,untracked,new \
-         synproxy mss {mss} wscale {wscale} timestamp sack-perm\n"
+        "\t\t{dest} tcp dport {port} tcp flags & (fin|syn|rst|ack) == ack ct state {} \
+         synproxy mss {mss} wscale {wscale} timestamp sack-perm\n",
+        cookie_ack_state()
     )
 }
 

@@ -2,8 +2,11 @@
 //!
 //! wrk (keep-alive, and one request per connection) against a listener of
 //! the gateway, without and then with a flood of spoofed SYNs from random
-//! sources (the [`raw::flood`] generator, on an `AF_PACKET` socket of the
-//! client's end), on two set-ups in turn: the kernel's own SYN cookies with
+//! sources (the [`raw::flood`] generator, on an `AF_PACKET` socket in a
+//! namespace of its own, joined to the gateway's by a second veth pair whose
+//! far end, like a wire to spoofed addresses, takes no answer home: XDP's
+//! replies are dropped by the veth, the kernel's die in that namespace's IP
+//! layer), on two set-ups in turn: the kernel's own SYN cookies with
 //! an nftables SYN rate limit on the listener (XDP not attached: the peer),
 //! and Portcullis's XDP program with its default SYN budget, answering SYNs
 //! over it with cookies at the NIC. On a 2-core machine the generator takes
@@ -18,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use portcullis_tests::http::{GatewayProcess, TempDir, Upstream};
-use portcullis_tests::{Gateway, NetNs, Topology, portcullis_bin, wait_for};
+use portcullis_tests::{Gateway, NetNs, Topology, Veth, portcullis_bin, wait_for};
 
-use super::raw;
+use super::{link, raw};
 
 /// Length of each wrk run.
 const RUN: &str = "5s";
@@ -81,7 +84,7 @@ struct Cell {
 }
 
 /// Both wrk shapes, then both again under the flood.
-fn measure(topo: &Topology, path: &raw::Path, url: &str) -> anyhow::Result<Cell> {
+fn measure(topo: &Topology, flooder: &NetNs, path: &raw::Path, url: &str) -> anyhow::Result<Cell> {
     let mut cell = Cell {
         keep_alive: (wrk(&topo.client, url, false)?, Load::default()),
         new_connections: (wrk(&topo.client, url, true)?, Load::default()),
@@ -90,7 +93,7 @@ fn measure(topo: &Topology, path: &raw::Path, url: &str) -> anyhow::Result<Cell>
     let stop = Arc::new(AtomicBool::new(false));
     let flood = {
         let (path, stop) = (path.clone(), stop.clone());
-        topo.client.spawn(move || raw::flood(&path, &stop))
+        flooder.spawn(move || raw::flood(&path, &stop))
     };
     let started = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
@@ -147,11 +150,48 @@ fn row(name: &str, cell: &Cell) {
     );
 }
 
+/// The flood's own namespace and veth pair to the gateway's, and the
+/// generator's path down it to `listen`.
+fn flood_wire(topo: &Topology, listen: SocketAddr) -> anyhow::Result<(NetNs, Veth, raw::Path)> {
+    let flooder = NetNs::new("f")?;
+    let s = topo.subnet;
+    let wire = Veth::join(
+        &topo.gw,
+        &[&format!("10.{s}.1.1/24")],
+        &flooder,
+        &[&format!("10.{s}.1.2/24")],
+    )?;
+    let (ifindex, client_mac) = link(&flooder, &wire.b)?;
+    let (_, gateway_mac) = link(&topo.gw, &wire.a)?;
+    let std::net::IpAddr::V4(server) = listen.ip() else {
+        anyhow::bail!("the flood is IPv4");
+    };
+    let path = raw::Path {
+        ifindex,
+        client_mac,
+        gateway_mac,
+        sources: Vec::new(),
+        server,
+        port: listen.port(),
+    };
+    // The kernel answers spoofed sources too: back down the flood's wire.
+    let routed = std::process::Command::new("ip")
+        .args([
+            "-n",
+            topo.gw.name(),
+            "route",
+            "add",
+            "198.18.0.0/15",
+            "via",
+            &format!("10.{s}.1.2"),
+        ])
+        .status()?;
+    ensure!(routed.success(), "route to the flood's sources");
+    Ok((flooder, wire, path))
+}
+
 /// Runs the flood benchmark and prints its table.
-pub fn run(
-    config: impl Fn(SocketAddr) -> String,
-    path_for: impl Fn(&Topology, SocketAddr) -> anyhow::Result<raw::Path>,
-) -> anyhow::Result<()> {
+pub fn run(config: impl Fn(SocketAddr) -> String) -> anyhow::Result<()> {
     let bin = portcullis_bin();
     let topo = Topology::new()?;
     let _client_xdp = topo.accept_xdp_replies()?;
@@ -160,13 +200,7 @@ pub fn run(
     let listen = SocketAddr::new(topo.gw_ip(false), 8080);
     let url = format!("http://{listen}/orders/hello");
     std::fs::write(dir.0.join("gateway.yaml"), config(listen))?;
-    let path = path_for(&topo, listen)?;
-    // The kernel answers spoofed sources too: through the client's end.
-    let via = topo.client_ip(2, false).to_string();
-    let routed = std::process::Command::new("ip")
-        .args(["-n", topo.gw.name(), "route", "add", "198.18.0.0/15", "via", &via])
-        .status()?;
-    ensure!(routed.success(), "route to the flood's sources");
+    let (flooder, wire, path) = flood_wire(&topo, listen)?;
     let xdp = Gateway::new(&topo.gw);
     let start = |instance: &str| {
         GatewayProcess::start_env(
@@ -190,7 +224,7 @@ pub fn run(
             ),
         )?;
         let before = kernel_cookies(&topo.gw);
-        let cell = measure(&topo, &path, &url)?;
+        let cell = measure(&topo, &flooder, &path, &url)?;
         let cookies = kernel_cookies(&topo.gw) - before;
         nft(&topo.gw, "delete table inet flood_peer\n")?;
         drop(gw);
@@ -199,6 +233,7 @@ pub fn run(
 
     // Portcullis: XDP attached, the default SYN budget armed by the gateway.
     xdp.cli(&["xdp", "attach", "--iface", &topo.veth.a])?;
+    xdp.cli(&["xdp", "attach", "--iface", &wire.a])?;
     let gw = start(xdp.instance())?;
     let listener = listen.to_string();
     let of_listener = || -> anyhow::Result<serde_json::Value> {
@@ -212,7 +247,7 @@ pub fn run(
     wait_for("the SYN budget armed", || {
         Ok(of_listener()?["syn"]["cookies_armed"] == true)
     })?;
-    let ours = measure(&topo, &path, &url)?;
+    let ours = measure(&topo, &flooder, &path, &url)?;
     let seen = of_listener()?;
     let counts = &seen["syn"];
     drop(gw);
@@ -226,7 +261,11 @@ pub fn run(
         &format!("kernel SYN cookies + nftables SYN limit {PEER_SYN_LIMIT}/s (no XDP)"),
         &peer.0,
     );
-    row("Portcullis: XDP SYN budget (default), cookies at the NIC", &ours);
+    row(
+        "Portcullis: XDP SYN budget (default 20,000/s per CPU), cookies at the NIC",
+        &ours,
+    );
+
     println!(
         "flood verdicts: kernel SYN cookies sent {}; XDP cookies {}, cookie failures {}, SYNs within the per-source rate {}; \
          packets passed {}, answered by a closed gate {}",

@@ -60,27 +60,29 @@ fn raw_run(ns: &NetNs, path: &raw::Path) -> anyhow::Result<raw::Outcome> {
     Ok(total)
 }
 
+/// The interface index and MAC of `dev` in `ns`.
+fn link(ns: &NetNs, dev: &str) -> anyhow::Result<(i32, [u8; 6])> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns.name(), "-j", "link", "show", "dev", dev])
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let index = json[0]["ifindex"].as_i64().context("ifindex")?;
+    let mac: Vec<u8> = json[0]["address"]
+        .as_str()
+        .context("address")?
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()?;
+    Ok((
+        i32::try_from(index)?,
+        mac.try_into().map_err(|_| anyhow::anyhow!("MAC"))?,
+    ))
+}
+
 /// The raw client's path to `listen`: `SOURCES` addresses from host
 /// `100 + offset` on the client's subnet, which the client kernel does not
 /// own and the gateway's neighbour table points at the client's end.
 fn raw_path(topo: &Topology, listen: SocketAddr, offset: u8) -> anyhow::Result<raw::Path> {
-    let link = |ns: &NetNs, dev: &str| -> anyhow::Result<(i32, [u8; 6])> {
-        let out = std::process::Command::new("ip")
-            .args(["-n", ns.name(), "-j", "link", "show", "dev", dev])
-            .output()?;
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let index = json[0]["ifindex"].as_i64().context("ifindex")?;
-        let mac: Vec<u8> = json[0]["address"]
-            .as_str()
-            .context("address")?
-            .split(':')
-            .map(|b| u8::from_str_radix(b, 16))
-            .collect::<Result<_, _>>()?;
-        Ok((
-            i32::try_from(index)?,
-            mac.try_into().map_err(|_| anyhow::anyhow!("MAC"))?,
-        ))
-    };
     let (ifindex, client_mac) = link(&topo.client, &topo.veth.b)?;
     let (_, gateway_mac) = link(&topo.gw, &topo.veth.a)?;
     let sources: Vec<std::net::Ipv4Addr> = (0..SOURCES)
@@ -116,6 +118,11 @@ fn raw_path(topo: &Topology, listen: SocketAddr, offset: u8) -> anyhow::Result<r
 }
 
 fn config(listen: SocketAddr, maximum: &str) -> String {
+    config_with(listen, maximum, "")
+}
+
+/// [`config`] with more of the ApiInstance's spec.
+fn config_with(listen: SocketAddr, maximum: &str, spec: &str) -> String {
     format!(
         "apiVersion: gateway.mulesoft.com/v1alpha1
 kind: Configuration
@@ -134,7 +141,7 @@ spec:
             &format!("http://{listen}/orders"),
             "http://127.0.0.1:9000/",
             &format!(
-                "  policies:
+                "{spec}  policies:
     - policyRef:
         name: rate-limiting-flex
       config:
@@ -215,10 +222,9 @@ fn probe(addr: SocketAddr, base: Instant, p: &Probe) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("flood") {
-        return flood::run(
-            |listen| config(listen, "1000000000"),
-            |topo, listen| raw_path(topo, listen, 50),
-        );
+        // wrk is one source opening more than the default 10,000 SYNs a
+        // second: the per-source limit would throttle the legitimate client.
+        return flood::run(|listen| config_with(listen, "1000000000", "  synLimit:\n    perSourceRate: 0\n"));
     }
     let bin = portcullis_bin();
     let topo = Topology::new()?;
