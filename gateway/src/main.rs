@@ -971,6 +971,7 @@ fn print_syn(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()
             Some(0) | None => "off".to_owned(),
             Some(r) => r.to_string(),
         };
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
         let budget = match (syn["budget"].as_u64(), syn["cookies_armed"].as_bool()) {
             (Some(0) | None, _) => "off".to_owned(),
             (Some(b), Some(true)) => b.to_string(),
@@ -981,12 +982,12 @@ fn print_syn(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()
             "  {:<28} {:>8} {:>8} {:>8} {:>12} {:>12} {:>12} {:>8}",
             l["listener"].as_str().unwrap_or("?"),
             rate,
-            syn["burst"],
+            n(&syn["burst"]),
             budget,
-            syn["within"],
-            syn["over_rate"],
-            syn["cookies"],
-            syn["cookie_failed"]
+            n(&syn["within"]),
+            n(&syn["over_rate"]),
+            n(&syn["cookies"]),
+            n(&syn["cookie_failed"])
         )?;
     }
     Ok(())

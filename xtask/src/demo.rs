@@ -122,6 +122,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         upstream.requests()
     );
     routing_steps(&topo, good, &plain, (&upstream, &canary))?;
+    syn_cookie_steps(&topo, &gw, good, &plain)?;
     websocket_steps(&topo, &plain, &dir.0)?;
     grpc_steps(&topo, &plain, &dir.0)?;
     access_log_steps(&proxy, &json_log)?;
@@ -275,6 +276,32 @@ fn print_metrics(topo: &Topology, prefix: &str) -> anyhow::Result<()> {
     {
         println!("   {line}");
     }
+    Ok(())
+}
+
+/// New connections over a listener's SYN budget, made through SYN cookies
+/// answered by XDP and the kernel's synproxy; the default budget put back.
+fn syn_cookie_steps(
+    topo: &Topology,
+    gw: &Gateway,
+    good: std::net::IpAddr,
+    plain: &str,
+) -> anyhow::Result<()> {
+    println!(
+        "\n== SYN budget: {plain} takes 1 SYN a second per CPU through the kernel, XDP answers the rest with cookies"
+    );
+    print!("{}", gw.cli(&["listener", "syn-budget", plain, "--budget", "1"])?);
+    let url = format!("http://{plain}/inventory/hello");
+    let answered = (0..10)
+        .filter(|_| curl(topo, good, &["-u", "mobile:password"], &url).is_ok_and(|(ok, _)| ok))
+        .count();
+    println!("   10 new connections from {good}: {answered} answered");
+    print_metrics(topo, "portcullis_xdp_syns_total")?;
+    if answered < 10 {
+        bail!("connections over the SYN budget were not made through cookies");
+    }
+    // Without --budget: the default.
+    print!("{}", gw.cli(&["listener", "syn-budget", plain])?);
     Ok(())
 }
 
