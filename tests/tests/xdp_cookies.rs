@@ -5,7 +5,7 @@
 //! cookie's ACK and makes the connection with the listener, window scaling
 //! and all — while the listener's SYN queue never sees those SYNs.
 
-use anyhow::{Context as _, ensure};
+use anyhow::ensure;
 use portcullis_tests::http::{Upstream, pattern};
 use portcullis_tests::{Gateway, Topology};
 
@@ -14,12 +14,7 @@ const PORT: u16 = 8080;
 const CONNECTIONS: usize = 30;
 
 fn syn(xdp: &Gateway, listener: &str) -> anyhow::Result<serde_json::Value> {
-    let status = xdp.status()?;
-    status["listeners"]
-        .as_array()
-        .and_then(|ls| ls.iter().find(|l| l["listener"] == listener))
-        .map(|l| l["syn"].clone())
-        .with_context(|| format!("no listener {listener} in {status}"))
+    Ok(xdp.listener_status(listener)?["syn"].clone())
 }
 
 #[test]

@@ -278,14 +278,19 @@ impl Gateway {
         Ok(serde_json::from_str(&self.cli(&["status", "--json"])?)?)
     }
 
-    /// The counters of one listener from `status --json`.
-    pub fn listener_counters(&self, listener: &str) -> anyhow::Result<serde_json::Value> {
+    /// One listener's entry in `status --json` (its `counters`, `syn`...).
+    pub fn listener_status(&self, listener: &str) -> anyhow::Result<serde_json::Value> {
         let status = self.status()?;
         status["listeners"]
             .as_array()
             .and_then(|ls| ls.iter().find(|l| l["listener"] == listener))
-            .map(|l| l["counters"].clone())
+            .cloned()
             .with_context(|| format!("listener {listener} not in status {status}"))
+    }
+
+    /// The counters of one listener from `status --json`.
+    pub fn listener_counters(&self, listener: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(self.listener_status(listener)?["counters"].clone())
     }
 
     /// Removes the instance's pins: detaches its links and drops its maps.

@@ -14,16 +14,14 @@
 //! other core's work, on both sides alike.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use portcullis_tests::http::{GatewayProcess, TempDir, Upstream};
-use portcullis_tests::{Gateway, NetNs, Topology, Veth, portcullis_bin, wait_for};
+use portcullis_tests::{Gateway, NetNs, Topology, Veth, wait_for};
 
-use super::{link, raw};
+use super::{Scene, link, raw, wrk};
 
 /// Length of each wrk run.
 const RUN: &str = "5s";
@@ -37,42 +35,17 @@ struct Load {
     failed: u64,
 }
 
-fn wrk(ns: &NetNs, url: &str, close: bool) -> anyhow::Result<Load> {
+fn load(ns: &NetNs, url: &str, close: bool) -> anyhow::Result<Load> {
     let shape = if close {
         "-t1 -c32 -H 'Connection: close'"
     } else {
         "-t1 -c50"
     };
-    let out = ns
-        .command("sh")
-        .args([
-            "-c",
-            &format!("ulimit -n $(ulimit -Hn); exec wrk {shape} -d{RUN} {url}"),
-        ])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "wrk: {}{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut load = Load::default();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["Requests/sec:", v] => load.rps = v.parse().unwrap_or(0.0),
-            ["Non-2xx", "or", "3xx", "responses:", n] => load.failed += n.parse().unwrap_or(0),
-            ["Socket", "errors:", rest @ ..] => {
-                load.failed += rest
-                    .iter()
-                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-                    .sum::<u64>();
-            }
-            _ => {}
-        }
-    }
-    ensure!(load.rps > 0.0, "wrk printed no rate: {text}");
-    Ok(load)
+    let run = wrk(ns, &format!("{shape} -d{RUN}"), url)?;
+    Ok(Load {
+        rps: run.rps,
+        failed: run.non_2xx + run.socket_errors,
+    })
 }
 
 /// One set-up's four numbers, and the flood's rate while they were taken.
@@ -86,8 +59,8 @@ struct Cell {
 /// Both wrk shapes, then both again under the flood.
 fn measure(topo: &Topology, flooder: &NetNs, path: &raw::Path, url: &str) -> anyhow::Result<Cell> {
     let mut cell = Cell {
-        keep_alive: (wrk(&topo.client, url, false)?, Load::default()),
-        new_connections: (wrk(&topo.client, url, true)?, Load::default()),
+        keep_alive: (load(&topo.client, url, false)?, Load::default()),
+        new_connections: (load(&topo.client, url, true)?, Load::default()),
         flood_pps: 0.0,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -97,7 +70,7 @@ fn measure(topo: &Topology, flooder: &NetNs, path: &raw::Path, url: &str) -> any
     };
     let started = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
-    let under = (wrk(&topo.client, url, false), wrk(&topo.client, url, true));
+    let under = (load(&topo.client, url, false), load(&topo.client, url, true));
     stop.store(true, Ordering::Relaxed);
     let (sent, _refused) = flood
         .join()
@@ -192,25 +165,19 @@ fn flood_wire(topo: &Topology, listen: SocketAddr) -> anyhow::Result<(NetNs, Vet
 
 /// Runs the flood benchmark and prints its table.
 pub fn run(config: impl Fn(SocketAddr) -> String) -> anyhow::Result<()> {
-    let bin = portcullis_bin();
-    let topo = Topology::new()?;
-    let _client_xdp = topo.accept_xdp_replies()?;
-    let _up = Upstream::start(&topo.gw, "127.0.0.1:9000".parse()?)?;
-    let dir = TempDir::new("flood")?;
-    let listen = SocketAddr::new(topo.gw_ip(false), 8080);
-    let url = format!("http://{listen}/orders/hello");
+    let scene = Scene::new("flood")?;
+    let Scene {
+        topo,
+        dir,
+        listen,
+        url,
+        ..
+    } = &scene;
+    let (topo, listen, url) = (topo, *listen, url.as_str());
     std::fs::write(dir.0.join("gateway.yaml"), config(listen))?;
-    let (flooder, wire, path) = flood_wire(&topo, listen)?;
+    let (flooder, wire, path) = flood_wire(topo, listen)?;
     let xdp = Gateway::new(&topo.gw);
-    let start = |instance: &str| {
-        GatewayProcess::start_env(
-            &topo.gw,
-            &bin,
-            &dir.0,
-            "127.0.0.1:9901".parse()?,
-            &[("PORTCULLIS_INSTANCE", Path::new(instance))],
-        )
-    };
+    let start = |instance: &str| scene.start(instance);
 
     // The peer: no XDP; the kernel's SYN cookies and an nftables SYN limit.
     let peer = {
@@ -224,7 +191,7 @@ pub fn run(config: impl Fn(SocketAddr) -> String) -> anyhow::Result<()> {
             ),
         )?;
         let before = kernel_cookies(&topo.gw);
-        let cell = measure(&topo, &flooder, &path, &url)?;
+        let cell = measure(topo, &flooder, &path, url)?;
         let cookies = kernel_cookies(&topo.gw) - before;
         nft(&topo.gw, "delete table inet flood_peer\n")?;
         drop(gw);
@@ -236,18 +203,11 @@ pub fn run(config: impl Fn(SocketAddr) -> String) -> anyhow::Result<()> {
     xdp.cli(&["xdp", "attach", "--iface", &wire.a])?;
     let gw = start(xdp.instance())?;
     let listener = listen.to_string();
-    let of_listener = || -> anyhow::Result<serde_json::Value> {
-        let status = xdp.status()?;
-        status["listeners"]
-            .as_array()
-            .and_then(|ls| ls.iter().find(|l| l["listener"] == listener.as_str()))
-            .cloned()
-            .context("listener in status")
-    };
+    let of_listener = || xdp.listener_status(&listener);
     wait_for("the SYN budget armed", || {
         Ok(of_listener()?["syn"]["cookies_armed"] == true)
     })?;
-    let ours = measure(&topo, &flooder, &path, &url)?;
+    let ours = measure(topo, &flooder, &path, url)?;
     let seen = of_listener()?;
     let counts = &seen["syn"];
     drop(gw);

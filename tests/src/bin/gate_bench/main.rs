@@ -162,14 +162,19 @@ fn deploy(dir: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// wrk from `ns`, one request per connection: requests per second.
-fn wrk_503(ns: &NetNs, url: &str) -> anyhow::Result<(f64, u64)> {
+/// What one wrk run printed: its rate, its non-2xx answers and its socket errors.
+#[derive(Debug, Clone, Copy, Default)]
+struct Wrk {
+    rps: f64,
+    non_2xx: u64,
+    socket_errors: u64,
+}
+
+/// Runs `wrk ARGS URL` from `ns`, with the descriptor limit raised.
+fn wrk(ns: &NetNs, args: &str, url: &str) -> anyhow::Result<Wrk> {
     let out = ns
         .command("sh")
-        .args([
-            "-c",
-            &format!("ulimit -n $(ulimit -Hn); exec wrk -t2 -c64 -d5s -H 'Connection: close' {url}"),
-        ])
+        .args(["-c", &format!("ulimit -n $(ulimit -Hn); exec wrk {args} {url}")])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -177,18 +182,29 @@ fn wrk_503(ns: &NetNs, url: &str) -> anyhow::Result<(f64, u64)> {
         "wrk: {}{text}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut rps = 0.0;
-    let mut non_2xx = 0;
+    let mut run = Wrk::default();
     for line in text.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
-            ["Requests/sec:", v] => rps = v.parse().unwrap_or(0.0),
-            ["Non-2xx", "or", "3xx", "responses:", n] => non_2xx = n.parse().unwrap_or(0),
+            ["Requests/sec:", v] => run.rps = v.parse().unwrap_or(0.0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => run.non_2xx = n.parse().unwrap_or(0),
+            ["Socket", "errors:", rest @ ..] => {
+                run.socket_errors = rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum();
+            }
             _ => {}
         }
     }
-    ensure!(rps > 0.0, "wrk printed no rate: {text}");
-    Ok((rps, non_2xx))
+    ensure!(run.rps > 0.0, "wrk printed no rate: {text}");
+    Ok(run)
+}
+
+/// wrk from `ns`, one request per connection: requests per second and non-2xx answers.
+fn wrk_503(ns: &NetNs, url: &str) -> anyhow::Result<(f64, u64)> {
+    let run = wrk(ns, "-t2 -c64 -d5s -H 'Connection: close'", url)?;
+    Ok((run.rps, run.non_2xx))
 }
 
 /// The `p`-th percentile (nearest rank) of sorted samples.
@@ -220,48 +236,82 @@ fn probe(addr: SocketAddr, base: Instant, p: &Probe) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What both benchmarks start from: the two namespaces (the client's end
+/// taking XDP's replies), the upstream, the configuration's directory, and
+/// the listener with its URL.
+struct Scene {
+    topo: Topology,
+    _client_xdp: Gateway,
+    _up: Upstream,
+    dir: TempDir,
+    listen: SocketAddr,
+    url: String,
+}
+
+impl Scene {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let topo = Topology::new()?;
+        let client_xdp = topo.accept_xdp_replies()?;
+        let up = Upstream::start(&topo.gw, "127.0.0.1:9000".parse()?)?;
+        let listen = SocketAddr::new(topo.gw_ip(false), 8080);
+        Ok(Self {
+            _client_xdp: client_xdp,
+            _up: up,
+            dir: TempDir::new(name)?,
+            url: format!("http://{listen}/orders/hello"),
+            listen,
+            topo,
+        })
+    }
+
+    /// The release gateway on the directory's configuration, with `instance`'s maps.
+    fn start(&self, instance: &str) -> anyhow::Result<GatewayProcess> {
+        GatewayProcess::start_env(
+            &self.topo.gw,
+            &portcullis_bin(),
+            &self.dir.0,
+            "127.0.0.1:9901".parse()?,
+            &[("PORTCULLIS_INSTANCE", Path::new(instance))],
+        )
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("flood") {
         // wrk is one source opening more than the default 10,000 SYNs a
         // second: the per-source limit would throttle the legitimate client.
         return flood::run(|listen| config_with(listen, "1000000000", "  synLimit:\n    perSourceRate: 0\n"));
     }
-    let bin = portcullis_bin();
-    let topo = Topology::new()?;
-    let _client_xdp = topo.accept_xdp_replies()?;
-    let _up = Upstream::start(&topo.gw, "127.0.0.1:9000".parse()?)?;
-    let dir = TempDir::new("gateb")?;
-    let listen = SocketAddr::new(topo.gw_ip(false), 8080);
-    let url = format!("http://{listen}/orders/hello");
+    let scene = Scene::new("gateb")?;
+    let Scene {
+        topo,
+        dir,
+        listen,
+        url,
+        ..
+    } = &scene;
+    let (listen, url) = (*listen, url.as_str());
     deploy(&dir.0, &config(listen, "lots"))?;
-    let start = |instance: &str| {
-        GatewayProcess::start_env(
-            &topo.gw,
-            &bin,
-            &dir.0,
-            "127.0.0.1:9901".parse()?,
-            &[("PORTCULLIS_INSTANCE", Path::new(instance))],
-        )
-    };
+    let start = |instance: &str| scene.start(instance);
 
     // 1. The same gated route, answered by the proxy, then by XDP, for two
     //    clients: wrk (a kernel TCP socket per request) and the raw client.
     let unloaded = unique_name("none");
     let gw = start(&unloaded)?;
-    let proxy_path = raw_path(&topo, listen, 0)?;
+    let proxy_path = raw_path(topo, listen, 0)?;
     let cpu_before = portcullis_tests::cpu_seconds(gw.pid())?;
-    let proxy_wrk = wrk_503(&topo.client, &url)?;
+    let proxy_wrk = wrk_503(&topo.client, url)?;
     let proxy_raw = raw_run(&topo.client, &proxy_path)?;
     let proxy_cpu = portcullis_tests::cpu_seconds(gw.pid())? - cpu_before;
     drop(gw);
     let xdp = Gateway::new(&topo.gw);
     xdp.cli(&["xdp", "attach", "--iface", &topo.veth.a])?;
     let gw = start(xdp.instance())?;
-    let xdp_path = raw_path(&topo, listen, SOURCES)?;
+    let xdp_path = raw_path(topo, listen, SOURCES)?;
     let instance = Instance::new(xdp.instance())?;
     let stats_on = portcullis::xdp::enable_run_stats()?;
     let runs_before = instance.run_stats()?;
-    let xdp_wrk = wrk_503(&topo.client, &url)?;
+    let xdp_wrk = wrk_503(&topo.client, url)?;
     let xdp_raw = raw_run(&topo.client, &xdp_path)?;
     let runs_after = instance.run_stats()?;
     drop(stats_on);
@@ -286,7 +336,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     // 2. Edit → enforced, with XDP attached and the gateway running.
-    let (mut proxy_ms, mut maps_ms) = edits(&topo, &dir.0, listen, xdp.instance())?;
+    let (mut proxy_ms, mut maps_ms) = edits(topo, &dir.0, listen, xdp.instance())?;
     drop(gw);
     proxy_ms.sort_by(f64::total_cmp);
     maps_ms.sort_by(f64::total_cmp);
