@@ -238,7 +238,11 @@ fn over_budget(ctx: &XdpContext, flow: &Flow, id: u32) -> Option<Verdict> {
     if take_token(unsafe { &mut *bucket }, limit.budget, limit.budget, now) {
         return None;
     }
-    let mut segment = Segment { seq: 0, ack: 0, flags: 0 };
+    let mut segment = Segment {
+        seq: 0,
+        ack: 0,
+        flags: 0,
+    };
     let mut options = [0u8; 20];
     let answered = cookie_syn_ack(ctx, flow, limit, &mut segment, &mut options)
         && send(ctx, flow, &segment, Some(&options), false);
@@ -883,7 +887,8 @@ const MAX_SYN_OPTIONS: usize = 10;
 fn load<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
     let mut out = [0u8; N];
     // SAFETY: `out` is a stack buffer of N bytes; the helper bounds-checks the frame.
-    let loaded = unsafe { helpers::bpf_xdp_load_bytes(ctx.ctx, offset as u32, out.as_mut_ptr().cast(), N as u32) };
+    let loaded =
+        unsafe { helpers::bpf_xdp_load_bytes(ctx.ctx, offset as u32, out.as_mut_ptr().cast(), N as u32) };
     (loaded == 0).then_some(out)
 }
 
@@ -970,10 +975,18 @@ fn cookie_syn_ack(
     let made = unsafe {
         if flow.addrs.family == family::V4 {
             let (mut ip, _) = cookie_headers_v4(flow, 0, 0);
-            helpers::bpf_tcp_raw_gen_syncookie_ipv4(ip.as_mut_ptr().cast(), th.as_mut_ptr().cast(), len as u32)
+            helpers::bpf_tcp_raw_gen_syncookie_ipv4(
+                ip.as_mut_ptr().cast(),
+                th.as_mut_ptr().cast(),
+                len as u32,
+            )
         } else {
             let (mut ip, _) = cookie_headers_v6(flow, 0, 0);
-            helpers::bpf_tcp_raw_gen_syncookie_ipv6(ip.as_mut_ptr().cast(), th.as_mut_ptr().cast(), len as u32)
+            helpers::bpf_tcp_raw_gen_syncookie_ipv6(
+                ip.as_mut_ptr().cast(),
+                th.as_mut_ptr().cast(),
+                len as u32,
+            )
         }
     };
     if made < 0 {
@@ -1039,7 +1052,13 @@ static PC_SCRATCH: PerCpuArray<[u8; 80]> = PerCpuArray::with_max_entries(1, 0);
 /// the canned 503 as payload if `response`. A function of its own, called
 /// from the gate and the SYN budget, with its headers in [`PC_SCRATCH`].
 #[inline(never)]
-fn send(ctx: &XdpContext, flow: &Flow, segment: &Segment, options: Option<&[u8; 20]>, response: bool) -> bool {
+fn send(
+    ctx: &XdpContext,
+    flow: &Flow,
+    segment: &Segment,
+    options: Option<&[u8; 20]>,
+    response: bool,
+) -> bool {
     // Ethernet and up to two VLAN tags, kept before the frame is resized.
     let Some(mut l2) = bytes::<22>(ctx, 0) else {
         return false;
@@ -1092,7 +1111,9 @@ fn send(ctx: &XdpContext, flow: &Flow, segment: &Segment, options: Option<&[u8; 
     if let Some(options) = options {
         hdr[tcp + 20..tcp + 40].copy_from_slice(options);
     }
-    let sum = checksum(pseudo + u32::from(proto::TCP) + u32::from(segment_len) + words_in(hdr, tcp, th) + payload_sum);
+    let sum = checksum(
+        pseudo + u32::from(proto::TCP) + u32::from(segment_len) + words_in(hdr, tcp, th) + payload_sum,
+    );
     hdr[tcp + 16..tcp + 18].copy_from_slice(&sum);
     let l3 = flow.l3 & 0x3f;
     let headers = (ip_len + th) as u32;
@@ -1101,7 +1122,9 @@ fn send(ctx: &XdpContext, flow: &Flow, segment: &Segment, options: Option<&[u8; 
     }
     // SAFETY: `hdr` is a map value of 80 bytes and `headers` at most 80; the
     // helper bounds-checks the frame.
-    if unsafe { helpers::bpf_xdp_store_bytes(ctx.ctx, l3 as u32, hdr.as_mut_ptr().cast(), headers.min(80)) } != 0 {
+    if unsafe { helpers::bpf_xdp_store_bytes(ctx.ctx, l3 as u32, hdr.as_mut_ptr().cast(), headers.min(80)) }
+        != 0
+    {
         return false;
     }
     if response {
