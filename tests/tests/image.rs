@@ -175,8 +175,11 @@ fn boot_to_serving(vm: &Vm) -> anyhow::Result<Duration> {
 
 /// Both units active under systemd, XDP on the virtio NIC, the live exposure.
 fn under_systemd(vm: &Vm) -> anyhow::Result<()> {
-    let states = vm.sh("systemctl is-active portcullis-xdp portcullis")?;
-    ensure!(states.lines().all(|l| l == "active"), "units: {states}");
+    let states = vm.sh("systemctl is-active portcullis-xdp portcullis || true")?;
+    if !states.lines().all(|l| l == "active") {
+        let journal = vm.sh("journalctl -b -u portcullis-xdp -u portcullis --no-pager -o cat | tail -40")?;
+        anyhow::bail!("units: {states}\n{journal}");
+    }
     let attach = vm.sh("journalctl -b -u portcullis-xdp --no-pager -o cat")?;
     let mode = attach
         .lines()

@@ -874,6 +874,8 @@ struct SynOptions {
     /// The client's window scale, if it offered one.
     wscale: Option<u8>,
     sack: bool,
+    /// The client's MSS option (`None`: the default of 536 applies).
+    mss: Option<[u8; 2]>,
 }
 
 /// Most options read from a SYN: more than any client sends (Linux 5,
@@ -893,17 +895,19 @@ fn load<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
 }
 
 /// The TCP options of the SYN whose TCP header is at `l4` and `len` bytes
-/// long. Read through [`load`] and each value taken where it is found, so
-/// that the verifier's states differ only in which options were seen.
+/// long. The walk only notes where each kind of option starts (by the kind's
+/// low 4 bits), so that the verifier's states along it do not multiply with
+/// the options seen; each wanted option is then read, its kind and length
+/// checked again, through [`load`].
 #[inline(always)]
 fn syn_options(ctx: &XdpContext, l4: usize, len: usize) -> SynOptions {
-    let mut out = SynOptions::default();
+    let mut at = [0u8; 16];
     let mut i = 20usize;
     for _ in 0..MAX_SYN_OPTIONS {
         if i >= len {
             break;
         }
-        let Some([kind]) = load::<1>(ctx, l4 + i) else {
+        let Some([kind, size]) = load::<2>(ctx, l4 + i) else {
             break;
         };
         if kind == 0 {
@@ -913,23 +917,25 @@ fn syn_options(ctx: &XdpContext, l4: usize, len: usize) -> SynOptions {
             i += 1;
             continue;
         }
-        let Some([_, size]) = load::<2>(ctx, l4 + i) else {
-            break;
-        };
         let size = usize::from(size);
         if size < 2 || i + size > len {
             break;
         }
-        if kind == 8 && size == 10 {
-            out.tsval = load::<4>(ctx, l4 + i + 2).map(u32::from_be_bytes);
-        } else if kind == 3 && size == 3 {
-            out.wscale = load::<1>(ctx, l4 + i + 2).map(|[w]| w);
-        } else if kind == 4 && size == 2 {
-            out.sack = true;
-        }
+        at[usize::from(kind & 15)] = (i & 0x3f) as u8;
         i += size;
     }
-    out
+    let found = |kind: u8, size: u8| -> Option<usize> {
+        let start = usize::from(at[usize::from(kind & 15)]);
+        (start != 0 && load::<2>(ctx, l4 + start) == Some([kind, size])).then_some(l4 + start + 2)
+    };
+    SynOptions {
+        tsval: found(8, 10)
+            .and_then(|o| load::<4>(ctx, o))
+            .map(u32::from_be_bytes),
+        wscale: found(3, 3).and_then(|o| load::<1>(ctx, o)).map(|[w]| w),
+        sack: found(4, 2).is_some(),
+        mss: found(2, 4).and_then(|o| load::<2>(ctx, o)),
+    }
 }
 
 /// The SYN-ACK to a SYN whose sequence number is a SYN cookie in the
@@ -951,48 +957,29 @@ fn cookie_syn_ack(
     if !(20..=60).contains(&len) {
         return false;
     }
-    let mut th = [0u8; 60];
+    let asked = syn_options(ctx, flow.l4, len);
+    // The header the cookie helper reads: the SYN's, with its MSS (what the
+    // cookie encodes) as the only option, so its length is a constant the
+    // verifier of every kernel takes.
+    let mut th = [0u8; 24];
     th[..20].copy_from_slice(&flow.tcp);
-    if len > 20 {
-        let options = (len - 20) as u32;
-        // SAFETY: the destination is a stack buffer with room for 40 bytes of
-        // options after the fixed header, and `options` is at most 40; the
-        // helper bounds-checks the frame.
-        let loaded = unsafe {
-            helpers::bpf_xdp_load_bytes(
-                ctx.ctx,
-                (flow.l4 + 20) as u32,
-                th[20..].as_mut_ptr().cast(),
-                options.min(40),
-            )
-        };
-        if loaded != 0 {
-            return false;
-        }
-    }
-    // SAFETY: the helpers read fixed-size, initialised stack buffers; `len`
-    // is the header length the buffer's data offset says, at most 60.
+    th[12] = 6 << 4;
+    let [hi, lo] = asked.mss.unwrap_or(536u16.to_be_bytes());
+    th[20..].copy_from_slice(&[2, 4, hi, lo]);
+    // SAFETY: the helpers read fixed-size, initialised stack buffers, the
+    // TCP header 24 bytes as its data offset says.
     let made = unsafe {
         if flow.addrs.family == family::V4 {
             let (mut ip, _) = cookie_headers_v4(flow, 0, 0);
-            helpers::bpf_tcp_raw_gen_syncookie_ipv4(
-                ip.as_mut_ptr().cast(),
-                th.as_mut_ptr().cast(),
-                len as u32,
-            )
+            helpers::bpf_tcp_raw_gen_syncookie_ipv4(ip.as_mut_ptr().cast(), th.as_mut_ptr().cast(), 24)
         } else {
             let (mut ip, _) = cookie_headers_v6(flow, 0, 0);
-            helpers::bpf_tcp_raw_gen_syncookie_ipv6(
-                ip.as_mut_ptr().cast(),
-                th.as_mut_ptr().cast(),
-                len as u32,
-            )
+            helpers::bpf_tcp_raw_gen_syncookie_ipv6(ip.as_mut_ptr().cast(), th.as_mut_ptr().cast(), 24)
         }
     };
     if made < 0 {
         return false;
     }
-    let asked = syn_options(ctx, flow.l4, len);
     let mss = if limit.mss == 0 { 1460 } else { limit.mss };
     *options = [1u8; 20];
     options[..4].copy_from_slice(&[2, 4, (mss >> 8) as u8, mss as u8]);
@@ -1120,11 +1107,13 @@ fn send(
     if !(resize(ctx, l3 + ip_len + th + payload) && store(ctx, 0, &l2)) {
         return false;
     }
-    // SAFETY: `hdr` is a map value of 80 bytes and `headers` at most 80; the
-    // helper bounds-checks the frame.
-    if unsafe { helpers::bpf_xdp_store_bytes(ctx.ctx, l3 as u32, hdr.as_mut_ptr().cast(), headers.min(80)) }
-        != 0
-    {
+    // Constant lengths: an older verifier cannot bound a computed one away from zero.
+    let stored = match headers {
+        40 => store_prefix::<40>(ctx, l3, hdr),
+        60 => store_prefix::<60>(ctx, l3, hdr),
+        _ => store_prefix::<80>(ctx, l3, hdr),
+    };
+    if !stored {
         return false;
     }
     if response {
@@ -1141,6 +1130,16 @@ fn send(
         return stored == 0;
     }
     true
+}
+
+/// Writes the first `N` bytes of `hdr` at `offset` into the frame.
+#[inline(always)]
+fn store_prefix<const N: usize>(ctx: &XdpContext, offset: usize, hdr: &mut [u8; 80]) -> bool {
+    // SAFETY: `hdr` is a map value of 80 bytes and N at most 80; the helper
+    // bounds-checks the frame.
+    unsafe {
+        helpers::bpf_xdp_store_bytes(ctx.ctx, offset as u32, hdr.as_mut_ptr().cast(), N.min(80) as u32) == 0
+    }
 }
 
 /// Big-endian 16-bit words of `bytes[at..at + len]`, summed without folding.
