@@ -39,8 +39,15 @@ fn random_serial() -> Result<SerialNumber, ControlError> {
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| ControlError::Pki("no randomness for a serial number".into()))?;
-    bytes[0] &= 0x7f;
-    Ok(SerialNumber::from_slice(&bytes))
+    Ok(serial_from(bytes))
+}
+
+/// A serial of 126 random bits whose first byte is 0x40..=0x7f: positive,
+/// and with no leading zero for DER to drop, so the serial a certificate
+/// carries is the one recorded.
+fn serial_from(mut bytes: [u8; 16]) -> SerialNumber {
+    bytes[0] = (bytes[0] & 0x3f) | 0x40;
+    SerialNumber::from_slice(&bytes)
 }
 
 /// SHA-256 of a certificate's DER.
@@ -329,6 +336,20 @@ pub fn identity(der: &[u8]) -> Option<(String, String)> {
     Some((name, super::hex(cert.raw_serial())))
 }
 
+/// Whether a recorded serial (hex) is the one a certificate presented.
+/// Records from before serials kept their leading zero byte hold it, where
+/// the certificate's DER integer does not.
+pub fn same_serial(recorded: &str, presented: &str) -> bool {
+    let trim = |s: &str| -> String {
+        let mut s = s;
+        while s.len() > 2 && s.starts_with("00") {
+            s = &s[2..];
+        }
+        s.to_owned()
+    };
+    trim(recorded) == trim(presented)
+}
+
 /// Expiry (Unix seconds) of the first certificate of `pem`.
 pub fn expiry(pem: &[u8]) -> Option<u64> {
     validity(pem).map(|(_, not_after)| not_after)
@@ -343,4 +364,36 @@ pub fn validity(pem: &[u8]) -> Option<(u64, u64)> {
         u64::try_from(v.not_before.timestamp()).ok()?,
         u64::try_from(v.not_after.timestamp()).ok()?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serial_recorded_is_the_one_the_certificate_presents() {
+        let dir = std::env::temp_dir().join(format!("pc-ca-serial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Ca::init(&dir, &[]).expect("a new CA");
+        let ca = Ca::open(&dir).expect("the CA");
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "gw-a");
+        let csr = params.serialize_request(&key).and_then(|r| r.pem()).expect("CSR");
+        // A leading zero byte (1 serial in 128 before) is where they differed.
+        for _ in 0..400 {
+            let cert = ca.issue(&csr, "gw-a", Duration::from_mins(1)).expect("issued");
+            let der = first_cert(cert.pem.as_bytes(), &dir).expect("DER");
+            let (name, serial) = identity(&der).expect("identity");
+            assert_eq!((name.as_str(), serial.as_str()), ("gw-a", cert.serial.as_str()));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        for first in [0x00, 0x3f, 0x80, 0xff] {
+            let serial = serial_from([first; 16]);
+            assert_eq!(serial.as_ref().len(), 16);
+            assert!((0x40..=0x7f).contains(&serial.as_ref()[0]), "{first:#x}");
+        }
+        assert!(same_serial("003d7c", "3d7c"));
+        assert!(!same_serial("3d7c", "3d7d"));
+    }
 }

@@ -149,6 +149,22 @@ fn refuse(status: u16, error: impl Into<String>) -> Answer {
     json(status, &Refusal { error: error.into() })
 }
 
+/// Most certificates of one replica valid at once (renewals whose answers were lost).
+const MAX_SERIALS: usize = 8;
+
+/// Drops the serials issued before `presented` from a replica's record
+/// (they are superseded), keeping room for one more within [`MAX_SERIALS`].
+fn keep_from(serials: &mut Vec<String>, presented: &str) {
+    if let Some(at) = serials.iter().position(|s| ca::same_serial(s, presented)) {
+        serials.drain(..at);
+    }
+    let excess = serials.len().saturating_sub(MAX_SERIALS - 1);
+    // The one presented stays, whatever was issued after it.
+    if excess > 0 {
+        serials.drain(1..=excess);
+    }
+}
+
 /// Hash of a cluster's files, to tell a change from a rescan.
 fn files_hash(files: &[(String, String)]) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -249,9 +265,9 @@ impl Plane {
             .and_then(|c| ca::identity(c));
         let (status, body) = match (head.method(), head.path()) {
             ("POST", "/v1/register") => self.register(&body),
-            ("POST", "/v1/renew") => {
-                self.with_replica(peer.as_ref(), |name, replica| self.renew(name, replica, &body))
-            }
+            ("POST", "/v1/renew") => self.with_replica(peer.as_ref(), |name, serial, replica| {
+                self.renew(name, serial, replica, &body)
+            }),
             ("GET", "/v1/snapshot") => {
                 let param = |key: &str| {
                     head.target()
@@ -261,7 +277,7 @@ impl Plane {
                 };
                 let after = param("after=").unwrap_or(0);
                 let wait = param("wait=").map_or(LONG_POLL, |s| Duration::from_secs(s).min(LONG_POLL));
-                self.with_replica(peer.as_ref(), |name, replica| {
+                self.with_replica(peer.as_ref(), |name, _, replica| {
                     self.snapshot(name, replica, after, wait)
                 })
             }
@@ -279,11 +295,12 @@ impl Plane {
         let _ = stream.flush();
     }
 
-    /// Runs `f` for the registered, unrevoked replica of the client certificate.
+    /// Runs `f` for the registered, unrevoked replica of the client
+    /// certificate, with the serial it presented.
     fn with_replica(
         &self,
         peer: Option<&(String, String)>,
-        f: impl FnOnce(&str, &Replica) -> Answer,
+        f: impl FnOnce(&str, &str, &Replica) -> Answer,
     ) -> Answer {
         let Some((name, serial)) = peer else {
             return refuse(
@@ -303,7 +320,7 @@ impl Plane {
                     format!("replica `{name}` is revoked; register it again with a new token"),
                 )
             }
-            Some(r) if r.serials.contains(serial) => f(name, r),
+            Some(r) if r.serials.iter().any(|s| ca::same_serial(s, serial)) => f(name, serial, r),
             _ => refuse(
                 403,
                 format!("certificate {serial} of `{name}` is not one this control plane issued"),
@@ -372,7 +389,7 @@ impl Plane {
         )
     }
 
-    fn renew(&self, name: &str, replica: &Replica, body: &[u8]) -> Answer {
+    fn renew(&self, name: &str, serial: &str, replica: &Replica, body: &[u8]) -> Answer {
         let Ok(request) = serde_json::from_slice::<RenewRequest>(body) else {
             return refuse(400, "expected {\"csr\"}");
         };
@@ -380,8 +397,9 @@ impl Plane {
         let outcome = self.store.edit(|state| {
             let cert = self.ca.issue(&request.csr, name, self.lifetime)?;
             if let Some(r) = state.replicas.get_mut(name) {
-                // The current certificate stays valid until the replica uses the new one.
-                r.serials.retain(|s| replica.serials.last() == Some(s));
+                // The certificate the replica renews with stays valid, with
+                // every one issued since (an answer it never received).
+                keep_from(&mut r.serials, serial);
                 r.serials.push(cert.serial.clone());
                 r.expires_unix = cert.expires_unix;
             }
@@ -466,5 +484,37 @@ fn read_request(stream: &mut impl Read) -> Option<(http::Head, Vec<u8>)> {
         }
         let n = stream.read(&mut chunk).ok().filter(|n| *n > 0)?;
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owned(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_certificate_it_was_made_with_and_those_after_it() {
+        let mut serials = owned(&["a1", "b2"]);
+        keep_from(&mut serials, "b2");
+        assert_eq!(serials, owned(&["b2"]), "the new one in use: the old goes");
+        // An answer lost: the replica renews with b2 again, then again.
+        let mut serials = owned(&["b2", "c3"]);
+        keep_from(&mut serials, "b2");
+        assert_eq!(serials, owned(&["b2", "c3"]));
+        let mut serials = owned(&["5a", "6b"]);
+        keep_from(&mut serials, "005a");
+        assert_eq!(
+            serials,
+            owned(&["5a", "6b"]),
+            "a record with its zero byte matches"
+        );
+        let mut serials: Vec<String> = (0..12).map(|i| format!("{i:02x}")).collect();
+        keep_from(&mut serials, "00");
+        assert_eq!(serials.len(), MAX_SERIALS - 1);
+        assert_eq!(serials[0], "00", "the one presented stays");
+        assert_eq!(serials.last().map(String::as_str), Some("0b"), "and the newest");
     }
 }
