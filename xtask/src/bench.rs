@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use portcullis_harness::NetNs;
 use portcullis_harness::http::TempDir;
 
-use crate::{cargo, root, run as sh, setup};
+use crate::{cargo, profile, root, run as sh, setup};
 
 const DURATION: &str = "5s";
 /// Rounds of every cell; the order of the targets rotates each round.
@@ -27,6 +27,8 @@ fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 const UPSTREAM: &str = "127.0.0.1:9000";
+/// Idle keep-alive connections the RSS measurement holds open.
+const IDLE_CONNS: usize = 10_000;
 /// The HTTP/2 row: connections, concurrent streams on each, seconds per run.
 const H2_CONNS: usize = 10;
 const H2_STREAMS: usize = 10;
@@ -200,7 +202,12 @@ http {{
 )]
 pub fn proxy() -> anyhow::Result<()> {
     crate::require_root("cargo xtask bench proxy")?;
-    setup::apt_install(&["nginx", "haproxy", "wrk", "curl", "nghttp2-client"])?;
+    // The gateway fits its connection limit to the descriptors it may open,
+    // keeping one for an upstream connection beside each client's.
+    let open_files = raise_nofile(IDLE_CONNS as u64 * 4)?;
+    let idle_conns =
+        IDLE_CONNS.min(usize::try_from(open_files.saturating_sub(2048) / 2).unwrap_or(IDLE_CONNS));
+    setup::apt_install(&["nginx", "haproxy", "wrk", "curl", "nghttp2-client", "linux-perf"])?;
     let object = setup::build_ebpf()?;
     sh(cargo()
         .args(["build", "--release", "-p", "portcullis"])
@@ -350,41 +357,37 @@ spec:
         ("haproxy", "127.0.0.1:8082", Some(haproxy.0.id())),
         ("direct", UPSTREAM, None),
     ];
-    let table = matrix(&ns, &targets)?;
+    // Each table is printed as soon as it is measured: a later failure keeps it.
+    println!(
+        "workers per proxy: {workers}; wrk 2 threads, {DURATION} per run, median of {REPEATS} rounds in rotating order; upstream nginx (1 worker) on the same loopback\n"
+    );
+    println!("{}", matrix(&ns, &targets)?);
+    println!("{}", profiles(&ns, &dir, &targets[..2])?);
     let h2_targets = [
         ("portcullis", "127.0.0.1:8443", gateway.0.id()),
         ("nginx", "127.0.0.1:8444", nginx.0.id()),
     ];
-    let h2_table = http2_rows(&ns, &dir, &h2_targets)?;
-    let policies = policy_runs(&ns, &dir, &bin)?;
-    // Give the workers' pool sweep (every 2 s) time to let go of the burst.
-    std::thread::sleep(Duration::from_secs(5));
-    let rss = idle_rss(&ns, gateway.0.id(), "127.0.0.1:8080".parse()?, 10_000)?;
-    println!();
-    println!(
-        "workers per proxy: {workers}; wrk 2 threads, {DURATION} per run, median of {REPEATS} rounds in rotating order; upstream nginx (1 worker) on the same loopback"
-    );
-    print!("{table}");
-    println!();
-    print!("{h2_table}");
-    println!();
+    println!("{}", http2_rows(&ns, &dir, &h2_targets)?);
+    let (plain, with) = policy_runs(&ns, &dir, &bin)?;
     println!("| workload (128 B, 50 conns) | req/s | p50 / p99 ms | vs no policies |");
     println!("| --- | ---: | --- | ---: |");
-    let (plain, with) = policies;
     println!(
         "| portcullis, no policies | {:.0} | {:.2}/{:.2} | 1.00× |",
         plain.rps, plain.p50_ms, plain.p99_ms
     );
     println!(
-        "| portcullis, client-id enforcement + cluster rate limiting (Redis) + header injection | {:.0} | {:.2}/{:.2} | {:.2}× (p99 {:.2}×) |",
+        "| portcullis, client-id enforcement + cluster rate limiting (Redis) + header injection | {:.0} | {:.2}/{:.2} | {:.2}× (p99 {:.2}×) |\n",
         with.rps,
         with.p50_ms,
         with.p99_ms,
         with.rps / plain.rps,
         with.p99_ms / plain.p99_ms
     );
+    // Give the workers' pool sweep (every 2 s) time to let go of the burst.
+    std::thread::sleep(Duration::from_secs(5));
+    let rss = idle_rss(&ns, gateway.0.id(), "127.0.0.1:8080".parse()?, idle_conns)?;
     println!(
-        "portcullis RSS with 10000 idle keep-alive connections, after the runs above: {:.1} MiB (idle before opening them: {:.1} MiB)",
+        "portcullis RSS with {idle_conns} idle keep-alive connections (the open-file limit is {open_files}), after the runs above: {:.1} MiB (idle before opening them: {:.1} MiB)",
         rss.1, rss.0
     );
     drop((gateway, haproxy, nginx, upstream));
@@ -454,6 +457,45 @@ fn matrix(ns: &NetNs, targets: &[(&str, &str, Option<u32>)]) -> anyhow::Result<S
         }
     }
     Ok(table)
+}
+
+/// Each cell once more per proxy of `targets` under `perf record`: where
+/// its CPU per request went, a row each, and each one's top user-space symbols.
+fn profiles(ns: &NetNs, dir: &TempDir, targets: &[(&str, &str, Option<u32>)]) -> anyhow::Result<String> {
+    let mut rows = Vec::new();
+    let mut tops = String::new();
+    for (body, path) in [("128 B", "/small"), ("16 KiB", "/16k")] {
+        for conns in [50, 1000] {
+            for &(name, addr, pid) in targets {
+                let Some(pid) = pid else { continue };
+                let url = format!("http://{addr}{path}");
+                let _ = wrk_short(ns, &url, conns);
+                let file = dir.0.join(format!("{name}.perf"));
+                let before = portcullis_harness::cpu_seconds(pid)?;
+                let recorder = profile::start(&portcullis_harness::process_tree(pid)?, 4, &file)?;
+                let run = wrk(ns, &url, conns)?;
+                let spent = portcullis_harness::cpu_seconds(pid)? - before;
+                let found = profile::finish(recorder, &file)?;
+                let cpu_us = spent * 1e6 / f64::from(u32::try_from(run.requests.max(1)).unwrap_or(u32::MAX));
+                let cell = format!("{body}, {conns} conns");
+                let top: Vec<String> = found
+                    .top
+                    .iter()
+                    .map(|(s, sym)| format!("{s:.1} % {sym}"))
+                    .collect();
+                let _ = writeln!(tops, "- {name}, {cell}: {}", top.join("; "));
+                println!("xtask: profiled {name} {cell}: {cpu_us:.1} µs CPU/req");
+                rows.push((cell, name, cpu_us, found));
+            }
+        }
+    }
+    let mut out = String::from(
+        "Where each proxy's CPU per request went (perf record, cpu-clock at 2 kHz, one more 5 s run per cell; µs per request):\n\n",
+    );
+    out.push_str(&profile::table(&rows));
+    out.push_str("\nTop user-space symbols (share of all samples):\n");
+    out.push_str(&tops);
+    Ok(out)
 }
 
 /// h2load's figures for `url` over `H2_CONNS` connections of `H2_STREAMS`
@@ -594,7 +636,6 @@ fn idle_rss(ns: &NetNs, sh_pid: u32, addr: SocketAddr, n: usize) -> anyhow::Resu
     use std::io::{Read as _, Write as _};
     // `sh -c 'exec portcullis'` keeps the pid.
     let before = rss_mib(sh_pid)?;
-    raise_nofile(n as u64 + 1024)?;
     let conns = ns.run(move || -> anyhow::Result<Vec<TcpStream>> {
         let mut conns = Vec::with_capacity(n);
         for _ in 0..n {
@@ -618,14 +659,18 @@ fn idle_rss(ns: &NetNs, sh_pid: u32, addr: SocketAddr, n: usize) -> anyhow::Resu
     Ok((before, with))
 }
 
-fn raise_nofile(want: u64) -> anyhow::Result<()> {
+/// Raises this process's open-file limit (soft and hard, where it may; else
+/// the soft limit to the hard one) towards `want`; the proxies it starts
+/// inherit it. The limit set.
+fn raise_nofile(want: u64) -> anyhow::Result<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if hard < want {
-        bail!("the open-file hard limit is {hard}; {want} are needed for the idle-connection measurement");
+    let limit = hard.max(want);
+    if setrlimit(Resource::RLIMIT_NOFILE, limit, limit).is_ok() {
+        return Ok(limit);
     }
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising the open-file limit")?;
-    Ok(())
+    Ok(hard)
 }
 
 /// The same small-body workload on the gateway without and with a policy chain:

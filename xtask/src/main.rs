@@ -8,6 +8,7 @@ mod deb;
 mod demo;
 mod fuzz;
 mod image;
+mod profile;
 mod sanitize;
 mod setup;
 

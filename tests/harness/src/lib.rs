@@ -523,10 +523,8 @@ impl Topology {
     }
 }
 
-/// User + system CPU seconds of a process and all its descendants (nginx's
-/// master and workers, every thread of the others); an error if the
-/// process is gone.
-pub fn cpu_seconds(root: u32) -> std::io::Result<f64> {
+/// The pid, parent pid and user + system clock ticks of every process.
+fn all_processes() -> Vec<(u32, u32, u64)> {
     let stat = |pid: u32| -> Option<(u32, u64)> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
@@ -544,24 +542,45 @@ pub fn cpu_seconds(root: u32) -> std::io::Result<f64> {
             }
         }
     }
+    procs
+}
+
+/// A process and all its descendants, each with its user + system clock
+/// ticks; an error if the process is gone.
+fn tree_ticks(root: u32) -> std::io::Result<Vec<(u32, u64)>> {
+    let procs = all_processes();
     if !procs.iter().any(|(pid, _, _)| *pid == root) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!("process {root} is gone: no CPU time to read"),
         ));
     }
-    let mut tree = vec![root];
-    let mut ticks = 0;
-    while let Some(pid) = tree.pop() {
+    let mut todo = vec![root];
+    let mut tree = Vec::new();
+    while let Some(pid) = todo.pop() {
         for (child, ppid, t) in &procs {
             if *child == pid {
-                ticks += t;
+                tree.push((pid, *t));
             }
             if *ppid == pid {
-                tree.push(*child);
+                todo.push(*child);
             }
         }
     }
+    Ok(tree)
+}
+
+/// A process and all its descendants (nginx's master and workers); an
+/// error if the process is gone.
+pub fn process_tree(root: u32) -> std::io::Result<Vec<u32>> {
+    Ok(tree_ticks(root)?.into_iter().map(|(pid, _)| pid).collect())
+}
+
+/// User + system CPU seconds of a process and all its descendants (nginx's
+/// master and workers, every thread of the others); an error if the
+/// process is gone.
+pub fn cpu_seconds(root: u32) -> std::io::Result<f64> {
+    let ticks: u64 = tree_ticks(root)?.iter().map(|(_, t)| t).sum();
     // USER_HZ is 100 for every Linux user space.
     Ok(f64::from(u32::try_from(ticks).unwrap_or(u32::MAX)) / 100.0)
 }
