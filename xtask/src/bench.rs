@@ -394,6 +394,11 @@ spec:
     Ok(())
 }
 
+/// CPU µs per request: `spent` CPU seconds over `requests`.
+fn per_request_us(spent: f64, requests: u64) -> f64 {
+    spent * 1e6 / f64::from(u32::try_from(requests.max(1)).unwrap_or(u32::MAX))
+}
+
 /// Every cell of the benchmark, `REPEATS` rounds each, the targets in a
 /// different order every round; returns the Markdown table of medians.
 fn matrix(ns: &NetNs, targets: &[(&str, &str, Option<u32>)]) -> anyhow::Result<String> {
@@ -423,9 +428,8 @@ fn matrix(ns: &NetNs, targets: &[(&str, &str, Option<u32>)]) -> anyhow::Result<S
                     let before = pid.map(portcullis_harness::cpu_seconds).transpose()?;
                     let mut run = wrk(ns, &url, conns)?;
                     if let (Some(pid), Some(before)) = (pid, before) {
-                        let spent = portcullis_harness::cpu_seconds(pid)? - before;
                         run.cpu_us =
-                            spent * 1e6 / f64::from(u32::try_from(run.requests.max(1)).unwrap_or(u32::MAX));
+                            per_request_us(portcullis_harness::cpu_seconds(pid)? - before, run.requests);
                     }
                     println!(
                         "xtask: {name:<10} {body:>6} c={conns:<4} round {round}: {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms  {:.1} µs CPU/req  errors {}",
@@ -474,9 +478,8 @@ fn profiles(ns: &NetNs, dir: &TempDir, targets: &[(&str, &str, Option<u32>)]) ->
                 let before = portcullis_harness::cpu_seconds(pid)?;
                 let recorder = profile::start(&portcullis_harness::process_tree(pid)?, 4, &file)?;
                 let run = wrk(ns, &url, conns)?;
-                let spent = portcullis_harness::cpu_seconds(pid)? - before;
+                let cpu_us = per_request_us(portcullis_harness::cpu_seconds(pid)? - before, run.requests);
                 let found = profile::finish(recorder, &file)?;
-                let cpu_us = spent * 1e6 / f64::from(u32::try_from(run.requests.max(1)).unwrap_or(u32::MAX));
                 let cell = format!("{body}, {conns} conns");
                 let top: Vec<String> = found
                     .top

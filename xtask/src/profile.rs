@@ -153,23 +153,31 @@ const KERNEL: [(usize, &[&str]); 4] = [
     ),
 ];
 
+/// Indices into [`BUCKETS`] of the buckets [`KERNEL`] does not name.
+const OTHER_KERNEL: usize = 4;
+const RUNTIME: usize = 5;
+const PROXY_CODE: usize = 6;
+const LIBC: usize = 7;
+
 /// The bucket of a sample in `dso` at `symbol`.
 pub fn bucket(dso: &str, symbol: &str, kernel: bool) -> usize {
     if kernel {
         return KERNEL
             .iter()
             .find(|(_, prefixes)| prefixes.iter().any(|p| symbol.starts_with(p)))
-            .map_or(4, |(b, _)| *b);
+            .map_or(OTHER_KERNEL, |(b, _)| *b);
     }
+    // A method's symbol starts `<crate::Type ...>`.
+    let path = symbol.trim_start_matches('<');
     if dso.starts_with("libc") || dso.starts_with("ld-linux") {
-        7
+        LIBC
     } else if ["tokio", "mio", "io_uring", "slab"]
         .iter()
-        .any(|r| symbol.starts_with(r) || symbol.starts_with(&format!("<{r}")))
+        .any(|r| path.starts_with(r))
     {
-        5
+        RUNTIME
     } else {
-        6
+        PROXY_CODE
     }
 }
 
@@ -210,8 +218,8 @@ pub fn parse_report(text: &str) -> Profile {
     profile
 }
 
-/// Samples `pids` at 2 kHz for `seconds` into `file`, then reports them.
-/// Starts at once and returns the running recorder; [`finish`] waits for it.
+/// Starts sampling `pids` at 2 kHz for `seconds` into `file`; the running
+/// recorder, which [`finish`] waits for and reads.
 pub fn start(pids: &[u32], seconds: u32, file: &Path) -> anyhow::Result<std::process::Child> {
     let list = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     Command::new("perf")

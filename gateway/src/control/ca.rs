@@ -340,13 +340,12 @@ pub fn identity(der: &[u8]) -> Option<(String, String)> {
 /// Records from before serials kept their leading zero byte hold it, where
 /// the certificate's DER integer does not.
 pub fn same_serial(recorded: &str, presented: &str) -> bool {
-    let trim = |s: &str| -> String {
-        let mut s = s;
+    fn trim(mut s: &str) -> &str {
         while s.len() > 2 && s.starts_with("00") {
             s = &s[2..];
         }
-        s.to_owned()
-    };
+        s
+    }
     trim(recorded) == trim(presented)
 }
 
