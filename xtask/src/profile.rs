@@ -171,7 +171,7 @@ pub fn bucket(dso: &str, symbol: &str, kernel: bool) -> usize {
     let path = symbol.trim_start_matches('<');
     if dso.starts_with("libc") || dso.starts_with("ld-linux") {
         LIBC
-    } else if ["tokio", "mio", "io_uring", "slab"]
+    } else if ["tokio", "mio", "io_uring", "slab", "portcullis::proxy::io::ring"]
         .iter()
         .any(|r| path.starts_with(r))
     {

@@ -109,9 +109,20 @@ pub fn run_worker(
         shared.ready_workers.fetch_add(1, Ordering::SeqCst);
         let sweeper = worker.clone();
         io::spawn(async move {
+            let mut peak = 0;
             loop {
                 tokio::time::sleep(pool::SWEEP_EVERY).await;
                 sweeper.pool.sweep();
+                // After a burst, the allocator and the receive buffers keep
+                // what it touched; give it back once the connections are gone.
+                let open = sweeper.open.get();
+                if open + TRIM_AFTER_CLOSED <= peak || (open == 0 && peak > 0) {
+                    io::trim();
+                    crate::runtime::memory::give_back();
+                    peak = open;
+                } else {
+                    peak = peak.max(open);
+                }
             }
         });
         while let Some((addr, socket)) = added.recv().await {
@@ -121,18 +132,18 @@ pub fn run_worker(
     });
 }
 
-/// Accept operations kept in flight per listener and worker, so a burst of
-/// new clients is taken in one pass of the scheduler rather than one per pass.
-const ACCEPTORS: usize = 16;
+/// Client connections that must have closed since the busiest sweep before
+/// a worker returns free memory to the kernel (as it also does once its
+/// last client has gone).
+const TRIM_AFTER_CLOSED: usize = 256;
 
 fn start_accepting(worker: &Rc<Worker>, addr: SocketAddr, socket: std::net::TcpListener) {
-    let listener = Rc::new(io::Listener::from_std(socket));
-    for _ in 0..ACCEPTORS {
-        io::spawn(accept_loop(worker.clone(), listener.clone(), addr));
-    }
+    // One loop per listener: the listener's accept stays armed, and a burst
+    // of new clients is taken in one pass of the scheduler.
+    io::spawn(accept_loop(worker.clone(), io::Listener::from_std(socket), addr));
 }
 
-async fn accept_loop(worker: Rc<Worker>, listener: Rc<io::Listener>, addr: SocketAddr) {
+async fn accept_loop(worker: Rc<Worker>, listener: io::Listener, addr: SocketAddr) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {

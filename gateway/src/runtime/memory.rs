@@ -284,15 +284,16 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 /// connections freed, which would hold the working set up after load drops.
 #[cfg(target_env = "gnu")]
 #[expect(unsafe_code, reason = "malloc_trim(3), which no safe wrapper offers")]
-fn give_back() {
+pub fn give_back() {
     // SAFETY: malloc_trim only walks glibc's own arenas, under their locks.
     unsafe {
         libc::malloc_trim(0);
     }
 }
 
+/// Returns the allocator's free pages to the kernel (glibc only).
 #[cfg(not(target_env = "gnu"))]
-fn give_back() {}
+pub fn give_back() {}
 
 #[cfg(test)]
 mod tests {
