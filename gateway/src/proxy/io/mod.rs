@@ -253,10 +253,7 @@ impl TcpConn {
     }
 
     fn fd(&self) -> RawFd {
-        self.stream
-            .as_ref()
-            .expect("a connection has its socket until dropped")
-            .as_raw_fd()
+        self.socket().as_raw_fd()
     }
 
     fn socket(&self) -> &std::net::TcpStream {

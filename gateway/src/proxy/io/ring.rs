@@ -154,8 +154,6 @@ struct Driver {
     ring: RefCell<IoUring>,
     slots: RefCell<Vec<Slot>>,
     vacant: Cell<usize>,
-    /// Operations submitted and not yet completed.
-    in_flight: Cell<usize>,
     bufs: Option<BufRing>,
     /// Whether this kernel has multishot receive and accept (6.0).
     multishot: Cell<bool>,
@@ -175,7 +173,6 @@ impl Driver {
             ring: RefCell::new(ring),
             slots: RefCell::new(Vec::new()),
             vacant: Cell::new(usize::MAX),
-            in_flight: Cell::new(0),
             multishot: Cell::new(bufs.is_some() && kernel_at_least(6, 0)),
             bufs,
             completed: RefCell::new(Vec::new()),
@@ -208,12 +205,16 @@ impl Driver {
         slot
     }
 
+    /// Queues `entry` for a new slot holding `slot`; returns the slot's index.
+    fn start(&self, slot: Slot, entry: squeue::Entry) -> usize {
+        let index = self.insert(slot);
+        self.push(&entry.user_data(index as u64));
+        index
+    }
+
     /// Queues `entry`; the kernel sees it at the next [`Self::submit`].
     #[expect(unsafe_code, reason = "the ring's submission queue takes raw pointers")]
     fn push(&self, entry: &squeue::Entry) {
-        if !matches!(entry.get_user_data(), UNWATCHED) {
-            self.in_flight.set(self.in_flight.get() + 1);
-        }
         loop {
             // SAFETY: every entry's buffers are owned by its slot or its
             // future's `keep`, which outlive the operation (see `Op`'s drop).
@@ -267,9 +268,6 @@ impl Driver {
 
     fn complete(&self, index: usize, result: i32, flags: u32) {
         let last = !cqueue::more(flags);
-        if last {
-            self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        }
         let mut slots = self.slots.borrow_mut();
         let Some(slot) = slots.get_mut(index) else { return };
         match slot {
@@ -283,8 +281,7 @@ impl Driver {
             }
             Slot::Orphaned(_) => {
                 drop(slots);
-                let resources = self.remove(index);
-                drop(resources);
+                drop(self.remove(index));
             }
             Slot::Recv(inbox) => {
                 let inbox = inbox.clone();
@@ -317,7 +314,12 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        if self.in_flight.get() > 0 {
+        let in_flight = self
+            .slots
+            .get_mut()
+            .iter()
+            .any(|slot| !matches!(slot, Slot::Vacant(_) | Slot::Done(_)));
+        if in_flight {
             // The kernel may still write into what in-flight operations
             // hold; the thread is ending, so that memory is left to it.
             for slot in self.slots.get_mut().drain(..) {
@@ -352,9 +354,7 @@ pub(super) struct Op<T: 'static> {
 impl<T: 'static> Op<T> {
     /// Queues `entry`, whose memory lies in `keep`.
     pub(super) fn new(entry: squeue::Entry, keep: T) -> Self {
-        let driver = driver();
-        let index = driver.insert(Slot::Waiting(None));
-        driver.push(&entry.user_data(index as u64));
+        let index = driver().start(Slot::Waiting(None), entry);
         Self {
             index,
             keep: Some(keep),
@@ -562,9 +562,8 @@ pub(super) async fn recv(fd: RawFd, inbox: &Rc<Inbox>, mut buf: Vec<u8>) -> (io:
             if inbox.starved.replace(false) || !driver.multishot.get() {
                 return recv_once(fd, buf).await;
             }
-            let index = driver.insert(Slot::Recv(inbox.clone()));
             let entry = opcode::RecvMulti::new(types::Fd(fd), GROUP).build();
-            driver.push(&entry.user_data(index as u64));
+            let index = driver.start(Slot::Recv(inbox.clone()), entry);
             inbox.arm.set(Arm::Armed(index));
         }
         std::future::poll_fn(|cx| {
@@ -678,7 +677,6 @@ pub(super) async fn accept(fd: RawFd, arrivals: &Rc<Arrivals>) -> io::Result<Own
         }
         if arrivals.arm.get() == Arm::Idle {
             let driver = driver();
-            let index = driver.insert(Slot::Accept(arrivals.clone()));
             let entry = if driver.multishot.get() {
                 opcode::AcceptMulti::new(types::Fd(fd))
                     .flags(libc::SOCK_CLOEXEC)
@@ -688,7 +686,7 @@ pub(super) async fn accept(fd: RawFd, arrivals: &Rc<Arrivals>) -> io::Result<Own
                     .flags(libc::SOCK_CLOEXEC)
                     .build()
             };
-            driver.push(&entry.user_data(index as u64));
+            let index = driver.start(Slot::Accept(arrivals.clone()), entry);
             arrivals.arm.set(Arm::Armed(index));
         }
         std::future::poll_fn(|cx| {
