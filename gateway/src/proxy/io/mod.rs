@@ -451,7 +451,8 @@ mod tests {
                 pairs.push(tcp_pair(&listener, addr).await);
             }
             // 400 readers arm their receives, then 400 × 48 KiB arrive at
-            // once: three or four buffers each, more than the ring's 1,024.
+            // once: three or four buffers each, more than the ring lends even
+            // after it has grown to its 1,024.
             for (_, b) in &pairs {
                 let waited = tokio::time::timeout(Duration::from_millis(1), b.read(Vec::new())).await;
                 assert!(waited.is_err(), "nothing was sent yet");

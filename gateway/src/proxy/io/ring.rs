@@ -21,11 +21,16 @@ use std::task::{Context, Poll, Waker};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-/// Provided buffers per worker: enough for every connection that becomes
-/// readable in one pass at a thousand connections to be received into. The
-/// memory is reserved, not resident: pages are touched as buffers are used
-/// and handed back by [`trim`] once none is held.
+/// Provided buffers per worker at most: enough for every connection that
+/// becomes readable in one pass at a thousand connections to be received
+/// into. The memory is reserved, not resident: pages are touched as buffers
+/// are used and handed back by [`trim`] once none is held.
 const BUFFERS: u16 = 1024;
+/// Buffers lent to the kernel at first. The kernel takes them in ring order,
+/// so every lent buffer's pages end up touched: the ring doubles only when a
+/// receive finds it empty, and a worker that never needs more stays at
+/// `LENT_FIRST × BUFFER_SIZE` resident (2 MiB).
+const LENT_FIRST: u16 = 128;
 /// Bytes per provided buffer: a 16 KiB body arrives in one.
 const BUFFER_SIZE: usize = 16 * 1024;
 /// The buffer group of the worker's one provided-buffer ring.
@@ -476,6 +481,14 @@ impl Inbox {
                     libc::ENOBUFS => {
                         self.starved.set(true);
                         driver.starved.set(driver.starved.get() + 1);
+                        // Only a connection within its hold limit shows the ring is
+                        // short: one over it took the buffers faster than its
+                        // cancel reached the kernel.
+                        if let Some(bufs) = &driver.bufs
+                            && self.held.get() < HOLD_MAX
+                        {
+                            bufs.grow();
+                        }
                     }
                     libc::ECANCELED => {}
                     _ => self.end.set(Some(n)),
@@ -710,6 +723,8 @@ struct BufRing {
     tail: Cell<u16>,
     /// Buffers the kernel filled that are not lent again yet.
     held: Cell<usize>,
+    /// Buffers `0..lent` are the ones ever lent; the rest are not touched.
+    lent: Cell<u16>,
 }
 
 impl BufRing {
@@ -730,7 +745,8 @@ impl BufRing {
             entries,
             memory,
             tail: Cell::new(0),
-            held: Cell::new(BUFFERS.into()),
+            held: Cell::new(0),
+            lent: Cell::new(0),
         };
         // SAFETY: `entries` is a page-aligned mapping of `BUFFERS` entries
         // that lives as long as the ring (or is leaked with it).
@@ -738,10 +754,24 @@ impl BufRing {
             ring.submitter()
                 .register_buf_ring_with_flags(entries as u64, BUFFERS, GROUP, 0)
         }?;
-        for bid in 0..BUFFERS {
-            bufs.recycle(bid);
-        }
+        bufs.grow();
         Ok(bufs)
+    }
+
+    /// Lends the kernel as many buffers again as it has (`LENT_FIRST` at
+    /// first), up to `BUFFERS`.
+    fn grow(&self) {
+        let lent = self.lent.get();
+        let more = if lent == 0 {
+            LENT_FIRST
+        } else {
+            lent.min(BUFFERS - lent)
+        };
+        self.held.set(self.held.get() + usize::from(more));
+        self.lent.set(lent + more);
+        for bid in lent..lent + more {
+            self.recycle(bid);
+        }
     }
 
     /// Lends buffer `bid` to the kernel again.
