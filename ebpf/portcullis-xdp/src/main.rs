@@ -97,8 +97,23 @@ enum Parsed {
     /// IP traffic whose ports cannot be known (non-first fragment, ESP,
     /// extension chain too long): judged by source address only.
     NoPorts(Addrs),
-    /// A TCP or UDP packet with its addresses and destination port.
-    Flow(Flow),
+    /// A TCP or UDP packet: where its headers are and its destination port.
+    /// Its addresses are read only once a listener may be on the port.
+    Ports(Head),
+}
+
+/// Where a TCP or UDP packet's headers are, and what [`find_port`] needs.
+#[derive(Clone, Copy)]
+struct Head {
+    family: u8,
+    proto: u8,
+    dport_be: u16,
+    /// Offset of the IP header.
+    l3: usize,
+    /// Offset of the TCP/UDP header.
+    l4: usize,
+    /// Offset just past the IP payload (its declared length).
+    end: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -156,13 +171,22 @@ fn judge(ctx: &XdpContext) -> Verdict {
             count(UNATTRIBUTED, |c| c.fragment_passed += 1);
             Verdict::Pass
         }
-        Parsed::Flow(flow) => judge_flow(ctx, &flow),
+        Parsed::Ports(head) => {
+            let Some(port) = find_port(&head) else {
+                return Verdict::Pass;
+            };
+            // Parsing checked these bytes are there; the verifier wants it again.
+            let Some(flow) = read_flow(ctx, head) else {
+                return Verdict::Pass;
+            };
+            judge_flow(ctx, &flow, &port)
+        }
     }
 }
 
 #[inline(always)]
-fn judge_flow(ctx: &XdpContext, flow: &Flow) -> Verdict {
-    let Some(listener) = find_listener(flow) else {
+fn judge_flow(ctx: &XdpContext, flow: &Flow, port: &Port) -> Verdict {
+    let Some(listener) = find_listener(flow, port) else {
         return Verdict::Pass;
     };
     let id = listener.id;
@@ -186,17 +210,23 @@ fn judge_flow(ctx: &XdpContext, flow: &Flow) -> Verdict {
             return Verdict::Drop;
         }
     }
-    if flow.proto == proto::TCP && flow.tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN && !syn_within_rate(flow, id)
+    let syn = flow.proto == proto::TCP && flow.tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let limit = if syn { PC_SYN_LIMITS.get(id) } else { None };
+    if let Some(limit) = limit
+        && limit.rate != 0
+        && !syn_within_rate(flow, id, limit)
     {
         return Verdict::Drop;
     }
     if listener.gate_mode != gate_mode::NONE && flow.proto == proto::TCP && gated(&listener) {
         return gate(ctx, flow, listener.gate_mode, id);
     }
-    if flow.proto == proto::TCP && flow.tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        if let Some(verdict) = over_budget(ctx, flow, id) {
-            return verdict;
-        }
+    if let Some(limit) = limit
+        && limit.budget != 0
+        && limit.cookies != 0
+        && let Some(verdict) = over_budget(ctx, flow, id, limit)
+    {
+        return verdict;
     }
     count(id, |c| c.passed += 1);
     Verdict::Pass
@@ -223,14 +253,11 @@ fn take_token(bucket: &mut SynBucket, rate: u32, burst: u32, now: u64) -> bool {
     }
 }
 
-/// A SYN over listener `id`'s budget on this CPU, with its cookies armed:
-/// answered here with a cookie SYN-ACK. `None`: the SYN goes to the kernel.
+/// A SYN over listener `id`'s budget on this CPU (its `limit` has a budget
+/// and cookies armed): answered here with a cookie SYN-ACK. `None`: the SYN
+/// goes to the kernel.
 #[inline(always)]
-fn over_budget(ctx: &XdpContext, flow: &Flow, id: u32) -> Option<Verdict> {
-    let limit = PC_SYN_LIMITS.get(id)?;
-    if limit.budget == 0 || limit.cookies == 0 {
-        return None;
-    }
+fn over_budget(ctx: &XdpContext, flow: &Flow, id: u32, limit: &SynLimit) -> Option<Verdict> {
     let bucket = PC_SYN_BUDGET.get_ptr_mut(id)?;
     // SAFETY: a helper without arguments.
     let now = unsafe { helpers::bpf_ktime_get_ns() };
@@ -264,15 +291,10 @@ const SYN_TOKEN: u64 = 1_000_000_000;
 const SYN_REFILL_CAP_NS: u64 = 10_000_000_000;
 
 /// Takes a token from the SYN's source bucket (its /32 or /64) on listener
-/// `id`; false, and counted, when the source is over the listener's rate.
+/// `id`, whose `limit` has a rate; false, and counted, when the source is
+/// over it.
 #[inline(always)]
-fn syn_within_rate(flow: &Flow, id: u32) -> bool {
-    let Some(limit) = PC_SYN_LIMITS.get(id) else {
-        return true;
-    };
-    if limit.rate == 0 {
-        return true;
-    }
+fn syn_within_rate(flow: &Flow, id: u32, limit: &SynLimit) -> bool {
     let src = &flow.addrs.src;
     let mut net = [src[0], src[1], src[2], src[3], 0, 0, 0, 0];
     if flow.addrs.family == family::V6 {
@@ -308,16 +330,35 @@ fn syn_within_rate(flow: &Flow, id: u32) -> bool {
     within
 }
 
+/// A port some listener of the packet's family is on: its entry, and the
+/// entry's bits as read once.
+struct Port {
+    entry: *const PortEntry,
+    bits: u32,
+}
+
+/// The packet's port, if a listener of its family is on it. Called before
+/// the addresses are read, so traffic for no listener costs one array read.
+#[inline(always)]
+fn find_port(head: &Head) -> Option<Port> {
+    let entry = PC_PORTS.get_ptr(port_slot(head.proto, u16::from_be(head.dport_be)))?;
+    // SAFETY: the pointer is into a live map element; each field is read
+    // once, in order, as userspace writes them (see PortEntry).
+    let bits = unsafe { core::ptr::read_volatile(&raw const (*entry).bits) };
+    let mine = if head.family == family::V4 {
+        port_bits::SPECIFIC_V4 | port_bits::WILDCARD_V4
+    } else {
+        port_bits::SPECIFIC_V6 | port_bits::WILDCARD_V6
+    };
+    (bits & mine != 0).then_some(Port { entry, bits })
+}
+
 /// The listener a flow is for. The port's entry names its wildcard
 /// listeners and its only specific IPv4 one; only a port with several
 /// specific listeners of the family costs a hash lookup.
 #[inline(always)]
-fn find_listener(flow: &Flow) -> Option<ListenerValue> {
-    let port = u16::from_be(flow.dport_be);
-    let entry = PC_PORTS.get_ptr(port_slot(flow.proto, port))?;
-    // SAFETY: the pointer is into a live map element; each field is read
-    // once, in order, as userspace writes them (see PortEntry).
-    let bits = unsafe { core::ptr::read_volatile(&raw const (*entry).bits) };
+fn find_listener(flow: &Flow, port: &Port) -> Option<ListenerValue> {
+    let (entry, bits) = (port.entry, port.bits);
     let v4 = flow.addrs.family == family::V4;
     let (specific, wildcard) = if v4 {
         (port_bits::SPECIFIC_V4, port_bits::WILDCARD_V4)
@@ -519,22 +560,19 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Parsed {
     if ip[0] >> 4 != 4 || ihl < 5 {
         return Parsed::Malformed;
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&ip[12..16]);
-    dst[..4].copy_from_slice(&ip[16..20]);
-    let addrs = Addrs {
-        family: family::V4,
-        src,
-        dst,
+    let addrs = || {
+        Parsed::NoPorts(v4_addrs(&[
+            ip[12], ip[13], ip[14], ip[15], ip[16], ip[17], ip[18], ip[19],
+        ]))
     };
     let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
     if fragment_offset != 0 {
-        return Parsed::NoPorts(addrs);
+        return addrs();
     }
     let end = offset + usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     parse_l4(
         ctx,
+        family::V4,
         Ip {
             l3: offset,
             l4: offset + ihl * 4,
@@ -543,6 +581,40 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Parsed {
         ip[9],
         addrs,
     )
+}
+
+/// An IPv4 packet's addresses from its header's last 8 bytes.
+#[inline(always)]
+fn v4_addrs(both: &[u8; 8]) -> Addrs {
+    // Widened as integers: zeroing the other 12 bytes of an array would be a
+    // call to the byte loop BPF has for `memset`.
+    let padded = |at: usize| {
+        u128::from(u32::from_ne_bytes([
+            both[at],
+            both[at + 1],
+            both[at + 2],
+            both[at + 3],
+        ]))
+        .to_ne_bytes()
+    };
+    Addrs {
+        src: padded(0),
+        dst: padded(4),
+        family: family::V4,
+    }
+}
+
+/// An IPv6 packet's addresses from the 32 bytes after its header's first 8.
+#[inline(always)]
+fn v6_addrs(both: &[u8; 32]) -> Addrs {
+    let mut addrs = Addrs {
+        src: [0; 16],
+        dst: [0; 16],
+        family: family::V6,
+    };
+    addrs.src.copy_from_slice(&both[..16]);
+    addrs.dst.copy_from_slice(&both[16..]);
+    addrs
 }
 
 /// Where the IP header, the transport header and the IP payload's end are.
@@ -555,24 +627,23 @@ struct Ip {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
-    let Some(ip) = bytes::<40>(ctx, offset) else {
+    let Some(ip) = bytes::<8>(ctx, offset) else {
         return Parsed::Malformed;
     };
     if ip[0] >> 4 != 6 {
         return Parsed::Malformed;
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
-    dst.copy_from_slice(&ip[24..40]);
-    let addrs = Addrs {
-        family: family::V6,
-        src,
-        dst,
+    // The answer for a packet whose ports cannot be known.
+    let addrs = || match bytes::<32>(ctx, offset + 8) {
+        Some(both) => Parsed::NoPorts(v6_addrs(&both)),
+        None => Parsed::Malformed,
     };
     let mut next = ip[6];
     let mut cursor = offset + 40;
     let end = cursor + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    if ptr_at::<u8>(ctx, cursor - 1).is_none() {
+        return Parsed::Malformed;
+    }
     for _ in 0..MAX_IPV6_EXT {
         match next {
             // Hop-by-hop, routing, destination options: length in 8-byte units.
@@ -589,7 +660,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
                     return Parsed::Malformed;
                 };
                 if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
-                    return Parsed::NoPorts(addrs);
+                    return addrs();
                 }
                 next = ext[0];
                 cursor += 8;
@@ -605,6 +676,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
             _ => {
                 return parse_l4(
                     ctx,
+                    family::V6,
                     Ip {
                         l3: offset,
                         l4: cursor,
@@ -617,9 +689,10 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
         }
     }
     match next {
-        0 | 43 | 44 | 50 | 51 | 60 => Parsed::NoPorts(addrs),
+        0 | 43 | 44 | 50 | 51 | 60 => addrs(),
         _ => parse_l4(
             ctx,
+            family::V6,
             Ip {
                 l3: offset,
                 l4: cursor,
@@ -631,46 +704,63 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Parsed {
     }
 }
 
+/// The transport header at `ip.l4`; `no_ports` answers for ESP.
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, ip: Ip, protocol: u8, addrs: Addrs) -> Parsed {
+fn parse_l4(ctx: &XdpContext, family: u8, ip: Ip, protocol: u8, no_ports: impl FnOnce() -> Parsed) -> Parsed {
     let offset = ip.l4;
-    match protocol {
+    let dport_be = match protocol {
         proto::TCP => {
-            let Some(tcp) = bytes::<20>(ctx, offset) else {
+            let Some(tcp) = bytes::<13>(ctx, offset) else {
                 return Parsed::Malformed;
             };
             let header_len = usize::from(tcp[12] >> 4) * 4;
             if header_len < 20 || ptr_at::<u8>(ctx, offset + header_len - 1).is_none() {
                 return Parsed::Malformed;
             }
-            Parsed::Flow(Flow {
-                addrs,
-                proto: proto::TCP,
-                dport_be: u16::from_ne_bytes([tcp[2], tcp[3]]),
-                l3: ip.l3,
-                l4: ip.l4,
-                end: ip.end,
-                tcp,
-            })
+            u16::from_ne_bytes([tcp[2], tcp[3]])
         }
         proto::UDP => {
             let Some(udp) = bytes::<8>(ctx, offset) else {
                 return Parsed::Malformed;
             };
-            Parsed::Flow(Flow {
-                addrs,
-                proto: proto::UDP,
-                dport_be: u16::from_ne_bytes([udp[2], udp[3]]),
-                l3: ip.l3,
-                l4: ip.l4,
-                end: ip.end,
-                tcp: [0; 20],
-            })
+            u16::from_ne_bytes([udp[2], udp[3]])
         }
         // ESP hides its payload: no ports to judge.
-        50 => Parsed::NoPorts(addrs),
-        _ => Parsed::Other,
-    }
+        50 => return no_ports(),
+        _ => return Parsed::Other,
+    };
+    Parsed::Ports(Head {
+        family,
+        proto: protocol,
+        dport_be,
+        l3: ip.l3,
+        l4: ip.l4,
+        end: ip.end,
+    })
+}
+
+/// A packet's addresses and TCP header, read once a listener may be on its port.
+#[inline(always)]
+fn read_flow(ctx: &XdpContext, head: Head) -> Option<Flow> {
+    let addrs = if head.family == family::V4 {
+        v4_addrs(&bytes::<8>(ctx, head.l3 + 12)?)
+    } else {
+        v6_addrs(&bytes::<32>(ctx, head.l3 + 8)?)
+    };
+    let tcp = if head.proto == proto::TCP {
+        bytes::<20>(ctx, head.l4)?
+    } else {
+        [0; 20]
+    };
+    Some(Flow {
+        addrs,
+        proto: head.proto,
+        dport_be: head.dport_be,
+        l3: head.l3,
+        l4: head.l4,
+        end: head.end,
+        tcp,
+    })
 }
 
 const TCP_FIN: u8 = 0x01;
