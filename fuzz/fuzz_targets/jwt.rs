@@ -42,7 +42,7 @@ fn policy(which: u8) -> &'static Arc<dyn Policy> {
             text_key("es", EC),
             text_key("eddsa", ED25519),
         ];
-        configs
+        let policies = configs
             .iter()
             .map(|c| {
                 let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&format!(
@@ -58,7 +58,10 @@ fn policy(which: u8) -> &'static Arc<dyn Policy> {
                 };
                 policy::build("jwt-validation", &config, ctx).expect("the policy builds")
             })
-            .collect()
+            .collect();
+        // The policy read its key when it was built; the file is not needed again.
+        let _ = std::fs::remove_dir_all(&dir);
+        policies
     });
     &all[usize::from(which) % all.len()]
 }

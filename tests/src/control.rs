@@ -179,6 +179,16 @@ pub struct Replica {
     pub key: PathBuf,
 }
 
+impl Drop for Replica {
+    /// Removes what its gateways wrote next to the directory: the log, the
+    /// state directory, and the cache key made by [`Replica::with_new_key`].
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.dir.0.with_extension("log"));
+        let _ = std::fs::remove_dir_all(self.dir.0.with_extension("state"));
+        let _ = std::fs::remove_file(self.dir.0.with_extension("cache-key"));
+    }
+}
+
 impl Replica {
     /// A replica on `dir` with a new cache key next to it.
     pub fn with_new_key(dir: TempDir) -> anyhow::Result<Self> {
