@@ -112,11 +112,16 @@ pub fn run_worker(
             let mut peak = 0;
             loop {
                 tokio::time::sleep(pool::SWEEP_EVERY).await;
-                sweeper.pool.sweep();
+                let freed = sweeper.pool.sweep();
                 // After a burst, the allocator and the receive buffers keep
-                // what it touched; give it back once the connections are gone.
+                // what it touched; give it back once the connections are gone,
+                // and again once the pool has let go of their buffers (a
+                // sweep or more later).
                 let open = sweeper.open.get();
-                if open + TRIM_AFTER_CLOSED <= peak || (open == 0 && peak > 0) {
+                if open + TRIM_AFTER_CLOSED <= peak
+                    || (open == 0 && peak > 0)
+                    || freed >= GIVE_BACK_AFTER_FREED
+                {
                     io::trim();
                     crate::runtime::memory::give_back();
                     peak = open;
@@ -136,6 +141,9 @@ pub fn run_worker(
 /// a worker returns free memory to the kernel (as it also does once its
 /// last client has gone).
 const TRIM_AFTER_CLOSED: usize = 256;
+/// Bytes of pooled connections' buffers a sweep must free before a worker
+/// returns free memory to the kernel.
+const GIVE_BACK_AFTER_FREED: usize = 4 << 20;
 
 fn start_accepting(worker: &Rc<Worker>, addr: SocketAddr, socket: std::net::TcpListener) {
     // One loop per listener: the listener's accept stays armed, and a burst

@@ -47,15 +47,24 @@ impl Pool {
 
     /// Closes connections idle past [`POOL_IDLE`] and frees the buffers of
     /// those idle past [`BUFFER_IDLE`], so a burst leaves no memory behind.
-    pub fn sweep(&self) {
+    /// Returns the bytes of buffer it freed.
+    pub fn sweep(&self) -> usize {
         let mut idle = self.idle.borrow_mut();
+        let mut freed = 0;
         for list in idle.values_mut() {
-            list.retain(|p| p.idle_since.elapsed() < POOL_IDLE);
+            list.retain(|p| {
+                let keep = p.idle_since.elapsed() < POOL_IDLE;
+                if !keep {
+                    freed += p.buf.capacity();
+                }
+                keep
+            });
             for p in list.iter_mut().filter(|p| p.idle_since.elapsed() >= BUFFER_IDLE) {
-                p.buf = Vec::new();
+                freed += std::mem::take(&mut p.buf).capacity();
             }
         }
         idle.retain(|_, list| !list.is_empty());
+        freed
     }
 
     /// Returns a connection whose last exchange completed cleanly.
@@ -70,5 +79,37 @@ impl Pool {
                 idle_since: Instant::now(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::io::{self, Stream, TcpConn};
+
+    #[test]
+    fn a_sweep_frees_idle_buffers_and_says_how_much() {
+        io::start(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bound");
+            let addr = listener.local_addr().expect("address");
+            let pool = Pool::default();
+            let mut accepted = Vec::new();
+            for _ in 0..2 {
+                let conn = TcpConn::connect(addr, Duration::from_secs(5))
+                    .await
+                    .expect("connected");
+                accepted.push(listener.accept().expect("accepted"));
+                pool.put(1, 0, Conn::Plain(Stream::Tcp(conn)), Vec::with_capacity(20_000));
+            }
+            assert_eq!(pool.sweep(), 0, "fresh buffers are kept");
+            for list in pool.idle.borrow_mut().values_mut() {
+                for p in list.iter_mut() {
+                    p.idle_since -= BUFFER_IDLE;
+                }
+            }
+            assert!(pool.sweep() >= 40_000, "both buffers freed and counted");
+            assert_eq!(pool.sweep(), 0, "nothing left to free");
+            assert!(pool.take(1, 0).is_some(), "the connections stay pooled");
+        });
     }
 }
