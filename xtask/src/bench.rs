@@ -656,7 +656,8 @@ fn idle_rss(ns: &NetNs, sh_pid: u32, addr: SocketAddr, n: usize) -> anyhow::Resu
         }
         Ok(conns)
     })??;
-    std::thread::sleep(Duration::from_secs(1));
+    // Idle: a worker sweeps every 2 s, so at least one sweep after the last answer.
+    std::thread::sleep(Duration::from_secs(3));
     let with = rss_mib(sh_pid)?;
     drop(conns);
     Ok((before, with))

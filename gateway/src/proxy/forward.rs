@@ -47,7 +47,11 @@ async fn connect(
         return Ok(((conn, slot), true, buf));
     }
     let conn = fresh(worker, upstream, endpoint, proxy_header).await?;
-    Ok(((conn, slot), false, Vec::with_capacity(UPSTREAM_BUF)))
+    let buf = worker
+        .pool
+        .spare_buffer()
+        .unwrap_or_else(|| Vec::with_capacity(UPSTREAM_BUF));
+    Ok(((conn, slot), false, buf))
 }
 
 /// A place for one more connection to `upstream`, or the circuit breaker's refusal.

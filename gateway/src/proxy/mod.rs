@@ -50,6 +50,8 @@ pub struct Worker {
     pub(crate) h2_pool: h2::upstream::H2Pool,
     /// Client connections open on this worker.
     pub open: Cell<usize>,
+    /// HTTP/1.1 exchanges in progress on this worker, and the most since the last sweep.
+    pub busy: Cell<(usize, usize)>,
     /// Cached metric handles.
     pub metrics: LocalMetrics,
     /// How it reaches upstream endpoints.
@@ -64,6 +66,7 @@ impl Worker {
             pool: Pool::default(),
             h2_pool: h2::upstream::H2Pool::default(),
             open: Cell::new(0),
+            busy: Cell::new((0, 0)),
             metrics: LocalMetrics::new(shared.metrics.clone()),
             connector,
             cached: RefCell::new((0, shared.current())),
@@ -115,12 +118,16 @@ pub fn run_worker(
                 let freed = sweeper.pool.sweep();
                 // After a burst, the allocator and the receive buffers keep
                 // what it touched; give it back once the connections are gone,
-                // and again once the pool has let go of their buffers (a
-                // sweep or more later).
+                // once the pool has let go of their buffers (a sweep or more
+                // later), and once a burst of requests on connections that
+                // stay open is over.
                 let open = sweeper.open.get();
+                let (busy, busiest) = sweeper.busy.get();
+                sweeper.busy.set((busy, busy));
                 if open + TRIM_AFTER_CLOSED <= peak
                     || (open == 0 && peak > 0)
                     || freed >= GIVE_BACK_AFTER_FREED
+                    || (busiest >= TRIM_AFTER_CLOSED && busy <= busiest / 4)
                 {
                     io::trim();
                     crate::runtime::memory::give_back();

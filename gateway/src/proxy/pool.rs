@@ -1,81 +1,112 @@
-//! Idle upstream connections of one worker, kept for reuse.
+//! Idle upstream connections of one worker, kept for reuse, and the read
+//! buffers they lend each other.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::conn::Conn;
 
-/// An idle upstream connection kept for reuse.
+/// An idle upstream connection kept for reuse. It holds no buffer: an idle
+/// connection costs its socket and its armed receive, not a read buffer's
+/// pages, however many of them wait.
 #[derive(Debug)]
 pub struct Pooled {
     /// The connection.
     pub conn: Conn,
-    /// Its read buffer, kept so steady traffic allocates nothing.
-    pub buf: Vec<u8>,
     idle_since: Instant,
 }
 
-/// Idle upstream connections of one worker, keyed by (upstream id, endpoint).
-#[derive(Debug, Default)]
+/// Idle upstream connections of one worker, keyed by (upstream id, endpoint),
+/// and the read buffers their last exchanges left.
+#[derive(Debug)]
 pub struct Pool {
     idle: RefCell<HashMap<(u64, usize), Vec<Pooled>>>,
+    /// Emptied read buffers, at most [`SPARE_MAX`], so steady traffic allocates nothing.
+    spare: RefCell<Vec<Vec<u8>>>,
+    /// When a spare buffer was last taken or given.
+    spare_used: Cell<Instant>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            idle: RefCell::default(),
+            spare: RefCell::default(),
+            spare_used: Cell::new(Instant::now()),
+        }
+    }
 }
 
 /// Longest an upstream connection sits idle before it is closed.
 const POOL_IDLE: Duration = Duration::from_secs(30);
-/// Idle time after which a pooled connection's read buffer is freed.
+/// Time without use after which the spare buffers are freed.
 const BUFFER_IDLE: Duration = Duration::from_secs(2);
 /// How often each worker sweeps its pool.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// Most idle connections per endpoint per worker.
 const POOL_MAX: usize = 1024;
+/// Most spare read buffers per worker.
+const SPARE_MAX: usize = 32;
 
 impl Pool {
-    /// An idle connection to the endpoint, if a fresh one is pooled.
+    /// An idle connection to the endpoint, if a fresh one is pooled, with a
+    /// read buffer (a spare one when there is one, else empty).
     pub fn take(&self, service: u64, endpoint: usize) -> Option<(Conn, Vec<u8>)> {
-        let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(&(service, endpoint))?;
-        while let Some(p) = list.pop() {
-            // A connection the upstream closed while it sat here is dropped, not tried.
-            if p.idle_since.elapsed() < POOL_IDLE && p.conn.is_idle_and_open() {
-                return Some((p.conn, p.buf));
+        let conn = {
+            let mut idle = self.idle.borrow_mut();
+            let list = idle.get_mut(&(service, endpoint))?;
+            loop {
+                let p = list.pop()?;
+                // A connection the upstream closed while it sat here is dropped, not tried.
+                if p.idle_since.elapsed() < POOL_IDLE && p.conn.is_idle_and_open() {
+                    break p.conn;
+                }
             }
-        }
-        None
+        };
+        Some((conn, self.spare_buffer().unwrap_or_default()))
     }
 
-    /// Closes connections idle past [`POOL_IDLE`] and frees the buffers of
-    /// those idle past [`BUFFER_IDLE`], so a burst leaves no memory behind.
-    /// Returns the bytes of buffer it freed.
+    /// A spare read buffer, emptied, if one is kept.
+    pub fn spare_buffer(&self) -> Option<Vec<u8>> {
+        let buf = self.spare.borrow_mut().pop()?;
+        self.spare_used.set(Instant::now());
+        Some(buf)
+    }
+
+    /// Closes connections idle past [`POOL_IDLE`] and frees the spare
+    /// buffers once none has been used for [`BUFFER_IDLE`], so a burst leaves
+    /// no memory behind. Returns the bytes of buffer it freed.
     pub fn sweep(&self) -> usize {
         let mut idle = self.idle.borrow_mut();
-        let mut freed = 0;
         for list in idle.values_mut() {
-            list.retain(|p| {
-                let keep = p.idle_since.elapsed() < POOL_IDLE;
-                if !keep {
-                    freed += p.buf.capacity();
-                }
-                keep
-            });
-            for p in list.iter_mut().filter(|p| p.idle_since.elapsed() >= BUFFER_IDLE) {
-                freed += std::mem::take(&mut p.buf).capacity();
-            }
+            list.retain(|p| p.idle_since.elapsed() < POOL_IDLE);
         }
         idle.retain(|_, list| !list.is_empty());
-        freed
+        if self.spare_used.get().elapsed() < BUFFER_IDLE {
+            return 0;
+        }
+        std::mem::take(&mut *self.spare.borrow_mut())
+            .iter()
+            .map(Vec::capacity)
+            .sum()
     }
 
-    /// Returns a connection whose last exchange completed cleanly.
+    /// Returns a connection whose last exchange completed cleanly; its read
+    /// buffer, emptied, becomes a spare.
     pub fn put(&self, service: u64, endpoint: usize, conn: Conn, mut buf: Vec<u8>) {
+        let mut spare = self.spare.borrow_mut();
+        if spare.len() < SPARE_MAX && buf.capacity() > 0 {
+            buf.clear();
+            spare.push(buf);
+            self.spare_used.set(Instant::now());
+        }
+        drop(spare);
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry((service, endpoint)).or_default();
         if list.len() < POOL_MAX {
-            buf.clear();
             list.push(Pooled {
                 conn,
-                buf,
                 idle_since: Instant::now(),
             });
         }
@@ -88,28 +119,32 @@ mod tests {
     use crate::proxy::io::{self, Stream, TcpConn};
 
     #[test]
-    fn a_sweep_frees_idle_buffers_and_says_how_much() {
+    fn idle_connections_hold_no_buffer_and_a_sweep_frees_the_spares() {
         io::start(async {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bound");
             let addr = listener.local_addr().expect("address");
             let pool = Pool::default();
             let mut accepted = Vec::new();
-            for _ in 0..2 {
+            for _ in 0..SPARE_MAX + 2 {
                 let conn = TcpConn::connect(addr, Duration::from_secs(5))
                     .await
                     .expect("connected");
                 accepted.push(listener.accept().expect("accepted"));
                 pool.put(1, 0, Conn::Plain(Stream::Tcp(conn)), Vec::with_capacity(20_000));
             }
-            assert_eq!(pool.sweep(), 0, "fresh buffers are kept");
-            for list in pool.idle.borrow_mut().values_mut() {
-                for p in list.iter_mut() {
-                    p.idle_since -= BUFFER_IDLE;
-                }
-            }
-            assert!(pool.sweep() >= 40_000, "both buffers freed and counted");
+            assert_eq!(pool.spare.borrow().len(), SPARE_MAX, "spares are bounded");
+            assert_eq!(pool.sweep(), 0, "spares used just now are kept");
+            let (_, buf) = pool.take(1, 0).expect("a pooled connection");
+            assert!(buf.capacity() >= 20_000 && buf.is_empty(), "a take lends a spare");
+            pool.spare_used
+                .set(Instant::now().checked_sub(BUFFER_IDLE).expect("after boot"));
+            assert!(
+                pool.sweep() >= (SPARE_MAX - 1) * 20_000,
+                "the spares freed and counted"
+            );
             assert_eq!(pool.sweep(), 0, "nothing left to free");
-            assert!(pool.take(1, 0).is_some(), "the connections stay pooled");
+            let (_, buf) = pool.take(1, 0).expect("the connections stay pooled");
+            assert_eq!(buf.capacity(), 0, "no spare left to lend");
         });
     }
 }

@@ -46,6 +46,24 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Counts one exchange in progress on a worker (see [`Worker::busy`]) while it lives.
+struct Busy<'a>(&'a Worker);
+
+impl<'a> Busy<'a> {
+    fn count(worker: &'a Worker) -> Self {
+        let (busy, busiest) = worker.busy.get();
+        worker.busy.set((busy + 1, busiest.max(busy + 1)));
+        Self(worker)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let (busy, busiest) = self.0.busy.get();
+        self.0.busy.set((busy - 1, busiest));
+    }
+}
+
 /// Completes the TLS handshake of `stream` if the listener has a context; `None` when it failed.
 async fn handshake(worker: &Worker, listener: &ListenerRt, stream: Stream, peer: SocketAddr) -> Option<Conn> {
     let Some(config) = &listener.tls else {
@@ -147,6 +165,7 @@ pub async fn serve(open: OpenGuard, listener: Arc<ListenerRt>, stream: Stream, m
         };
         first = false;
         let started = Instant::now();
+        let busy = Busy::count(&worker);
         // Boxed: an idle keep-alive connection then holds only the small
         // head-reading state, not the largest state of a whole exchange.
         let keep = Box::pin(exchange::handle(
@@ -157,6 +176,7 @@ pub async fn serve(open: OpenGuard, listener: Arc<ListenerRt>, stream: Stream, m
             started,
         ))
         .await;
+        drop(busy);
         if !keep {
             client.linger().await;
             return;
