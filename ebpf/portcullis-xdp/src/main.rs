@@ -330,11 +330,11 @@ fn syn_within_rate(flow: &Flow, id: u32, limit: &SynLimit) -> bool {
     within
 }
 
-/// A port some listener of the packet's family is on: its entry, and the
-/// entry's bits as read once.
+/// A port some listener of the packet's family is on: its entry. Only the
+/// pointer is kept: the main frame has 32 bytes to spare under the kernel 6.1
+/// verifier's 512 for the gate's call chain.
 struct Port {
     entry: *const PortEntry,
-    bits: u32,
 }
 
 /// The packet's port, if a listener of its family is on it. Called before
@@ -350,7 +350,7 @@ fn find_port(head: &Head) -> Option<Port> {
     } else {
         port_bits::SPECIFIC_V6 | port_bits::WILDCARD_V6
     };
-    (bits & mine != 0).then_some(Port { entry, bits })
+    (bits & mine != 0).then_some(Port { entry })
 }
 
 /// The listener a flow is for. The port's entry names its wildcard
@@ -358,7 +358,10 @@ fn find_port(head: &Head) -> Option<Port> {
 /// specific listeners of the family costs a hash lookup.
 #[inline(always)]
 fn find_listener(flow: &Flow, port: &Port) -> Option<ListenerValue> {
-    let (entry, bits) = (port.entry, port.bits);
+    let entry = port.entry;
+    // SAFETY: as in find_port; read again, so an edit between the two reads
+    // is seen as if the packet came after it.
+    let bits = unsafe { core::ptr::read_volatile(&raw const (*entry).bits) };
     let v4 = flow.addrs.family == family::V4;
     let (specific, wildcard) = if v4 {
         (port_bits::SPECIFIC_V4, port_bits::WILDCARD_V4)
@@ -1147,9 +1150,15 @@ fn send(
     let Some(hdr) = PC_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
+    // Zeroed a word at a time: `[0; 80]` would be a call to BPF's byte-loop
+    // `memset`, one frame more on the gate's call chain, which the kernel
+    // 6.1 verifier's 512-byte limit on a chain's frames cannot spare.
+    for word in 0..10 {
+        // SAFETY: the map's values are 8-byte aligned and 80 bytes long.
+        unsafe { hdr.cast::<u64>().add(word).write_volatile(0) };
+    }
     // SAFETY: this CPU's slot of a per-CPU array, valid for this run.
     let hdr = unsafe { &mut *hdr };
-    *hdr = [0; 80];
     let payload = if response { GATE_RESPONSE_LEN } else { 0 };
     let payload_sum = if response { GATE_RESPONSE_SUM } else { 0 };
     let th = if options.is_some() { 40 } else { 20 };
