@@ -25,9 +25,6 @@ use crate::config::{Destination, RouteConfig};
 use crate::http::{Framing, Head, HttpError, Version};
 use crate::runtime::service::{Outcome, Slot, Upstream};
 
-/// Read buffer of a new upstream connection; it stays with the connection in the pool.
-const UPSTREAM_BUF: usize = 32 * 1024;
-
 /// An upstream connection in use, with its place under the service's `maxConnections`.
 type UpConn = (Conn, Slot);
 
@@ -47,11 +44,7 @@ async fn connect(
         return Ok(((conn, slot), true, buf));
     }
     let conn = fresh(worker, upstream, endpoint, proxy_header).await?;
-    let buf = worker
-        .pool
-        .spare_buffer()
-        .unwrap_or_else(|| Vec::with_capacity(UPSTREAM_BUF));
-    Ok(((conn, slot), false, buf))
+    Ok(((conn, slot), false, worker.pool.buffer()))
 }
 
 /// A place for one more connection to `upstream`, or the circuit breaker's refusal.

@@ -146,7 +146,8 @@ pub fn run_worker(
 
 /// Client connections that must have closed since the busiest sweep before
 /// a worker returns free memory to the kernel (as it also does once its
-/// last client has gone).
+/// last client has gone); also the fewest exchanges in progress that count
+/// as a burst.
 const TRIM_AFTER_CLOSED: usize = 256;
 /// Bytes of pooled connections' buffers a sweep must free before a worker
 /// returns free memory to the kernel.

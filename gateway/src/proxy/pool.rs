@@ -48,10 +48,12 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 const POOL_MAX: usize = 1024;
 /// Most spare read buffers per worker.
 const SPARE_MAX: usize = 32;
+/// Capacity of a new upstream read buffer.
+const UPSTREAM_BUF: usize = 32 * 1024;
 
 impl Pool {
     /// An idle connection to the endpoint, if a fresh one is pooled, with a
-    /// read buffer (a spare one when there is one, else empty).
+    /// read buffer from [`Pool::buffer`].
     pub fn take(&self, service: u64, endpoint: usize) -> Option<(Conn, Vec<u8>)> {
         let conn = {
             let mut idle = self.idle.borrow_mut();
@@ -64,14 +66,17 @@ impl Pool {
                 }
             }
         };
-        Some((conn, self.spare_buffer().unwrap_or_default()))
+        Some((conn, self.buffer()))
     }
 
-    /// A spare read buffer, emptied, if one is kept.
-    pub fn spare_buffer(&self) -> Option<Vec<u8>> {
-        let buf = self.spare.borrow_mut().pop()?;
+    /// A read buffer for an upstream exchange: a spare one, emptied, when
+    /// one is kept, else a new one of [`UPSTREAM_BUF`].
+    pub fn buffer(&self) -> Vec<u8> {
+        let Some(buf) = self.spare.borrow_mut().pop() else {
+            return Vec::with_capacity(UPSTREAM_BUF);
+        };
         self.spare_used.set(Instant::now());
-        Some(buf)
+        buf
     }
 
     /// Closes connections idle past [`POOL_IDLE`] and frees the spare
@@ -144,7 +149,11 @@ mod tests {
             );
             assert_eq!(pool.sweep(), 0, "nothing left to free");
             let (_, buf) = pool.take(1, 0).expect("the connections stay pooled");
-            assert_eq!(buf.capacity(), 0, "no spare left to lend");
+            assert_eq!(
+                buf.capacity(),
+                UPSTREAM_BUF,
+                "no spare left to lend: a new buffer"
+            );
         });
     }
 }
